@@ -1,0 +1,856 @@
+//! Debezium change events → [`ChangeEvent`].
+//!
+//! One function, [`decode_value`], turns a Kafka message value written by Debezium's PostgreSQL
+//! connector into a normalized change event: the JSON converter with schemas on
+//! (`{"schema","payload"}`) or off, the ExtractNewRecordState (unwrap) output in default and
+//! rewrite mode, ops c/u/d/r/t/m, tombstones, heartbeats and transaction BEGIN/END records.
+//!
+//! Rules that keep it exact and tolerant:
+//! - Fields are read by name and unknown fields are ignored, so any Debezium 1.x–3.x layout works.
+//! - Column values are kept as raw JSON text until their type is known, so a money value written
+//!   as a JSON number (`decimal.format=NUMERIC`, `decimal.handling.mode=double`) is read from its
+//!   text, never through `f64`. Every decimal comes out as an exact decimal string.
+//! - A TOASTed column Debezium did not resend (`__debezium_unavailable_value`) stays a marker in
+//!   the row and is [`Col::Unknown`] in the [`Payment`], meaning "the old value still stands".
+//!
+//! Decoding never panics and never guesses past what it can prove: anything else is a
+//! [`DecodeError`] the daemon sends to the dead-letter topic.
+
+pub mod decimal;
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+pub use decimal::Decimal;
+
+/// Debezium's default `unavailable.value.placeholder`.
+pub const TOAST_PLACEHOLDER: &str = "__debezium_unavailable_value";
+
+/// Names of the payments table's columns. Teams name them differently; all are configurable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnNames {
+    pub id: String,
+    pub idempotency_key: String,
+    pub amount: String,
+    pub currency: String,
+    pub status: String,
+    pub stripe_payment_intent_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl Default for ColumnNames {
+    fn default() -> Self {
+        Self {
+            id: "id".into(),
+            idempotency_key: "idempotency_key".into(),
+            amount: "amount".into(),
+            currency: "currency".into(),
+            status: "status".into(),
+            stripe_payment_intent_id: "stripe_payment_intent_id".into(),
+            created_at: "created_at".into(),
+            updated_at: "updated_at".into(),
+        }
+    }
+}
+
+/// How to read what the message itself does not say.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Scale of Connect `Decimal` bytes when schemas are off (the schema carries it otherwise).
+    pub amount_scale: u32,
+    pub columns: ColumnNames,
+    /// The connector's `unavailable.value.placeholder`.
+    pub unavailable_placeholder: String,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            amount_scale: 2,
+            columns: ColumnNames::default(),
+            unavailable_placeholder: TOAST_PLACEHOLDER.into(),
+        }
+    }
+}
+
+/// What a change event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Op {
+    #[serde(rename = "c")]
+    Create,
+    #[serde(rename = "u")]
+    Update,
+    #[serde(rename = "d")]
+    Delete,
+    /// A snapshot read (any `source.snapshot` value).
+    #[serde(rename = "r")]
+    Read,
+    #[serde(rename = "t")]
+    Truncate,
+    /// A logical decoding message (`pg_logical_emit_message`).
+    #[serde(rename = "m")]
+    Message,
+    #[serde(rename = "tombstone")]
+    Tombstone,
+    #[serde(rename = "heartbeat")]
+    Heartbeat,
+    #[serde(rename = "transaction")]
+    Transaction,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+            Op::Truncate => "t",
+            Op::Message => "m",
+            Op::Tombstone => "tombstone",
+            Op::Heartbeat => "heartbeat",
+            Op::Transaction => "transaction",
+        }
+    }
+}
+
+/// Where in the source database the change came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SourceInfo {
+    pub lsn: Option<i64>,
+    #[serde(rename = "txId")]
+    pub tx_id: Option<i64>,
+    pub ts_ms: Option<i64>,
+    pub snapshot: Option<String>,
+}
+
+/// A column of a [`Payment`] as far as this event knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Col<T> {
+    Set(T),
+    /// Not carried by this event: a TOASTed value Debezium did not resend, or the filler of a
+    /// delete's `before` (only the key is real there). The previous value still stands.
+    Unknown,
+}
+
+impl<T> Col<T> {
+    pub fn is_unknown(&self) -> bool {
+        matches!(self, Col::Unknown)
+    }
+    pub fn set(self) -> Option<T> {
+        match self {
+            Col::Set(v) => Some(v),
+            Col::Unknown => None,
+        }
+    }
+}
+
+impl<T: Serialize> Serialize for Col<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Col::Set(v) => v.serialize(s),
+            // Never reached through Payment: unknown columns are skipped there.
+            Col::Unknown => s.serialize_none(),
+        }
+    }
+}
+
+/// The payment a change event is about, mapped from the configured columns. In JSON, a column
+/// this event does not carry is left out; a SQL NULL is `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Payment {
+    pub id: String,
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub idempotency_key: Col<String>,
+    /// Exact decimal string, e.g. `"1234567.89"`.
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub amount: Col<String>,
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub currency: Col<String>,
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub status: Col<String>,
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub stripe_payment_intent_id: Col<Option<String>>,
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub created_at: Col<Option<String>>,
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub updated_at: Col<Option<String>>,
+}
+
+/// A decoded Debezium message value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChangeEvent {
+    pub op: Op,
+    pub table: Option<String>,
+    pub before: Option<Map<String, Value>>,
+    pub after: Option<Map<String, Value>>,
+    pub payment: Option<Payment>,
+    pub source: SourceInfo,
+}
+
+impl ChangeEvent {
+    fn bare(op: Op) -> Self {
+        ChangeEvent {
+            op,
+            table: None,
+            before: None,
+            after: None,
+            payment: None,
+            source: SourceInfo::default(),
+        }
+    }
+}
+
+/// Why a message could not be decoded. The fault is always the producer's (or the connector
+/// configuration's): retrying the same bytes can never help, so such messages go to the DLQ.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub struct DecodeError {
+    pub kind: DecodeErrorKind,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeErrorKind {
+    NotUtf8,
+    InvalidJson,
+    UnexpectedShape,
+    UnknownOp,
+    MissingColumn,
+    BadValue,
+    BadDecimal,
+}
+
+impl DecodeErrorKind {
+    /// Stable, low-cardinality name: a metric label and the DLQ `reason` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotUtf8 => "not_utf8",
+            Self::InvalidJson => "invalid_json",
+            Self::UnexpectedShape => "unexpected_shape",
+            Self::UnknownOp => "unknown_op",
+            Self::MissingColumn => "missing_column",
+            Self::BadValue => "bad_value",
+            Self::BadDecimal => "bad_decimal",
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn err(kind: DecodeErrorKind, detail: impl Into<String>) -> DecodeError {
+    DecodeError {
+        kind,
+        detail: detail.into(),
+    }
+}
+
+type RawObj<'a> = BTreeMap<String, &'a RawValue>;
+
+/// Parses `text` as a JSON object of raw values; `Ok(None)` for JSON `null`.
+fn parse_obj<'a>(text: &'a str, what: &str) -> Result<Option<RawObj<'a>>, DecodeError> {
+    let t = text.trim_start();
+    if t.starts_with("null") {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| err(DecodeErrorKind::InvalidJson, format!("{what}: {e}")))?;
+        if v.is_null() {
+            return Ok(None);
+        }
+    }
+    if !t.starts_with('{') {
+        // Still report malformed JSON as such before complaining about the shape.
+        serde_json::from_str::<&RawValue>(text)
+            .map_err(|e| err(DecodeErrorKind::InvalidJson, format!("{what}: {e}")))?;
+        return Err(err(
+            DecodeErrorKind::UnexpectedShape,
+            format!("{what} is not a JSON object"),
+        ));
+    }
+    serde_json::from_str(text)
+        .map(Some)
+        .map_err(|e| err(DecodeErrorKind::InvalidJson, format!("{what}: {e}")))
+}
+
+fn raw_value(raw: &RawValue) -> Value {
+    // The raw text was already validated as JSON by the enclosing parse.
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+}
+
+fn raw_str(obj: &RawObj<'_>, key: &str) -> Option<String> {
+    match obj.get(key).map(|r| raw_value(r)) {
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Bool(b)) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn raw_i64(obj: &RawObj<'_>, key: &str) -> Option<i64> {
+    obj.get(key).and_then(|r| raw_value(r).as_i64())
+}
+
+/// Decodes one Kafka message value. `None` is a Kafka null value: a tombstone.
+pub fn decode_value(
+    value: Option<&[u8]>,
+    opts: &DecodeOptions,
+) -> Result<ChangeEvent, DecodeError> {
+    let Some(bytes) = value else {
+        return Ok(ChangeEvent::bare(Op::Tombstone));
+    };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| err(DecodeErrorKind::NotUtf8, format!("value is not UTF-8: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(err(
+            DecodeErrorKind::InvalidJson,
+            "empty value (a tombstone is a Kafka null, not empty bytes)",
+        ));
+    }
+    let Some(top) = parse_obj(text, "value")? else {
+        return Ok(ChangeEvent::bare(Op::Tombstone));
+    };
+    // The JSON converter with schemas.enable=true wraps the payload: exactly these two keys.
+    let (payload, schema) =
+        if top.len() == 2 && top.contains_key("schema") && top.contains_key("payload") {
+            let schema = raw_value(top["schema"]);
+            match parse_obj(top["payload"].get(), "payload")? {
+                Some(p) => (p, Some(schema)),
+                None => return Ok(ChangeEvent::bare(Op::Tombstone)),
+            }
+        } else {
+            (top, None)
+        };
+    decode_payload(&payload, schema.as_ref(), opts)
+}
+
+fn decode_payload(
+    p: &RawObj<'_>,
+    schema: Option<&Value>,
+    opts: &DecodeOptions,
+) -> Result<ChangeEvent, DecodeError> {
+    if p.contains_key("op") {
+        return decode_envelope(p, schema, opts);
+    }
+    let status = raw_str(p, "status");
+    if matches!(status.as_deref(), Some("BEGIN" | "END"))
+        && (p.contains_key("event_count") || p.contains_key("data_collections"))
+    {
+        let mut ev = ChangeEvent::bare(Op::Transaction);
+        // Transaction ids are `txId:LSN`; the part before ':' is the txId.
+        ev.source.tx_id =
+            raw_str(p, "id").and_then(|id| id.split(':').next().and_then(|t| t.parse().ok()));
+        ev.source.ts_ms = raw_i64(p, "ts_ms");
+        return Ok(ev);
+    }
+    if p.len() == 1 && (p.contains_key("ts_ms") || p.contains_key("serverName")) {
+        let mut ev = ChangeEvent::bare(Op::Heartbeat);
+        ev.source.ts_ms = raw_i64(p, "ts_ms");
+        return Ok(ev);
+    }
+    decode_flat_row(p, schema, opts)
+}
+
+/// Column schemas of a Connect struct schema, by column name.
+fn struct_fields(schema: &Value) -> BTreeMap<String, Value> {
+    schema
+        .get("fields")
+        .and_then(Value::as_array)
+        .map(|fields| {
+            fields
+                .iter()
+                .filter_map(|f| Some((f.get("field")?.as_str()?.to_string(), f.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn decode_envelope(
+    p: &RawObj<'_>,
+    schema: Option<&Value>,
+    opts: &DecodeOptions,
+) -> Result<ChangeEvent, DecodeError> {
+    let op_text = raw_str(p, "op").unwrap_or_default();
+    let op = match op_text.as_str() {
+        "c" => Op::Create,
+        "u" => Op::Update,
+        "d" => Op::Delete,
+        "r" => Op::Read,
+        "t" => Op::Truncate,
+        "m" => Op::Message,
+        other => {
+            return Err(err(
+                DecodeErrorKind::UnknownOp,
+                format!("unknown op {other:?}"),
+            ))
+        }
+    };
+    let mut ev = ChangeEvent::bare(op);
+    if let Some(src) = p.get("source") {
+        if let Ok(Some(src)) = parse_obj(src.get(), "source") {
+            ev.source = SourceInfo {
+                lsn: raw_i64(&src, "lsn"),
+                tx_id: raw_i64(&src, "txId"),
+                ts_ms: raw_i64(&src, "ts_ms"),
+                snapshot: raw_str(&src, "snapshot"),
+            };
+            let (sch, tbl) = (
+                raw_str(&src, "schema").unwrap_or_default(),
+                raw_str(&src, "table").unwrap_or_default(),
+            );
+            if !tbl.is_empty() {
+                ev.table = Some(if sch.is_empty() {
+                    tbl
+                } else {
+                    format!("{sch}.{tbl}")
+                });
+            }
+        }
+    }
+    if matches!(op, Op::Truncate | Op::Message) {
+        return Ok(ev);
+    }
+    let envelope_fields = schema.map(struct_fields).unwrap_or_default();
+    let row_schema = |name: &str| envelope_fields.get(name).map(struct_fields);
+    ev.before = normalize_row(
+        p.get("before").copied(),
+        row_schema("before").as_ref(),
+        opts,
+        "before",
+    )?;
+    ev.after = normalize_row(
+        p.get("after").copied(),
+        row_schema("after").as_ref(),
+        opts,
+        "after",
+    )?;
+    ev.payment = Some(match op {
+        Op::Delete => {
+            let before = ev
+                .before
+                .as_ref()
+                .ok_or_else(|| err(DecodeErrorKind::UnexpectedShape, "delete without before"))?;
+            payment_from_row(before, opts, false)?
+        }
+        _ => {
+            let after = ev.after.as_ref().ok_or_else(|| {
+                err(
+                    DecodeErrorKind::UnexpectedShape,
+                    format!("op {:?} without after", op.as_str()),
+                )
+            })?;
+            payment_from_row(after, opts, true)?
+        }
+    });
+    Ok(ev)
+}
+
+/// ExtractNewRecordState output: the row itself, with `__op`, `__deleted`, `__table`, `__lsn`,
+/// `__source_ts_ms`… when `add.fields` / rewrite mode asked for them.
+fn decode_flat_row(
+    p: &RawObj<'_>,
+    schema: Option<&Value>,
+    opts: &DecodeOptions,
+) -> Result<ChangeEvent, DecodeError> {
+    let deleted = raw_str(p, "__deleted").as_deref() == Some("true");
+    // Without `__op` the row is the current state of the table row, an upsert: reported as `u`.
+    let op = match raw_str(p, "__op").as_deref() {
+        _ if deleted => Op::Delete,
+        Some("c") => Op::Create,
+        Some("r") => Op::Read,
+        Some("u") | None => Op::Update,
+        Some("d") => Op::Delete,
+        Some(other) => {
+            return Err(err(
+                DecodeErrorKind::UnknownOp,
+                format!("unknown __op {other:?}"),
+            ))
+        }
+    };
+    let mut ev = ChangeEvent::bare(op);
+    ev.table = raw_str(p, "__table");
+    ev.source = SourceInfo {
+        lsn: raw_i64(p, "__lsn"),
+        tx_id: raw_i64(p, "__txId"),
+        ts_ms: raw_i64(p, "__source_ts_ms"),
+        snapshot: raw_str(p, "__snapshot"),
+    };
+    let fields = schema.map(struct_fields);
+    let mut row = Map::new();
+    for (name, raw) in p.iter().filter(|(k, _)| !k.starts_with("__")) {
+        row.insert(
+            name.clone(),
+            normalize_col(name, raw, fields.as_ref().and_then(|f| f.get(name)), opts)?,
+        );
+    }
+    let payment = payment_from_row(&row, opts, op != Op::Delete)?;
+    ev.payment = Some(payment);
+    if op == Op::Delete {
+        ev.before = Some(row);
+    } else {
+        ev.after = Some(row);
+    }
+    Ok(ev)
+}
+
+fn normalize_row(
+    raw: Option<&RawValue>,
+    fields: Option<&BTreeMap<String, Value>>,
+    opts: &DecodeOptions,
+    what: &str,
+) -> Result<Option<Map<String, Value>>, DecodeError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let Some(obj) = parse_obj(raw.get(), what)? else {
+        return Ok(None);
+    };
+    let mut row = Map::new();
+    for (name, v) in &obj {
+        row.insert(
+            name.clone(),
+            normalize_col(name, v, fields.and_then(|f| f.get(name)), opts)?,
+        );
+    }
+    Ok(Some(row))
+}
+
+fn decimal_err(col: &str, e: impl std::fmt::Display) -> DecodeError {
+    err(DecodeErrorKind::BadDecimal, format!("column {col:?}: {e}"))
+}
+
+fn decimal_from_base64(col: &str, s: &str, scale: u32) -> Result<Value, DecodeError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| decimal_err(col, format!("{s:?} is not base64 decimal bytes: {e}")))?;
+    let d = Decimal::from_be_bytes(&bytes, scale).map_err(|e| decimal_err(col, e))?;
+    Ok(Value::String(d.to_string()))
+}
+
+fn decimal_from_text(col: &str, s: &str) -> Result<Value, DecodeError> {
+    Ok(Value::String(
+        Decimal::parse(s)
+            .map_err(|e| decimal_err(col, e))?
+            .to_string(),
+    ))
+}
+
+/// `io.debezium.data.VariableScaleDecimal`: `{"scale": 2, "value": "<base64>"}`.
+fn variable_scale_decimal(col: &str, v: &Value) -> Result<Value, DecodeError> {
+    let scale = v
+        .get("scale")
+        .and_then(Value::as_u64)
+        .and_then(|s| u32::try_from(s).ok());
+    match (scale, v.get("value").and_then(Value::as_str)) {
+        (Some(scale), Some(bytes)) => decimal_from_base64(col, bytes, scale),
+        _ => Err(decimal_err(col, format!("not a VariableScaleDecimal: {v}"))),
+    }
+}
+
+fn is_vsd(v: &Value) -> bool {
+    v.as_object()
+        .is_some_and(|o| o.len() == 2 && o.contains_key("scale") && o.contains_key("value"))
+}
+
+fn time_err(col: &str, v: &Value) -> DecodeError {
+    err(
+        DecodeErrorKind::BadValue,
+        format!("column {col:?}: bad time value {v}"),
+    )
+}
+
+fn rfc3339_from_micros(col: &str, micros: i64, v: &Value) -> Result<Value, DecodeError> {
+    let t = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(|| time_err(col, v))?;
+    Ok(Value::String(
+        t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    ))
+}
+
+/// Normalizes one column value to plain JSON, by its Connect schema when there is one.
+fn normalize_col(
+    col: &str,
+    raw: &RawValue,
+    schema: Option<&Value>,
+    opts: &DecodeOptions,
+) -> Result<Value, DecodeError> {
+    let text = raw.get().trim();
+    if text == "null" {
+        return Ok(Value::Null);
+    }
+    let is_number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+    let v = raw_value(raw);
+    if v.as_str() == Some(opts.unavailable_placeholder.as_str()) {
+        return Ok(v);
+    }
+    let logical = schema
+        .and_then(|s| s.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let ty = schema
+        .and_then(|s| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    match logical {
+        "org.apache.kafka.connect.data.Decimal" => {
+            let scale = schema
+                .and_then(|s| s.pointer("/parameters/scale"))
+                .and_then(|s| {
+                    s.as_str()
+                        .and_then(|s| s.parse().ok())
+                        .or_else(|| s.as_u64().and_then(|n| u32::try_from(n).ok()))
+                })
+                .ok_or_else(|| decimal_err(col, "Decimal schema without parameters.scale"))?;
+            return match &v {
+                Value::String(s) => decimal_from_base64(col, s, scale),
+                // decimal.format=NUMERIC: a JSON number while the schema still says Decimal.
+                Value::Number(_) => decimal_from_text(col, text),
+                other => Err(decimal_err(col, format!("unexpected {other}"))),
+            };
+        }
+        "io.debezium.data.VariableScaleDecimal" => return variable_scale_decimal(col, &v),
+        "io.debezium.time.MicroTimestamp" => {
+            let n = v.as_i64().ok_or_else(|| time_err(col, &v))?;
+            return rfc3339_from_micros(col, n, &v);
+        }
+        "io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp" => {
+            let n = v.as_i64().ok_or_else(|| time_err(col, &v))?;
+            return rfc3339_from_micros(
+                col,
+                n.checked_mul(1000).ok_or_else(|| time_err(col, &v))?,
+                &v,
+            );
+        }
+        "io.debezium.time.NanoTimestamp" => {
+            let n = v.as_i64().ok_or_else(|| time_err(col, &v))?;
+            let t = chrono::DateTime::from_timestamp_nanos(n);
+            return Ok(Value::String(
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ));
+        }
+        "io.debezium.time.Date" | "org.apache.kafka.connect.data.Date" => {
+            let days = v.as_i64().ok_or_else(|| time_err(col, &v))?;
+            let d = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+                .and_then(|e| e.checked_add_signed(chrono::TimeDelta::days(days)))
+                .ok_or_else(|| time_err(col, &v))?;
+            return Ok(Value::String(d.to_string()));
+        }
+        _ => {}
+    }
+    if is_vsd(&v) {
+        return variable_scale_decimal(col, &v);
+    }
+    if col == opts.columns.amount {
+        // The money column: exact whatever decimal.handling.mode wrote.
+        return match &v {
+            // double mode or decimal.format=NUMERIC: the number's own text, never an f64.
+            Value::Number(_) if is_number => decimal_from_text(col, text),
+            // string mode (schema says string, or the text has a decimal point) ...
+            Value::String(s) if ty == "string" || s.contains('.') => decimal_from_text(col, s),
+            // ... otherwise precise mode without a schema: Connect Decimal bytes, base64, with
+            // the configured scale. Padded base64 is a multiple of 4 long; string mode always
+            // prints the scale's decimals, so the two cannot be confused for NUMERIC(p, s>0).
+            Value::String(s) if ty == "bytes" || s.len() % 4 == 0 => {
+                decimal_from_base64(col, s, opts.amount_scale)
+            }
+            Value::String(s) => decimal_from_text(col, s),
+            other => Err(decimal_err(col, format!("unexpected {other}"))),
+        };
+    }
+    Ok(v)
+}
+
+fn missing(col: &str) -> DecodeError {
+    err(
+        DecodeErrorKind::MissingColumn,
+        format!("column {col:?} is missing"),
+    )
+}
+
+fn id_string(v: &Value, col: &str) -> Result<String, DecodeError> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Null => Err(err(
+            DecodeErrorKind::BadValue,
+            format!("key column {col:?} is null"),
+        )),
+        other => Err(err(
+            DecodeErrorKind::BadValue,
+            format!("key column {col:?} is not a string or integer: {other}"),
+        )),
+    }
+}
+
+/// Maps a normalized row to a [`Payment`]. With `full = false` (a delete's `before`, where only
+/// the key is real) only the id is read.
+fn payment_from_row(
+    row: &Map<String, Value>,
+    opts: &DecodeOptions,
+    full: bool,
+) -> Result<Payment, DecodeError> {
+    let c = &opts.columns;
+    let id = id_string(row.get(&c.id).ok_or_else(|| missing(&c.id))?, &c.id)?;
+    let mut p = Payment {
+        id,
+        idempotency_key: Col::Unknown,
+        amount: Col::Unknown,
+        currency: Col::Unknown,
+        status: Col::Unknown,
+        stripe_payment_intent_id: Col::Unknown,
+        created_at: Col::Unknown,
+        updated_at: Col::Unknown,
+    };
+    if !full {
+        return Ok(p);
+    }
+    let placeholder = opts.unavailable_placeholder.as_str();
+    // NOT NULL text columns: required in every full row.
+    let required = |name: &str| -> Result<Col<String>, DecodeError> {
+        match row.get(name) {
+            None => Err(missing(name)),
+            Some(Value::String(s)) if s == placeholder => Ok(Col::Unknown),
+            Some(Value::String(s)) => Ok(Col::Set(s.clone())),
+            Some(Value::Number(n)) => Ok(Col::Set(n.to_string())),
+            Some(other) => Err(err(
+                DecodeErrorKind::BadValue,
+                format!("column {name:?} must be text, got {other}"),
+            )),
+        }
+    };
+    // Nullable columns, or ones a team's table may not have: absent means unknown.
+    let optional = |name: &str| -> Result<Col<Option<String>>, DecodeError> {
+        match row.get(name) {
+            None => Ok(Col::Unknown),
+            Some(Value::String(s)) if s == placeholder => Ok(Col::Unknown),
+            Some(Value::Null) => Ok(Col::Set(None)),
+            Some(Value::String(s)) => Ok(Col::Set(Some(s.clone()))),
+            Some(Value::Number(n)) => Ok(Col::Set(Some(n.to_string()))),
+            Some(other) => Err(err(
+                DecodeErrorKind::BadValue,
+                format!("column {name:?} must be text, got {other}"),
+            )),
+        }
+    };
+    p.idempotency_key = required(&c.idempotency_key)?;
+    p.amount = required(&c.amount)?;
+    p.currency = required(&c.currency)?;
+    p.status = required(&c.status)?;
+    p.stripe_payment_intent_id = optional(&c.stripe_payment_intent_id)?;
+    p.created_at = optional(&c.created_at)?;
+    p.updated_at = optional(&c.updated_at)?;
+    Ok(p)
+}
+
+/// Decodes a Kafka message key (`{"id": …}`, with or without a schema) to the payment id.
+pub fn decode_key(key: &[u8], opts: &DecodeOptions) -> Result<String, DecodeError> {
+    let text = std::str::from_utf8(key)
+        .map_err(|e| err(DecodeErrorKind::NotUtf8, format!("key is not UTF-8: {e}")))?;
+    let top = parse_obj(text, "key")?
+        .ok_or_else(|| err(DecodeErrorKind::UnexpectedShape, "key is null"))?;
+    let payload = if top.len() == 2 && top.contains_key("schema") && top.contains_key("payload") {
+        parse_obj(top["payload"].get(), "key payload")?
+            .ok_or_else(|| err(DecodeErrorKind::UnexpectedShape, "key payload is null"))?
+    } else {
+        top
+    };
+    let col = &opts.columns.id;
+    let raw = match payload.get(col) {
+        Some(r) => *r,
+        // A key of one field under another name: that field is the key.
+        None if payload.len() == 1 => *payload.values().next().expect("one field"),
+        None => return Err(missing(col)),
+    };
+    id_string(&raw_value(raw), col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(s: &str) -> Result<ChangeEvent, DecodeError> {
+        decode_value(Some(s.as_bytes()), &DecodeOptions::default())
+    }
+
+    #[test]
+    fn numeric_amount_is_read_from_text_not_float() {
+        let ev = dec(r#"{"op":"c","after":{"id":7,"idempotency_key":"k","amount":12345678901.23,"currency":"usd","status":"pending"}}"#).unwrap();
+        let p = ev.payment.unwrap();
+        assert_eq!(p.amount, Col::Set("12345678901.23".into()));
+        assert_eq!(p.id, "7");
+        assert_eq!(p.stripe_payment_intent_id, Col::Unknown);
+    }
+
+    #[test]
+    fn toast_placeholder_is_unknown() {
+        let ev = dec(r#"{"op":"u","after":{"id":"a","idempotency_key":"__debezium_unavailable_value","amount":"E4c=","currency":"usd","status":"pending","stripe_payment_intent_id":"__debezium_unavailable_value"}}"#).unwrap();
+        let p = ev.payment.unwrap();
+        assert_eq!(p.idempotency_key, Col::Unknown);
+        assert_eq!(p.stripe_payment_intent_id, Col::Unknown);
+        assert_eq!(p.amount, Col::Set("49.99".into()));
+        assert_eq!(ev.after.unwrap()["idempotency_key"], TOAST_PLACEHOLDER);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert_eq!(
+            dec("{not json").unwrap_err().kind,
+            DecodeErrorKind::InvalidJson
+        );
+        assert_eq!(
+            dec("[1]").unwrap_err().kind,
+            DecodeErrorKind::UnexpectedShape
+        );
+        assert_eq!(
+            dec(r#"{"op":"x"}"#).unwrap_err().kind,
+            DecodeErrorKind::UnknownOp
+        );
+        let e = dec(
+            r#"{"op":"c","after":{"id":1,"amount":"E4c=","currency":"usd","status":"pending"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, DecodeErrorKind::MissingColumn);
+        assert!(e.detail.contains("idempotency_key"), "{e}");
+        let e = dec(r#"{"op":"c","after":{"id":1,"idempotency_key":"k","amount":"!!!!","currency":"usd","status":"pending"}}"#).unwrap_err();
+        assert_eq!(e.kind, DecodeErrorKind::BadDecimal);
+        assert_eq!(
+            decode_value(Some(&[0xff, 0xfe]), &DecodeOptions::default())
+                .unwrap_err()
+                .kind,
+            DecodeErrorKind::NotUtf8
+        );
+    }
+
+    #[test]
+    fn configured_column_names_are_used() {
+        let mut opts = DecodeOptions::default();
+        opts.columns.id = "payment_id".into();
+        opts.columns.amount = "amount_minor".into();
+        let ev = decode_value(
+            Some(br#"{"op":"r","after":{"payment_id":"p1","idempotency_key":"k","amount_minor":"10.5","currency":"eur","status":"pending"}}"#),
+            &opts,
+        )
+        .unwrap();
+        let p = ev.payment.unwrap();
+        assert_eq!((p.id.as_str(), p.amount), ("p1", Col::Set("10.5".into())));
+        assert_eq!(decode_key(br#"{"payment_id":"p1"}"#, &opts).unwrap(), "p1");
+    }
+
+    #[test]
+    fn keys_decode_with_and_without_schema() {
+        let o = DecodeOptions::default();
+        assert_eq!(decode_key(br#"{"id":42}"#, &o).unwrap(), "42");
+        assert_eq!(
+            decode_key(
+                br#"{"schema":{"type":"struct"},"payload":{"id":"u-1"}}"#,
+                &o
+            )
+            .unwrap(),
+            "u-1"
+        );
+        assert!(decode_key(b"null", &o).is_err());
+    }
+}
