@@ -1,0 +1,741 @@
+//! Pending payments in sled, with a due-time index and the source offsets, checkpointed in one
+//! atomic step.
+//!
+//! # Layout (one sled tree, so one `Batch` is atomic across all of it)
+//! - `p\0<id>` → [`Entry`] as JSON: one pending payment.
+//! - `d\0<next_poll_ms: u64 BE><id>` → empty: the due index. "What is due now" is a range scan
+//!   from `d\0` to `d\0<now>`. Only entries still to be polled are indexed (not those whose
+//!   status event was already emitted).
+//! - `o\0<topic>\0<partition: i32 BE>` → the next offset to read (i64 BE).
+//! - `m\0format` → the layout version.
+//!
+//! # Why checkpoints are safe
+//! Every change (from the CDC stream or from a poll) goes into an in-memory overlay first.
+//! [`Store::checkpoint`] writes the whole overlay *and* the offsets of the messages that caused it
+//! in one `apply_batch` and then flushes. sled recovers a batch entirely or not at all, so after a
+//! crash the store holds some checkpoint's state together with exactly the offsets that produced
+//! it: replaying from those offsets rebuilds whatever came after. Offsets are committed to the
+//! Kafka group only after the flush returns, and on start the daemon resumes from sled's offsets,
+//! never the group's, so a commit can never run ahead of durable state.
+//!
+//! Poll results are in the overlay too. Losing them in a crash means a payment is polled again;
+//! a status event already produced is then produced again with the same deterministic
+//! `event_id`, and the updater's forward-only write makes the duplicate harmless.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{ChangeEvent, Col, Op, Payment};
+
+const FORMAT: &[u8] = b"1";
+const P: &[u8] = b"p\0";
+const D: &[u8] = b"d\0";
+const O: &[u8] = b"o\0";
+const META_FORMAT: &[u8] = b"m\0format";
+
+/// A state store failure. The local disk is at fault; retrying does not help until it is fixed,
+/// so the daemon stops rather than run on state it cannot save.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store I/O failed at {path}: {source}")]
+    Io { path: String, source: sled::Error },
+    #[error("state store at {path} has layout version {found:?}, this build reads {FORMAT:?}")]
+    Format { path: String, found: String },
+    #[error("state entry {key:?} is unreadable: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+/// The status paystream decided and emitted for a payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Emitted {
+    pub status: String,
+    pub event_id: String,
+    pub at_ms: u64,
+}
+
+/// One pending payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: String,
+    pub idempotency_key: String,
+    /// Exact decimal string.
+    pub amount: String,
+    pub currency: String,
+    pub stripe_payment_intent_id: Option<String>,
+    pub created_at: Option<String>,
+    /// The CDC partition the payment's events arrive on.
+    pub partition: i32,
+    pub first_seen_ms: u64,
+    pub next_poll_ms: u64,
+    /// Polls in a row that got no answer (errors); drives the backoff. Reset by any answer.
+    pub failures: u32,
+    pub polls: u64,
+    pub last_outcome: Option<String>,
+    /// Set once the final status was produced: no more polls, waiting for the CDC stream to show
+    /// the row non-pending (or deleted) before the entry is dropped.
+    pub emitted: Option<Emitted>,
+}
+
+/// What an event did to state; `as_str` is the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Tracked,
+    Updated,
+    Removed,
+    Ignored,
+}
+
+impl Applied {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Applied::Tracked => "tracked",
+            Applied::Updated => "updated",
+            Applied::Removed => "removed",
+            Applied::Ignored => "ignored",
+        }
+    }
+}
+
+/// Counts for `state stats` and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub pending: u64,
+    pub awaiting_confirmation: u64,
+    pub due_now: u64,
+    pub oldest_first_seen_ms: Option<u64>,
+}
+
+/// The result of one checkpoint: the offsets now durable, to commit to the group.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    pub offsets: Vec<(String, i32, i64)>,
+    pub entries_written: usize,
+}
+
+#[derive(Default)]
+struct Overlay {
+    /// `None`: removed since the last checkpoint.
+    entries: HashMap<String, Option<Entry>>,
+    offsets: BTreeMap<(String, i32), i64>,
+}
+
+pub struct Store {
+    db: sled::Db,
+    path: String,
+    overlay: Mutex<Overlay>,
+}
+
+fn p_key(id: &str) -> Vec<u8> {
+    [P, id.as_bytes()].concat()
+}
+
+fn d_key(due_ms: u64, id: &str) -> Vec<u8> {
+    [D, &due_ms.to_be_bytes(), id.as_bytes()].concat()
+}
+
+fn o_key(topic: &str, partition: i32) -> Vec<u8> {
+    [O, topic.as_bytes(), b"\0", &partition.to_be_bytes()].concat()
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StateError> {
+        let path = dir.display().to_string();
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        let db = sled::Config::new().path(dir).open().map_err(io)?;
+        match db.get(META_FORMAT).map_err(io)? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(StateError::Format {
+                    path,
+                    found: String::from_utf8_lossy(&v).into(),
+                })
+            }
+            None => {
+                db.insert(META_FORMAT, FORMAT).map_err(io)?;
+                db.flush().map_err(io)?;
+            }
+        }
+        Ok(Store {
+            db,
+            path,
+            overlay: Mutex::new(Overlay::default()),
+        })
+    }
+
+    fn io(&self, source: sled::Error) -> StateError {
+        StateError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn read_durable(&self, id: &str) -> Result<Option<Entry>, StateError> {
+        let Some(bytes) = self.db.get(p_key(id)).map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                key: id.to_string(),
+                detail: e.to_string(),
+            })
+    }
+
+    fn get_in(&self, ov: &Overlay, id: &str) -> Result<Option<Entry>, StateError> {
+        match ov.entries.get(id) {
+            Some(e) => Ok(e.clone()),
+            None => self.read_durable(id),
+        }
+    }
+
+    /// The current entry, including changes not yet checkpointed.
+    pub fn get(&self, id: &str) -> Result<Option<Entry>, StateError> {
+        let ov = self.overlay.lock().expect("state lock");
+        self.get_in(&ov, id)
+    }
+
+    /// The next offset stored for a partition by the last durable checkpoint.
+    pub fn stored_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StateError> {
+        let v = self
+            .db
+            .get(o_key(topic, partition))
+            .map_err(|e| self.io(e))?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// All stored offsets (durable), as `(topic, partition, next_offset)`.
+    pub fn stored_offsets(&self) -> Result<Vec<(String, i32, i64)>, StateError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(O) {
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            let rest = &k[O.len()..];
+            let Some(sep) = rest.iter().rposition(|b| *b == 0) else {
+                continue;
+            };
+            let (topic, part) = (&rest[..sep], &rest[sep + 1..]);
+            if let (Ok(p), Ok(o)) = (<[u8; 4]>::try_from(part), <[u8; 8]>::try_from(v.as_ref())) {
+                out.push((
+                    String::from_utf8_lossy(topic).into(),
+                    i32::from_be_bytes(p),
+                    i64::from_be_bytes(o),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies one decoded CDC event and records `next_offset` for its partition in the same
+    /// overlay, so both reach disk in the same checkpoint.
+    ///
+    /// `key_id` is the payment id from the message key (needed for tombstones).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_event(
+        &self,
+        ev: &ChangeEvent,
+        key_id: Option<&str>,
+        source: (&str, i32, i64),
+        now_ms: u64,
+        poll_interval_ms: u64,
+        pending_status: &str,
+    ) -> Result<Applied, StateError> {
+        let (topic, partition, next_offset) = source;
+        let mut ov = self.overlay.lock().expect("state lock");
+        let applied = match (ev.op, &ev.payment) {
+            (Op::Create | Op::Read | Op::Update, Some(p)) => match &p.status {
+                Col::Set(s) if s == pending_status => {
+                    self.upsert_pending(&mut ov, p, partition, now_ms, poll_interval_ms)?
+                }
+                // Any other status is final in the database: nothing left to watch.
+                Col::Set(_) => self.remove_in(&mut ov, &p.id)?,
+                // Status not carried (TOAST): refresh what we hold, never start tracking.
+                Col::Unknown => match self.get_in(&ov, &p.id)? {
+                    Some(_) => {
+                        self.upsert_pending(&mut ov, p, partition, now_ms, poll_interval_ms)?
+                    }
+                    None => Applied::Ignored,
+                },
+            },
+            (Op::Delete, Some(p)) => self.remove_in(&mut ov, &p.id)?,
+            (Op::Tombstone, _) => match key_id {
+                Some(id) => self.remove_in(&mut ov, id)?,
+                None => Applied::Ignored,
+            },
+            // The table was emptied: every row, pending or not, is gone.
+            // Known gap: with several CDC partitions the truncate record lands on one partition
+            // only, but this clears all payments this instance holds; with scale-out (several
+            // instances) others keep theirs until their rows' events arrive.
+            (Op::Truncate, _) => {
+                let mut n = 0;
+                for kv in self.db.scan_prefix(P) {
+                    let (k, _) = kv.map_err(|e| self.io(e))?;
+                    ov.entries
+                        .insert(String::from_utf8_lossy(&k[P.len()..]).into(), None);
+                    n += 1;
+                }
+                for e in ov.entries.values_mut() {
+                    n += usize::from(e.take().is_some());
+                }
+                if n > 0 {
+                    Applied::Removed
+                } else {
+                    Applied::Ignored
+                }
+            }
+            _ => Applied::Ignored,
+        };
+        ov.offsets
+            .insert((topic.to_string(), partition), next_offset);
+        Ok(applied)
+    }
+
+    /// Records the next offset for a message that changed no state (ignored or dead-lettered),
+    /// so it is not read again after a restart.
+    pub fn advance_offset(&self, topic: &str, partition: i32, next_offset: i64) {
+        let mut ov = self.overlay.lock().expect("state lock");
+        ov.offsets
+            .insert((topic.to_string(), partition), next_offset);
+    }
+
+    fn upsert_pending(
+        &self,
+        ov: &mut Overlay,
+        p: &Payment,
+        partition: i32,
+        now_ms: u64,
+        poll_interval_ms: u64,
+    ) -> Result<Applied, StateError> {
+        let existing = self.get_in(ov, &p.id)?;
+        let applied = if existing.is_some() {
+            Applied::Updated
+        } else {
+            Applied::Tracked
+        };
+        let mut e = existing.unwrap_or_else(|| Entry {
+            id: p.id.clone(),
+            idempotency_key: String::new(),
+            amount: String::new(),
+            currency: String::new(),
+            stripe_payment_intent_id: None,
+            created_at: None,
+            partition,
+            first_seen_ms: now_ms,
+            // First poll one interval after the payment was first seen pending.
+            next_poll_ms: now_ms + poll_interval_ms,
+            failures: 0,
+            polls: 0,
+            last_outcome: None,
+            emitted: None,
+        });
+        // Only columns the event carries overwrite what we hold (TOAST: the old value stands).
+        if let Col::Set(v) = &p.idempotency_key {
+            e.idempotency_key = v.clone()
+        }
+        if let Col::Set(v) = &p.amount {
+            e.amount = v.clone()
+        }
+        if let Col::Set(v) = &p.currency {
+            e.currency = v.clone()
+        }
+        if let Col::Set(v) = &p.stripe_payment_intent_id {
+            e.stripe_payment_intent_id = v.clone()
+        }
+        if let Col::Set(v) = &p.created_at {
+            e.created_at = v.clone()
+        }
+        e.partition = partition;
+        ov.entries.insert(p.id.clone(), Some(e));
+        Ok(applied)
+    }
+
+    fn remove_in(&self, ov: &mut Overlay, id: &str) -> Result<Applied, StateError> {
+        let existed = self.get_in(ov, id)?.is_some();
+        if existed {
+            ov.entries.insert(id.to_string(), None);
+            Ok(Applied::Removed)
+        } else {
+            Ok(Applied::Ignored)
+        }
+    }
+
+    /// Changes an entry if it is still there (a poll result must never resurrect a payment the
+    /// CDC stream removed meanwhile). Returns whether it was there.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Result<bool, StateError> {
+        let mut ov = self.overlay.lock().expect("state lock");
+        let Some(mut e) = self.get_in(&ov, id)? else {
+            return Ok(false);
+        };
+        f(&mut e);
+        ov.entries.insert(id.to_string(), Some(e));
+        Ok(true)
+    }
+
+    /// Up to `limit` entries due at `now_ms`, most overdue first, skipping ids `skip` rejects
+    /// (polls in flight).
+    ///
+    /// The index reflects the last checkpoint; each candidate is checked against the current
+    /// entry, so a stale index row is skipped and a poll fires at most one checkpoint interval
+    /// late, never twice.
+    pub fn due(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<Vec<Entry>, StateError> {
+        let end = d_key(now_ms.saturating_add(1), "");
+        let mut out = Vec::new();
+        for kv in self.db.range(D.to_vec()..end) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = kv.map_err(|e| self.io(e))?;
+            let id = String::from_utf8_lossy(&k[D.len() + 8..]).into_owned();
+            if skip(&id) {
+                continue;
+            }
+            if let Some(e) = self.get(&id)? {
+                if e.emitted.is_none() && e.next_poll_ms <= now_ms {
+                    out.push(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The earliest due time in the durable index, if any.
+    pub fn next_due_ms(&self) -> Result<Option<u64>, StateError> {
+        let first = self
+            .db
+            .scan_prefix(D)
+            .next()
+            .transpose()
+            .map_err(|e| self.io(e))?;
+        Ok(first
+            .and_then(|(k, _)| <[u8; 8]>::try_from(&k[D.len()..D.len() + 8]).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// After a restart, polls that fell due while the daemon was down are rescheduled evenly over
+    /// `window_ms(count)` (at most one interval, chosen by the caller from the rate budget), most
+    /// overdue first, so they never fire at once. Returns how many were moved.
+    pub fn spread_overdue(
+        &self,
+        now_ms: u64,
+        window_ms: impl Fn(usize) -> u64,
+    ) -> Result<usize, StateError> {
+        let ids: Vec<String> = self
+            .due(now_ms, usize::MAX, |_| false)?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let window = window_ms(ids.len());
+        let n = ids.len() as u64;
+        for (i, id) in ids.iter().enumerate() {
+            let at = now_ms + window * i as u64 / n;
+            self.update(id, |e| e.next_poll_ms = at)?;
+        }
+        Ok(ids.len())
+    }
+
+    /// Writes the overlay and its offsets in one atomic batch, then flushes. Blocking (disk I/O):
+    /// call it from a blocking context.
+    pub fn checkpoint(&self) -> Result<Checkpoint, StateError> {
+        let mut cp = Checkpoint::default();
+        {
+            // Held while the batch is built and applied, so a reader never sees an entry that is
+            // neither in the overlay nor in the tree.
+            let mut ov = self.overlay.lock().expect("state lock");
+            if ov.entries.is_empty() && ov.offsets.is_empty() {
+                return Ok(cp);
+            }
+            let mut batch = sled::Batch::default();
+            for (id, new) in &ov.entries {
+                if let Some(old) = self.read_durable(id)? {
+                    if old.emitted.is_none() {
+                        batch.remove(d_key(old.next_poll_ms, id));
+                    }
+                }
+                match new {
+                    Some(e) => {
+                        let json = serde_json::to_vec(e).expect("entry serializes");
+                        batch.insert(p_key(id), json);
+                        if e.emitted.is_none() {
+                            batch.insert(d_key(e.next_poll_ms, id), &[][..]);
+                        }
+                    }
+                    None => batch.remove(p_key(id)),
+                }
+            }
+            for ((topic, partition), off) in &ov.offsets {
+                batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
+                cp.offsets.push((topic.clone(), *partition, *off));
+            }
+            self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+            cp.entries_written = ov.entries.len();
+            ov.entries.clear();
+            ov.offsets.clear();
+        }
+        // Durable only from here: callers commit offsets to Kafka after this returns.
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(cp)
+    }
+
+    /// Every entry, including changes not yet checkpointed, in id order.
+    pub fn entries(&self) -> Result<Vec<Entry>, StateError> {
+        let ov = self.overlay.lock().expect("state lock");
+        let mut out: BTreeMap<String, Entry> = BTreeMap::new();
+        for kv in self.db.scan_prefix(P) {
+            let (_, v) = kv.map_err(|e| self.io(e))?;
+            let e: Entry = serde_json::from_slice(&v).map_err(|err| StateError::Corrupt {
+                key: "p/*".into(),
+                detail: err.to_string(),
+            })?;
+            out.insert(e.id.clone(), e);
+        }
+        for (id, e) in &ov.entries {
+            match e {
+                Some(e) => out.insert(id.clone(), e.clone()),
+                None => out.remove(id),
+            };
+        }
+        Ok(out.into_values().collect())
+    }
+
+    pub fn stats(&self, now_ms: u64) -> Result<Stats, StateError> {
+        let mut s = Stats::default();
+        for e in self.entries()? {
+            match e.emitted {
+                Some(_) => s.awaiting_confirmation += 1,
+                None => {
+                    s.pending += 1;
+                    s.due_now += u64::from(e.next_poll_ms <= now_ms);
+                }
+            }
+            s.oldest_first_seen_ms = Some(
+                s.oldest_first_seen_ms
+                    .map_or(e.first_seen_ms, |o| o.min(e.first_seen_ms)),
+            );
+        }
+        Ok(s)
+    }
+
+    /// Bytes on disk, for `state stats`.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{decode_value, DecodeOptions};
+
+    fn ev(json: &str) -> ChangeEvent {
+        decode_value(Some(json.as_bytes()), &DecodeOptions::default()).unwrap()
+    }
+
+    fn create(id: &str, status: &str) -> ChangeEvent {
+        ev(&format!(
+            r#"{{"op":"c","after":{{"id":"{id}","idempotency_key":"k-{id}","amount":"10.00","currency":"usd","status":"{status}","stripe_payment_intent_id":"pi_{id}"}}}}"#
+        ))
+    }
+
+    #[test]
+    fn offsets_and_state_survive_reopen_only_after_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.apply_event(
+                &create("a", "pending"),
+                None,
+                ("t", 0, 1),
+                1000,
+                600,
+                "pending",
+            )
+            .unwrap();
+            s.checkpoint().unwrap();
+            // Not checkpointed: must be gone after reopen, offset included.
+            s.apply_event(
+                &create("b", "pending"),
+                None,
+                ("t", 0, 2),
+                1000,
+                600,
+                "pending",
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
+        let ids: Vec<_> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec!["a"]);
+    }
+
+    #[test]
+    fn final_status_and_delete_and_tombstone_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for id in ["a", "b", "c"] {
+            assert_eq!(
+                s.apply_event(&create(id, "pending"), None, ("t", 0, 1), 0, 10, "pending")
+                    .unwrap(),
+                Applied::Tracked
+            );
+        }
+        s.checkpoint().unwrap();
+        assert_eq!(
+            s.apply_event(
+                &create("a", "succeeded"),
+                None,
+                ("t", 0, 2),
+                0,
+                10,
+                "pending"
+            )
+            .unwrap(),
+            Applied::Removed
+        );
+        let del = ev(
+            r#"{"op":"d","before":{"id":"b","idempotency_key":"","amount":"AA==","currency":"","status":"pending"}}"#,
+        );
+        assert_eq!(
+            s.apply_event(&del, None, ("t", 0, 3), 0, 10, "pending")
+                .unwrap(),
+            Applied::Removed
+        );
+        let tomb = decode_value(None, &DecodeOptions::default()).unwrap();
+        assert_eq!(
+            s.apply_event(&tomb, Some("c"), ("t", 0, 4), 0, 10, "pending")
+                .unwrap(),
+            Applied::Removed
+        );
+        assert_eq!(
+            s.apply_event(&tomb, Some("c"), ("t", 0, 5), 0, 10, "pending")
+                .unwrap(),
+            Applied::Ignored
+        );
+        s.checkpoint().unwrap();
+        assert!(s.entries().unwrap().is_empty());
+        assert_eq!(s.due(u64::MAX - 1, 10, |_| false).unwrap(), vec![]);
+        assert_eq!(s.stored_offset("t", 0).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn due_index_follows_rescheduling_and_emission() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.apply_event(
+            &create("a", "pending"),
+            None,
+            ("t", 0, 1),
+            0,
+            100,
+            "pending",
+        )
+        .unwrap();
+        s.apply_event(
+            &create("b", "pending"),
+            None,
+            ("t", 0, 2),
+            50,
+            100,
+            "pending",
+        )
+        .unwrap();
+        s.checkpoint().unwrap();
+        assert!(s.due(99, 10, |_| false).unwrap().is_empty());
+        let due: Vec<_> = s
+            .due(160, 10, |_| false)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(due, vec!["a", "b"]);
+        // Rescheduled in the overlay: skipped at once, even before the index is rewritten.
+        s.update("a", |e| e.next_poll_ms = 500).unwrap();
+        s.update("b", |e| {
+            e.emitted = Some(Emitted {
+                status: "succeeded".into(),
+                event_id: "x".into(),
+                at_ms: 1,
+            })
+        })
+        .unwrap();
+        assert!(s.due(160, 10, |_| false).unwrap().is_empty());
+        s.checkpoint().unwrap();
+        let due: Vec<_> = s
+            .due(600, 10, |_| false)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(due, vec!["a"], "an emitted payment is not polled again");
+        assert_eq!(s.stats(600).unwrap().awaiting_confirmation, 1);
+        // A pending-status update keeps the schedule and the emission.
+        s.apply_event(
+            &create("b", "pending"),
+            None,
+            ("t", 0, 3),
+            700,
+            100,
+            "pending",
+        )
+        .unwrap();
+        assert!(s.get("b").unwrap().unwrap().emitted.is_some());
+    }
+
+    #[test]
+    fn overdue_polls_are_spread_not_fired_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..100 {
+            s.apply_event(
+                &create(&format!("p{i:03}"), "pending"),
+                None,
+                ("t", 0, i),
+                0,
+                10,
+                "pending",
+            )
+            .unwrap();
+        }
+        s.checkpoint().unwrap();
+        assert_eq!(s.spread_overdue(1000, |n| n as u64 * 10).unwrap(), 100);
+        s.checkpoint().unwrap();
+        // 100 over a 1000 ms window: ten per 100 ms, never all at once.
+        assert_eq!(s.due(1000, 1000, |_| false).unwrap().len(), 1);
+        assert_eq!(s.due(1099, 1000, |_| false).unwrap().len(), 10);
+        assert_eq!(s.due(1999, 1000, |_| false).unwrap().len(), 100);
+    }
+
+    #[test]
+    fn truncate_clears_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.apply_event(&create("a", "pending"), None, ("t", 0, 1), 0, 10, "pending")
+            .unwrap();
+        s.checkpoint().unwrap();
+        s.apply_event(&create("b", "pending"), None, ("t", 0, 2), 0, 10, "pending")
+            .unwrap();
+        let t = ev(
+            r#"{"op":"t","before":null,"after":null,"source":{"schema":"public","table":"payments"}}"#,
+        );
+        assert_eq!(
+            s.apply_event(&t, None, ("t", 0, 3), 0, 10, "pending")
+                .unwrap(),
+            Applied::Removed
+        );
+        s.checkpoint().unwrap();
+        assert!(s.entries().unwrap().is_empty());
+    }
+}
