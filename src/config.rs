@@ -1,0 +1,410 @@
+//! Configuration: one struct per command, each field a flag, a `PAYSTREAM_<FLAG>` environment
+//! variable and a key of the optional `--config FILE` (TOML).
+//!
+//! Precedence: flag > environment > file > default. The file is applied by exporting each key
+//! as its environment variable when that variable is not already set, so clap parses and
+//! validates every source with the same code and names the field in every error. Unknown keys
+//! in the file are rejected at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory};
+
+use crate::decode::{ColumnNames, DecodeOptions};
+
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+pub const DEFAULT_CDC_TOPIC: &str = "payment.public.payments";
+pub const DEFAULT_STATUS_TOPIC: &str = "payment-status-update";
+pub const DEFAULT_DLQ_TOPIC: &str = "paystream-dlq";
+pub const DEFAULT_GROUP_ID: &str = "paystream";
+pub const DEFAULT_UPDATER_GROUP_ID: &str = "paystream-updater";
+pub const DEFAULT_POLL_INTERVAL: &str = "10m";
+pub const DEFAULT_CHECKPOINT_INTERVAL: &str = "1s";
+pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
+pub const DEFAULT_STRIPE_RPS: &str = "20";
+pub const DEFAULT_STRIPE_CONCURRENCY: &str = "8";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
+pub const DEFAULT_UPDATER_METRICS_ADDR: &str = "127.0.0.1:9899";
+
+/// A secret that never reaches a log line or a `Debug` print.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use humantime syntax: 10m, 1s, 250ms)"))
+}
+
+fn kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// Kafka connection settings shared by every command that talks to the broker.
+#[derive(Args, Debug, Clone)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated.
+    #[arg(long, env = "PAYSTREAM_BROKERS", default_value = DEFAULT_BROKERS)]
+    pub brokers: String,
+    /// Extra librdkafka setting (KEY=VALUE, repeatable), e.g. security.protocol=SASL_SSL or
+    /// session.timeout.ms=6000. Applied to every client after paystream's own settings.
+    #[arg(long = "kafka-option", env = "PAYSTREAM_KAFKA_OPTIONS", value_delimiter = ';', value_parser = kv)]
+    pub kafka_options: Vec<(String, String)>,
+}
+
+/// Names of the payments table's columns.
+#[derive(Args, Debug, Clone)]
+pub struct ColumnArgs {
+    #[arg(long, env = "PAYSTREAM_COLUMN_ID", default_value = "id")]
+    pub column_id: String,
+    #[arg(
+        long,
+        env = "PAYSTREAM_COLUMN_IDEMPOTENCY_KEY",
+        default_value = "idempotency_key"
+    )]
+    pub column_idempotency_key: String,
+    #[arg(long, env = "PAYSTREAM_COLUMN_AMOUNT", default_value = "amount")]
+    pub column_amount: String,
+    #[arg(long, env = "PAYSTREAM_COLUMN_CURRENCY", default_value = "currency")]
+    pub column_currency: String,
+    #[arg(long, env = "PAYSTREAM_COLUMN_STATUS", default_value = "status")]
+    pub column_status: String,
+    #[arg(
+        long,
+        env = "PAYSTREAM_COLUMN_STRIPE_PAYMENT_INTENT_ID",
+        default_value = "stripe_payment_intent_id"
+    )]
+    pub column_stripe_payment_intent_id: String,
+    #[arg(
+        long,
+        env = "PAYSTREAM_COLUMN_CREATED_AT",
+        default_value = "created_at"
+    )]
+    pub column_created_at: String,
+    #[arg(
+        long,
+        env = "PAYSTREAM_COLUMN_UPDATED_AT",
+        default_value = "updated_at"
+    )]
+    pub column_updated_at: String,
+    /// The status value that means "pending" in the table.
+    #[arg(long, env = "PAYSTREAM_PENDING_STATUS", default_value = "pending")]
+    pub pending_status: String,
+}
+
+impl ColumnArgs {
+    pub fn names(&self) -> ColumnNames {
+        ColumnNames {
+            id: self.column_id.clone(),
+            idempotency_key: self.column_idempotency_key.clone(),
+            amount: self.column_amount.clone(),
+            currency: self.column_currency.clone(),
+            status: self.column_status.clone(),
+            stripe_payment_intent_id: self.column_stripe_payment_intent_id.clone(),
+            created_at: self.column_created_at.clone(),
+            updated_at: self.column_updated_at.clone(),
+        }
+    }
+}
+
+/// Decoding settings (also used by `paystream decode`).
+#[derive(Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Scale of Connect Decimal bytes when the connector runs with schemas off.
+    #[arg(long, env = "PAYSTREAM_AMOUNT_SCALE", default_value = "2")]
+    pub amount_scale: u32,
+    /// The connector's unavailable.value.placeholder (unchanged TOASTed columns).
+    #[arg(long, env = "PAYSTREAM_UNAVAILABLE_PLACEHOLDER", default_value = crate::decode::TOAST_PLACEHOLDER)]
+    pub unavailable_placeholder: String,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+}
+
+impl DecodeArgs {
+    pub fn options(&self) -> DecodeOptions {
+        DecodeOptions {
+            amount_scale: self.amount_scale,
+            columns: self.columns.names(),
+            unavailable_placeholder: self.unavailable_placeholder.clone(),
+        }
+    }
+}
+
+/// `paystream run`: the daemon.
+#[derive(Args, Debug, Clone)]
+pub struct RunConfig {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Debezium topic of the payments table.
+    #[arg(long, env = "PAYSTREAM_CDC_TOPIC", default_value = DEFAULT_CDC_TOPIC)]
+    pub cdc_topic: String,
+    /// Topic the final status events go to.
+    #[arg(long, env = "PAYSTREAM_STATUS_TOPIC", default_value = DEFAULT_STATUS_TOPIC)]
+    pub status_topic: String,
+    /// Topic undecodable CDC messages go to, with the reason in headers.
+    #[arg(long, env = "PAYSTREAM_DLQ_TOPIC", default_value = DEFAULT_DLQ_TOPIC)]
+    pub dlq_topic: String,
+    /// Consumer group of the CDC topic.
+    #[arg(long, env = "PAYSTREAM_GROUP_ID", default_value = DEFAULT_GROUP_ID)]
+    pub group_id: String,
+    /// Directory of the sled state store.
+    #[arg(long, env = "PAYSTREAM_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Time between Stripe polls of one pending payment.
+    #[arg(long, env = "PAYSTREAM_POLL_INTERVAL", default_value = DEFAULT_POLL_INTERVAL, value_parser = duration)]
+    pub poll_interval: Duration,
+    /// Time between durable checkpoints of state and offsets.
+    #[arg(long, env = "PAYSTREAM_CHECKPOINT_INTERVAL", default_value = DEFAULT_CHECKPOINT_INTERVAL, value_parser = duration)]
+    pub checkpoint_interval: Duration,
+    /// Stripe API base URL (point it at an emulator in tests).
+    #[arg(long, env = "PAYSTREAM_STRIPE_API_BASE", default_value = DEFAULT_STRIPE_API_BASE)]
+    pub stripe_api_base: String,
+    /// Stripe secret key. Never logged.
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_key: Option<Secret>,
+    /// Most Stripe requests per second, across all payments.
+    #[arg(long, env = "PAYSTREAM_STRIPE_RPS", default_value = DEFAULT_STRIPE_RPS)]
+    pub stripe_rps: f64,
+    /// Most Stripe requests in flight at once.
+    #[arg(long, env = "PAYSTREAM_STRIPE_CONCURRENCY", default_value = DEFAULT_STRIPE_CONCURRENCY)]
+    pub stripe_concurrency: usize,
+    /// Per-request timeout for Stripe calls; a timeout never resolves a payment.
+    #[arg(long, env = "PAYSTREAM_STRIPE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub stripe_timeout: Duration,
+    /// First backoff after a poll got no answer (429, 5xx, timeout, unknown id); it doubles per
+    /// failure, with jitter, up to the poll interval.
+    #[arg(long, env = "PAYSTREAM_RETRY_BACKOFF", default_value = "5s", value_parser = duration)]
+    pub retry_backoff: Duration,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+/// A configuration error, found at start. The operator is at fault; fix the named field.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {field}: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(bad("--brokers", "is empty"));
+        }
+        if self
+            .stripe_key
+            .as_ref()
+            .is_none_or(|k| k.expose().len() < 6)
+        {
+            return Err(bad(
+                "--stripe-key (STRIPE_SECRET_KEY)",
+                "a Stripe secret key (sk_…) is required",
+            ));
+        }
+        if !(self.stripe_rps.is_finite() && self.stripe_rps > 0.0) {
+            return Err(bad("--stripe-rps", "must be a positive number"));
+        }
+        if self.stripe_concurrency == 0 {
+            return Err(bad("--stripe-concurrency", "must be at least 1"));
+        }
+        if self.poll_interval < Duration::from_millis(100) {
+            return Err(bad("--poll-interval", "must be at least 100ms"));
+        }
+        if self.checkpoint_interval.is_zero() {
+            return Err(bad("--checkpoint-interval", "must be positive"));
+        }
+        if self.retry_backoff.is_zero() {
+            return Err(bad("--retry-backoff", "must be positive"));
+        }
+        if !(self.stripe_api_base.starts_with("http://")
+            || self.stripe_api_base.starts_with("https://"))
+        {
+            return Err(bad("--stripe-api-base", "must be an http(s) URL"));
+        }
+        for (name, topic) in [
+            ("--cdc-topic", &self.cdc_topic),
+            ("--status-topic", &self.status_topic),
+            ("--dlq-topic", &self.dlq_topic),
+        ] {
+            if topic.is_empty() {
+                return Err(bad(name, "is empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `paystream updater`: writes status events back to the Postgres master.
+#[derive(Args, Debug, Clone)]
+pub struct UpdaterConfig {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[arg(long, env = "PAYSTREAM_STATUS_TOPIC", default_value = DEFAULT_STATUS_TOPIC)]
+    pub status_topic: String,
+    #[arg(long, env = "PAYSTREAM_GROUP_ID", default_value = DEFAULT_UPDATER_GROUP_ID)]
+    pub group_id: String,
+    /// Connection string of the Postgres master (libpq key=value or URL form).
+    #[arg(long, env = "PAYSTREAM_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<Secret>,
+    /// The payments table, optionally schema-qualified.
+    #[arg(long, env = "PAYSTREAM_TABLE", default_value = "payments")]
+    pub table: String,
+    /// Most status events written in one transaction.
+    #[arg(long, env = "PAYSTREAM_BATCH_SIZE", default_value = "500")]
+    pub batch_size: usize,
+    /// Longest wait to fill a batch.
+    #[arg(long, env = "PAYSTREAM_BATCH_LINGER", default_value = "100ms", value_parser = duration)]
+    pub batch_linger: Duration,
+    #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_UPDATER_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+}
+
+impl UpdaterConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .postgres_url
+            .as_ref()
+            .is_none_or(|u| u.expose().is_empty())
+        {
+            return Err(bad(
+                "--postgres-url (PAYSTREAM_POSTGRES_URL)",
+                "is required",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(bad("--batch-size", "must be at least 1"));
+        }
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|p| {
+                    !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+        };
+        if !ident_ok(&self.table) {
+            return Err(bad(
+                "--table",
+                "must be [schema.]name of letters, digits and _",
+            ));
+        }
+        for (field, c) in [
+            ("--column-id", &self.columns.column_id),
+            ("--column-status", &self.columns.column_status),
+            ("--column-updated-at", &self.columns.column_updated_at),
+        ] {
+            if !ident_ok(c) || c.contains('.') {
+                return Err(bad(field, "must be a plain column name"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies a TOML config file: each key becomes its `PAYSTREAM_*` (or declared) environment
+/// variable unless that is already set. Keys must be flag names of `command` (`poll-interval`
+/// or `poll_interval`); anything else is an error naming the key.
+pub fn apply_config_file<C: CommandFactory>(
+    path: &std::path::Path,
+    subcommand: &str,
+) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad("--config", format!("{}: {e}", path.display())))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| bad("--config", format!("{}: {e}", path.display())))?;
+    let cmd = C::command();
+    let sub = cmd
+        .find_subcommand(subcommand)
+        .ok_or_else(|| bad("--config", format!("no command {subcommand}")))?;
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        let arg = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag.as_str()))
+            .ok_or_else(|| {
+                bad(
+                    "--config",
+                    format!(
+                        "{}: unknown key {key:?} for `paystream {subcommand}`",
+                        path.display()
+                    ),
+                )
+            })?;
+        let env = arg
+            .get_env()
+            .and_then(|e| e.to_str())
+            .ok_or_else(|| {
+                bad(
+                    "--config",
+                    format!("{}: key {key:?} cannot be set from a file", path.display()),
+                )
+            })?
+            .to_string();
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(a) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(";"),
+            other => {
+                return Err(bad(
+                    "--config",
+                    format!(
+                        "{}: key {key:?} has unsupported value {other}",
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        if std::env::var_os(&env).is_none() {
+            std::env::set_var(env, text);
+        }
+    }
+    Ok(())
+}

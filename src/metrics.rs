@@ -1,0 +1,100 @@
+//! Prometheus metrics, named the Prometheus way. Every count here is paired with a tracing event
+//! at the place it happens, so logs and metrics tell the same story. No payment id is ever a
+//! label (unbounded cardinality); ids go in log fields.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// CDC events by op and outcome (tracked, updated, removed, ignored, dead_lettered).
+    pub cdc_events: IntCounterVec,
+    pub dlq_messages: IntCounterVec,
+    pub pending_payments: IntGauge,
+    pub awaiting_confirmation: IntGauge,
+    /// Polls by outcome: succeeded, failed, still_pending, not_found, rate_limited,
+    /// server_error, timeout, error.
+    pub polls: IntCounterVec,
+    pub stripe_request_seconds: Histogram,
+    pub status_events: IntCounterVec,
+    pub checkpoint_seconds: Histogram,
+    pub last_checkpoint_timestamp: Gauge,
+    pub kafka_errors: IntCounterVec,
+    pub partitions_assigned: IntGauge,
+    pub stored_offset: IntGaugeVec,
+    pub updater_rows: IntCounterVec,
+    pub updater_batch_seconds: Histogram,
+    pub updater_postgres_errors: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric");
+    r.register(Box::new(c.clone())).expect("register");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("metric");
+    r.register(Box::new(h.clone())).expect("register");
+    h
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric");
+    r.register(Box::new(g.clone())).expect("register");
+    g
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    let latency = vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+    let last_cp = Gauge::new(
+        "paystream_last_checkpoint_timestamp_seconds",
+        "Unix time of the last durable checkpoint",
+    )
+    .expect("metric");
+    r.register(Box::new(last_cp.clone())).expect("register");
+    let stored_offset = IntGaugeVec::new(
+        Opts::new(
+            "paystream_stored_offset",
+            "Next CDC offset durable in state, by partition",
+        ),
+        &["partition"],
+    )
+    .expect("metric");
+    r.register(Box::new(stored_offset.clone()))
+        .expect("register");
+    Metrics {
+        cdc_events: counter(&r, "paystream_cdc_events_total", "CDC events consumed, by op and outcome", &["op", "outcome"]),
+        dlq_messages: counter(&r, "paystream_dlq_messages_total", "Messages sent to the dead-letter topic, by reason", &["reason"]),
+        pending_payments: int_gauge(&r, "paystream_pending_payments", "Pending payments in state still polled"),
+        awaiting_confirmation: int_gauge(&r, "paystream_awaiting_confirmation_payments", "Payments whose status event was emitted, waiting for the CDC stream to confirm"),
+        polls: counter(&r, "paystream_polls_total", "Stripe polls, by outcome", &["outcome"]),
+        stripe_request_seconds: histogram(&r, "paystream_stripe_request_duration_seconds", "Stripe request latency", latency.clone()),
+        status_events: counter(&r, "paystream_status_events_total", "Status events produced, by status", &["status"]),
+        checkpoint_seconds: histogram(&r, "paystream_checkpoint_duration_seconds", "Time to write and flush a checkpoint", latency.clone()),
+        last_checkpoint_timestamp: last_cp,
+        kafka_errors: counter(&r, "paystream_kafka_errors_total", "Kafka client errors, by kind", &["kind"]),
+        partitions_assigned: int_gauge(&r, "paystream_partitions_assigned", "CDC partitions assigned to this instance"),
+        stored_offset,
+        updater_rows: counter(&r, "paystream_updater_rows_total", "Status events applied by the updater, by result (updated, already_final, unknown_id, invalid)", &["result"]),
+        updater_batch_seconds: histogram(&r, "paystream_updater_batch_duration_seconds", "Time to apply one batch to Postgres", latency),
+        updater_postgres_errors: counter(&r, "paystream_updater_postgres_errors_total", "Postgres errors in the updater, by kind", &["kind"]),
+        registry: r.clone(),
+    }
+});
+
+/// The registry in Prometheus text format.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&METRICS.registry.gather(), &mut buf)
+        .expect("encode metrics");
+    String::from_utf8(buf).unwrap_or_default()
+}

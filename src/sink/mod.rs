@@ -1,0 +1,230 @@
+//! Everything paystream writes to Kafka: `payment-status-update` events and dead letters.
+//!
+//! One idempotent producer (`enable.idempotence=true`, `acks=all`): a send returns only once
+//! every in-sync replica has the record, and broker retries cannot duplicate or reorder it.
+
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::clock::rfc3339_ms;
+use crate::state::Entry;
+
+/// The status event. Schema: `schemas/payment-status-update.schema.json` (and `.avsc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    /// Deterministic from payment id and status, so a replayed or re-polled event carries the
+    /// same id and consumers can deduplicate.
+    pub event_id: String,
+    pub payment_id: String,
+    pub idempotency_key: String,
+    pub stripe_payment_intent_id: Option<String>,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    /// The PaymentIntent status Stripe reported.
+    pub stripe_status: String,
+    pub reason: Option<String>,
+    pub observed_at: String,
+    pub producer: String,
+}
+
+/// `event_id` for a payment reaching a status: SHA-256 of both, first 16 bytes as a UUID-shaped
+/// hex string.
+pub fn event_id(payment_id: &str, status: &str) -> String {
+    let h = Sha256::digest(format!("paystream/v1\0{payment_id}\0{status}").as_bytes());
+    let x: String = h[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
+}
+
+impl StatusEvent {
+    pub fn new(
+        e: &Entry,
+        status: &str,
+        stripe_status: &str,
+        reason: Option<String>,
+        intent_id: Option<String>,
+        observed_ms: u64,
+    ) -> Self {
+        StatusEvent {
+            event_id: event_id(&e.id, status),
+            payment_id: e.id.clone(),
+            idempotency_key: e.idempotency_key.clone(),
+            stripe_payment_intent_id: intent_id.or_else(|| e.stripe_payment_intent_id.clone()),
+            status: status.to_string(),
+            stripe_status: stripe_status.to_string(),
+            reason,
+            observed_at: rfc3339_ms(observed_ms),
+            producer: "paystream".into(),
+        }
+    }
+}
+
+/// A failed write to Kafka. The broker (or the network to it) is at fault; retrying helps.
+#[derive(Debug, thiserror::Error)]
+#[error("producing to {topic} failed: {source}")]
+pub struct SinkError {
+    pub topic: String,
+    pub source: rdkafka::error::KafkaError,
+}
+
+/// Where a dead letter came from.
+pub struct DeadLetter<'a> {
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub reason: &'a str,
+    pub detail: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+pub struct Sink {
+    producer: FutureProducer,
+    status_topic: String,
+    dlq_topic: String,
+}
+
+/// librdkafka settings shared by paystream's clients, then the user's `--kafka-option`s.
+pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+impl Sink {
+    pub fn new(
+        brokers: &str,
+        extra: &[(String, String)],
+        status_topic: &str,
+        dlq_topic: &str,
+    ) -> Result<Self, rdkafka::error::KafkaError> {
+        let mut c = client_config(brokers, &[]);
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            // Bounded so a long broker outage surfaces as an error the caller retries and
+            // counts, instead of a send that never returns.
+            .set("message.timeout.ms", "30000");
+        for (k, v) in extra.iter().filter(|(k, _)| is_producer_key(k)) {
+            c.set(k, v);
+        }
+        Ok(Sink {
+            producer: c.create()?,
+            status_topic: status_topic.into(),
+            dlq_topic: dlq_topic.into(),
+        })
+    }
+
+    /// Produces a status event keyed by payment id and waits for the broker's ack.
+    pub async fn send_status(&self, ev: &StatusEvent) -> Result<(), SinkError> {
+        let payload = serde_json::to_vec(ev).expect("status event serializes");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "event_id",
+                value: Some(ev.event_id.as_bytes()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json".as_bytes()),
+            });
+        let rec = FutureRecord::to(&self.status_topic)
+            .key(&ev.payment_id)
+            .payload(&payload)
+            .headers(headers);
+        self.producer
+            .send(rec, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| SinkError {
+                topic: self.status_topic.clone(),
+                source,
+            })
+    }
+
+    /// Copies an undecodable message to the dead-letter topic, with headers naming the reason
+    /// and the exact source position, and waits for the ack.
+    pub async fn send_dead_letter(&self, d: &DeadLetter<'_>) -> Result<(), SinkError> {
+        let (partition, offset) = (d.partition.to_string(), d.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "paystream.reason",
+                value: Some(d.reason.as_bytes()),
+            })
+            .insert(Header {
+                key: "paystream.error",
+                value: Some(d.detail.as_bytes()),
+            })
+            .insert(Header {
+                key: "paystream.source.topic",
+                value: Some(d.topic.as_bytes()),
+            })
+            .insert(Header {
+                key: "paystream.source.partition",
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: "paystream.source.offset",
+                value: Some(offset.as_bytes()),
+            });
+        let mut rec: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.dlq_topic).headers(headers);
+        if let Some(k) = d.key {
+            rec = rec.key(k);
+        }
+        if let Some(p) = d.payload {
+            rec = rec.payload(p);
+        }
+        self.producer
+            .send(rec, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| SinkError {
+                topic: self.dlq_topic.clone(),
+                source,
+            })
+    }
+}
+
+/// Consumer-only settings from `--kafka-option` are not passed to the producer (librdkafka
+/// would warn on each).
+fn is_producer_key(k: &str) -> bool {
+    !matches!(
+        k,
+        "session.timeout.ms"
+            | "heartbeat.interval.ms"
+            | "max.poll.interval.ms"
+            | "auto.offset.reset"
+            | "partition.assignment.strategy"
+            | "group.instance.id"
+            | "fetch.wait.max.ms"
+            | "isolation.level"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_is_deterministic_per_payment_and_status() {
+        assert_eq!(event_id("42", "succeeded"), event_id("42", "succeeded"));
+        assert_ne!(event_id("42", "succeeded"), event_id("42", "failed"));
+        assert_ne!(event_id("42", "succeeded"), event_id("43", "succeeded"));
+        assert_eq!(event_id("42", "succeeded").len(), 36);
+    }
+}
