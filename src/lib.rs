@@ -1,7 +1,11 @@
+pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod metrics;
 pub mod poll;
+pub mod run;
 pub mod sink;
+pub mod source;
 pub mod state;
+pub mod updater;

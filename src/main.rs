@@ -1,1 +1,160 @@
-fn main() {}
+//! The `paystream` binary: parses the CLI, sets up logging, runs a command. `anyhow` lives only
+//! here, at the edge; everything below returns typed errors.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use paystream::config::{apply_config_file, DecodeArgs, RunConfig, UpdaterConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "paystream",
+    version,
+    about = "Watches pending payments from Debezium CDC, polls Stripe, emits final status events"
+)]
+struct Cli {
+    /// Optional TOML file; its keys are the long flag names (poll-interval = "10m").
+    #[arg(long, global = true, env = "PAYSTREAM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "PAYSTREAM_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The daemon: CDC in, Stripe polls, status events out.
+    Run(RunConfig),
+    /// Writes status events back to the Postgres master, forward only.
+    Updater(UpdaterConfig),
+    /// Decodes Kafka message values (one per line; an empty line or `null` is a tombstone) and
+    /// prints one normalized JSON object per line.
+    Decode {
+        #[command(flatten)]
+        decode: DecodeArgs,
+        /// Input file, or - for standard input.
+        #[arg(default_value = "-")]
+        input: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// The config file is applied before clap parses, as environment defaults (see `config`).
+fn preload_config_file() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| {
+            args.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(str::to_string))
+        })
+        .or_else(|| std::env::var("PAYSTREAM_CONFIG").ok());
+    let sub = args
+        .iter()
+        .skip(1)
+        .find(|a| matches!(a.as_str(), "run" | "updater" | "decode"));
+    if let (Some(path), Some(sub)) = (path, sub) {
+        apply_config_file::<Cli>(std::path::Path::new(&path), sub)?;
+    }
+    Ok(())
+}
+
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn decode_lines(args: &DecodeArgs, input: &str) -> anyhow::Result<bool> {
+    let opts = args.options();
+    let reader: Box<dyn BufRead> = if input == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(input).with_context(|| format!("opening {input}"))?,
+        ))
+    };
+    let mut out = std::io::stdout().lock();
+    let mut ok = true;
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        let value = match line.trim() {
+            "" | "null" => None,
+            _ => Some(line.as_bytes()),
+        };
+        let json = match paystream::decode::decode_value(value, &opts) {
+            Ok(ev) => serde_json::to_string(&ev)?,
+            Err(e) => {
+                ok = false;
+                serde_json::json!({"line": i + 1, "error": e.to_string()}).to_string()
+            }
+        };
+        writeln!(out, "{json}")?;
+    }
+    Ok(ok)
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::var_os("STRIPE_SECRET_KEY").is_none() {
+        if let Some(k) = std::env::var_os("PAYSTREAM_STRIPE_KEY") {
+            std::env::set_var("STRIPE_SECRET_KEY", k);
+        }
+    }
+    preload_config_file()?;
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Decode { decode, input } => {
+            if !decode_lines(&decode, &input)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Run(cfg) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async { paystream::run::run(cfg, shutdown_signal()).await })?;
+            Ok(())
+        }
+        Command::Updater(cfg) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async { paystream::updater::run(cfg, shutdown_signal()).await })?;
+            Ok(())
+        }
+    }
+}

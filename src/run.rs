@@ -1,0 +1,203 @@
+//! `paystream run`: wires source → state → poller → sink, checkpoints, and shuts down cleanly.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::admin;
+use crate::clock::Clock;
+use crate::config::RunConfig;
+use crate::metrics::METRICS;
+use crate::poll::ratelimit::RateLimiter;
+use crate::poll::stripe::{LookupError, StripeApi};
+use crate::poll::{Poller, PollerConfig};
+use crate::sink::Sink;
+use crate::source::{self, Health, Pipeline};
+use crate::state::{StateError, Store};
+
+/// Why the daemon stopped with an error. Each says who is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Local disk: fix it, then restart; state is never run on half-saved.
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("kafka client setup failed: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("stripe client setup failed: {0}")]
+    Stripe(#[from] LookupError),
+    #[error("admin endpoint: {0}")]
+    Admin(#[from] std::io::Error),
+}
+
+/// Runs until `shutdown` turns true (SIGTERM/SIGINT in the binary), then stops fetching, lets
+/// in-flight polls finish briefly, writes a final checkpoint and returns.
+pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<(), RunError> {
+    cfg.validate()?;
+    // One internal stop signal: set by the caller's shutdown or by any part failing.
+    let (stop, shutdown) = watch::channel(false);
+    let clock = Clock::new();
+    let state = Arc::new(Store::open(&cfg.data_dir)?);
+    let health = Arc::new(Health::default());
+    health
+        .last_checkpoint_ms
+        .store(clock.now_ms(), Ordering::Relaxed);
+
+    // Polls that fell due while we were down are spread over the time the rate budget needs
+    // for them (at most one interval), most overdue first, instead of firing at once.
+    let interval_ms = cfg.poll_interval.as_millis() as u64;
+    let rps = cfg.stripe_rps;
+    let moved = state.spread_overdue(clock.now_ms(), |n| {
+        ((n as f64 / rps * 1000.0) as u64).min(interval_ms)
+    })?;
+    state.checkpoint()?;
+    if moved > 0 {
+        tracing::info!(overdue = moved, "spread overdue polls after restart");
+    }
+    let stats = state.stats(clock.now_ms())?;
+    METRICS.pending_payments.set(stats.pending as i64);
+    METRICS
+        .awaiting_confirmation
+        .set(stats.awaiting_confirmation as i64);
+    tracing::info!(pending = stats.pending, awaiting_confirmation = stats.awaiting_confirmation, data_dir = %cfg.data_dir.display(), "state opened");
+
+    let ready_health = health.clone();
+    let ready_clock = clock;
+    let stale_after = (cfg.checkpoint_interval * 3 + Duration::from_secs(5)).as_millis() as u64;
+    let bound = admin::serve(
+        cfg.metrics_addr,
+        Arc::new(move || {
+            if !ready_health.assigned.load(Ordering::Relaxed) {
+                return Err("no CDC partition assigned yet".into());
+            }
+            let age = ready_clock
+                .now_ms()
+                .saturating_sub(ready_health.last_checkpoint_ms.load(Ordering::Relaxed));
+            if age > stale_after {
+                return Err(format!("last checkpoint {age} ms ago"));
+            }
+            Ok(())
+        }),
+    )
+    .await?;
+    tracing::info!(addr = %bound, "admin endpoint listening");
+
+    let key = cfg
+        .stripe_key
+        .as_ref()
+        .map(|k| k.expose().to_string())
+        .unwrap_or_default();
+    let api = Arc::new(StripeApi::new(
+        &cfg.stripe_api_base,
+        &key,
+        cfg.stripe_timeout,
+    )?);
+    let sink = Arc::new(Sink::new(
+        &cfg.kafka.brokers,
+        &cfg.kafka.kafka_options,
+        &cfg.status_topic,
+        &cfg.dlq_topic,
+    )?);
+    let consumer = Arc::new(source::consumer(
+        &cfg.kafka.brokers,
+        &cfg.kafka.kafka_options,
+        &cfg.group_id,
+        &cfg.cdc_topic,
+        state.clone(),
+        health.clone(),
+    )?);
+
+    let poller = Poller::new(
+        state.clone(),
+        api,
+        sink.clone(),
+        Arc::new(RateLimiter::new(cfg.stripe_rps)),
+        clock,
+        PollerConfig {
+            interval: cfg.poll_interval,
+            concurrency: cfg.stripe_concurrency,
+            retry_backoff: cfg.retry_backoff,
+            rate_limit_cooldown: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(5),
+        },
+    );
+    let poller_task = tokio::spawn(poller.run(shutdown.clone()));
+
+    // State gauges are a full scan: refreshed by a periodic job, off the hot path.
+    let mut sched = tokio_cron_scheduler::JobScheduler::new().await.ok();
+    if let Some(s) = sched.as_mut() {
+        let st = state.clone();
+        let job =
+            tokio_cron_scheduler::Job::new_repeated_async(Duration::from_secs(15), move |_, _| {
+                let st = st.clone();
+                Box::pin(async move {
+                    let now = Clock::new().now_ms();
+                    if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || st.stats(now)).await {
+                        METRICS.pending_payments.set(s.pending as i64);
+                        METRICS
+                            .awaiting_confirmation
+                            .set(s.awaiting_confirmation as i64);
+                    }
+                })
+            });
+        if let Ok(job) = job {
+            let _ = s.add(job).await;
+            let _ = s.start().await;
+        }
+    }
+
+    let pipeline = Pipeline {
+        state: state.clone(),
+        sink,
+        decode: cfg.decode.options(),
+        pending_status: cfg.decode.columns.pending_status.clone(),
+        poll_interval: cfg.poll_interval,
+        clock,
+        health: health.clone(),
+    };
+
+    // The checkpoint loop runs beside the consumer; both stop on shutdown or on a state error.
+    let cp_state = state.clone();
+    let cp_consumer = consumer.clone();
+    let cp_health = health.clone();
+    let mut cp_shutdown = shutdown.clone();
+    let every = cfg.checkpoint_interval;
+    let checkpoints = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
+            }
+            source::checkpoint_and_commit(&cp_state, &cp_consumer, &cp_health, &clock).await?;
+        }
+    });
+
+    let result = tokio::select! {
+        r = pipeline.run(&consumer, shutdown.clone()) => r,
+        r = checkpoints => r.expect("checkpoint task"),
+        _ = external.changed() => Ok(()),
+    };
+    // Whatever ended the loop, stop every part, then make the last work durable.
+    let _ = stop.send(true);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "stopping on a state error");
+    }
+    let poll_result = poller_task.await.expect("poller task");
+    if result.is_ok() && poll_result.is_ok() {
+        source::checkpoint_and_commit(&state, &consumer, &health, &clock).await?;
+        tracing::info!("final checkpoint written");
+    }
+    if let Some(mut s) = sched {
+        let _ = s.shutdown().await;
+    }
+    // Dropping the consumer leaves the group; done off the runtime since librdkafka may block.
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    result?;
+    poll_result?;
+    Ok(())
+}

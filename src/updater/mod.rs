@@ -1,0 +1,296 @@
+//! `paystream updater`: applies status events to the Postgres master, forward only.
+//!
+//! Each batch runs in one transaction of statements of the form
+//! `UPDATE payments SET status = $1, updated_at = now() WHERE id = $2 AND status = 'pending'`:
+//! a row changes only while it is still pending, so duplicates, replays and late events are
+//! harmless. Kafka offsets are committed only after the transaction committed; a crash in
+//! between replays the batch, which changes nothing the second time. Unknown ids and rows
+//! already final are counted, not errors. When Postgres is down the batch is retried with
+//! backoff, offsets held, until it applies.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::UpdaterConfig;
+use crate::metrics::METRICS;
+use crate::sink::{client_config, StatusEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdaterError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("kafka client setup failed: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("admin endpoint: {0}")]
+    Admin(#[from] std::io::Error),
+    /// The table or columns do not match the configuration: the operator must fix it.
+    #[error("payments table check failed: {0}")]
+    Schema(String),
+}
+
+/// What one status event did to its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowResult {
+    Updated,
+    AlreadyFinal,
+    UnknownId,
+}
+
+impl RowResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            RowResult::Updated => "updated",
+            RowResult::AlreadyFinal => "already_final",
+            RowResult::UnknownId => "unknown_id",
+        }
+    }
+}
+
+struct Sql {
+    apply: String,
+}
+
+fn quote_ident(s: &str) -> String {
+    s.split('.')
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+async fn build_sql(
+    client: &tokio_postgres::Client,
+    cfg: &UpdaterConfig,
+) -> Result<Sql, UpdaterError> {
+    let c = &cfg.columns;
+    // The id is compared in its own type (cast from the text we carry), so the primary key
+    // index serves the lookup whether the key is bigint, uuid or text.
+    let row = client
+        .query_opt(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+            &[&cfg.table, &c.column_id],
+        )
+        .await
+        .map_err(|e| UpdaterError::Schema(e.to_string()))?
+        .ok_or_else(|| UpdaterError::Schema(format!("table {:?} has no column {:?} (--table / --column-id)", cfg.table, c.column_id)))?;
+    let id_type: String = row.get(0);
+    let (t, id, status, updated) = (
+        quote_ident(&cfg.table),
+        quote_ident(&c.column_id),
+        quote_ident(&c.column_status),
+        quote_ident(&c.column_updated_at),
+    );
+    // One round trip per event: the forward-only UPDATE, plus the row's current status to tell
+    // "already final" from "unknown id" when nothing changed.
+    let apply = format!(
+        "WITH upd AS (UPDATE {t} SET {status} = $1, {updated} = now() WHERE {id} = ($2::text)::{id_type} AND {status} = $3 RETURNING 1) \
+         SELECT (SELECT count(*) FROM upd)::int8, (SELECT {status}::text FROM {t} WHERE {id} = ($2::text)::{id_type})"
+    );
+    client
+        .prepare(&apply)
+        .await
+        .map_err(|e| UpdaterError::Schema(format!("{e} (check --table and --column-*)")))?;
+    Ok(Sql { apply })
+}
+
+/// Applies one batch in one transaction. Returns each event's result, in order.
+async fn apply_batch(
+    client: &mut tokio_postgres::Client,
+    sql: &Sql,
+    pending: &str,
+    events: &[StatusEvent],
+) -> Result<Vec<RowResult>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let stmt = tx.prepare(&sql.apply).await?;
+    let mut out = Vec::with_capacity(events.len());
+    for ev in events {
+        let row = tx
+            .query_one(&stmt, &[&ev.status, &ev.payment_id, &pending])
+            .await?;
+        let (updated, current): (i64, Option<String>) = (row.get(0), row.get(1));
+        out.push(match (updated, current) {
+            (1.., _) => RowResult::Updated,
+            (_, None) => RowResult::UnknownId,
+            (_, Some(_)) => RowResult::AlreadyFinal,
+        });
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Connects, retrying with backoff until Postgres answers or shutdown.
+async fn connect_retrying(
+    url: &str,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<tokio_postgres::Client> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match connect(url).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                METRICS
+                    .updater_postgres_errors
+                    .with_label_values(&["connect"])
+                    .inc();
+                tracing::warn!(error = %e, retry_in = ?delay, "postgres unavailable");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+pub async fn run(
+    cfg: UpdaterConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), UpdaterError> {
+    cfg.validate()?;
+    let url = cfg
+        .postgres_url
+        .as_ref()
+        .map(|u| u.expose().to_string())
+        .unwrap_or_default();
+    let pending = cfg.columns.pending_status.clone();
+
+    let pg_ok = Arc::new(AtomicBool::new(false));
+    let ready = pg_ok.clone();
+    let bound = crate::admin::serve(
+        cfg.metrics_addr,
+        Arc::new(move || {
+            if ready.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("postgres not connected".into())
+            }
+        }),
+    )
+    .await?;
+    tracing::info!(addr = %bound, "admin endpoint listening");
+
+    let Some(mut client) = connect_retrying(&url, &mut shutdown).await else {
+        return Ok(());
+    };
+    let sql = build_sql(&client, &cfg).await?;
+    pg_ok.store(true, Ordering::Relaxed);
+
+    let mut cc = client_config(&cfg.kafka.brokers, &[]);
+    cc.set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in &cfg.kafka.kafka_options {
+        cc.set(k, v);
+    }
+    let consumer: StreamConsumer = cc.create()?;
+    consumer.subscribe(&[&cfg.status_topic])?;
+    tracing::info!(topic = %cfg.status_topic, group = %cfg.group_id, "updater consuming");
+
+    'outer: loop {
+        // Collect a batch: wait for the first event, then take more until full or linger ends.
+        let mut events = Vec::new();
+        let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let deadline = tokio::time::sleep(cfg.batch_linger);
+        tokio::pin!(deadline);
+        while events.len() < cfg.batch_size {
+            let msg = tokio::select! {
+                _ = shutdown.changed() => break 'outer,
+                _ = &mut deadline, if !next_offsets.is_empty() => break,
+                m = consumer.recv() => m,
+            };
+            let m = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    METRICS.kafka_errors.with_label_values(&["consume"]).inc();
+                    tracing::warn!(error = %e, "consume error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            next_offsets.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
+            match m.payload().map(serde_json::from_slice::<StatusEvent>) {
+                Some(Ok(ev)) if ev.status == "succeeded" || ev.status == "failed" => {
+                    events.push(ev)
+                }
+                other => {
+                    // Known gap: an unreadable status event is counted and logged, not
+                    // dead-lettered; only paystream writes this topic.
+                    METRICS.updater_rows.with_label_values(&["invalid"]).inc();
+                    let why = match other {
+                        Some(Err(e)) => e.to_string(),
+                        Some(Ok(ev)) => format!("status {:?} is not final", ev.status),
+                        None => "empty value".into(),
+                    };
+                    tracing::error!(partition = m.partition(), offset = m.offset(), error = %why, "unreadable status event skipped");
+                }
+            }
+        }
+        // Apply until it sticks: Postgres being down holds the offsets, never skips events.
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(250);
+        let results = loop {
+            match apply_batch(&mut client, &sql, &pending, &events).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    pg_ok.store(false, Ordering::Relaxed);
+                    METRICS
+                        .updater_postgres_errors
+                        .with_label_values(&["apply"])
+                        .inc();
+                    tracing::warn!(error = %e, events = events.len(), retry_in = ?delay, "batch not applied; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => break 'outer,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    if client.is_closed() {
+                        let Some(c) = connect_retrying(&url, &mut shutdown).await else {
+                            break 'outer;
+                        };
+                        client = c;
+                    }
+                    pg_ok.store(true, Ordering::Relaxed);
+                }
+            }
+        };
+        METRICS
+            .updater_batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        for (ev, r) in events.iter().zip(&results) {
+            METRICS.updater_rows.with_label_values(&[r.as_str()]).inc();
+            tracing::info!(payment_id = %ev.payment_id, idempotency_key = %ev.idempotency_key, intent_id = ?ev.stripe_payment_intent_id,
+                status = %ev.status, event_id = %ev.event_id, result = r.as_str(), "status applied");
+        }
+        // Committed only now that the transaction is: a crash before this replays the batch,
+        // which the forward-only UPDATE makes harmless.
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in &next_offsets {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                METRICS.kafka_errors.with_label_values(&["commit"]).inc();
+                tracing::warn!(error = %e, "offset commit failed; the batch may be applied again (harmless)");
+            }
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    Ok(())
+}
