@@ -1,0 +1,30 @@
+# Shared by the scripts: where things live. Source it; it sets no shell options.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEV="${PAYSTREAM_DEV_DIR:-$ROOT/.dev}"              # ignored by git: data, logs, pids
+CACHE="${PAYSTREAM_CACHE:-$HOME/.cache/paystream}"  # outside the work tree: slow builds survive
+PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+PG_PORT="${PAYSTREAM_PG_PORT:-55432}"
+KAFKA_PORT="${PAYSTREAM_KAFKA_PORT:-59092}"
+STRIPE_PORT="${PAYSTREAM_STRIPE_PORT:-58420}"
+NISSHI_VERSION=0.7.0-pre.2
+NISSHI="$CACHE/nisshi-$NISSHI_VERSION/bin/nisshi"
+STRIPE_VENV="$CACHE/venv-stripe"
+PG_URL="host=127.0.0.1 port=$PG_PORT user=postgres dbname=payments"
+BROKERS="127.0.0.1:$KAFKA_PORT"
+STRIPE_BASE="http://127.0.0.1:$STRIPE_PORT"
+mkdir -p "$DEV"
+
+log() { printf '[%s] %s\n' "$(basename "$0")" "$*" >&2; }
+
+# wait_port PORT SECONDS: until something accepts on 127.0.0.1:PORT.
+wait_port() {
+  local end=$((SECONDS + $2))
+  while ((SECONDS < end)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+# running NAME: the pid in $DEV/NAME.pid is alive.
+running() { [ -f "$DEV/$1.pid" ] && kill -0 "$(cat "$DEV/$1.pid")" 2>/dev/null; }
