@@ -1,0 +1,296 @@
+//! Test harness: the real servers (started by the project's scripts), Debezium-shaped events,
+//! and paystream processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+pub struct Stack {
+    pub brokers: String,
+    pub pg_url: String,
+    pub stripe: String,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn port(var: &str, default: u16) -> u16 {
+    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Brings the dev stack up once per test binary (idempotent scripts).
+pub fn stack() -> &'static Stack {
+    static S: OnceLock<Stack> = OnceLock::new();
+    S.get_or_init(|| {
+        let st = Command::new(root().join("scripts/dev-up")).stdout(Stdio::null()).status().expect("scripts/dev-up");
+        assert!(st.success(), "scripts/dev-up failed");
+        Stack {
+            brokers: format!("127.0.0.1:{}", port("PAYSTREAM_KAFKA_PORT", 59092)),
+            pg_url: format!("host=127.0.0.1 port={} user=postgres dbname=payments", port("PAYSTREAM_PG_PORT", 55432)),
+            stripe: format!("http://127.0.0.1:{}", port("PAYSTREAM_STRIPE_PORT", 58420)),
+        }
+    })
+}
+
+pub fn unique(prefix: &str) -> String {
+    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{prefix}{}", n % 1_000_000_000_000)
+}
+
+pub const KAFKA_TEST_OPTIONS: &str = "session.timeout.ms=6000;heartbeat.interval.ms=1000";
+
+// ---------- Stripe emulator ----------
+
+pub fn stripe_post(base: &str, path: &str, form: &[(&str, &str)]) -> serde_json::Value {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-X", "POST", "-H", "Authorization: Bearer sk_test_paystream"]).arg(format!("{base}{path}"));
+    for (k, v) in form {
+        cmd.arg("-d").arg(format!("{k}={v}"));
+    }
+    let out = cmd.output().expect("curl");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn card_pm(base: &str, number: &str) -> String {
+    let pm = stripe_post(base, "/v1/payment_methods", &[("type", "card"), ("card[number]", number), ("card[exp_month]", "12"), ("card[exp_year]", "2034"), ("card[cvc]", "123")]);
+    pm["id"].as_str().unwrap().to_string()
+}
+
+/// A PaymentIntent confirmed with `card`; returns (id, status).
+pub fn intent_with_card(base: &str, amount: &str, number: &str) -> (String, String) {
+    let pm = card_pm(base, number);
+    let pi = stripe_post(base, "/v1/payment_intents", &[("amount", amount), ("currency", "usd"), ("payment_method", &pm), ("confirm", "true")]);
+    (pi["id"].as_str().unwrap().into(), pi["status"].as_str().unwrap_or("").into())
+}
+
+pub fn intent_canceled(base: &str, amount: &str) -> String {
+    let pi = stripe_post(base, "/v1/payment_intents", &[("amount", amount), ("currency", "usd")]);
+    let id = pi["id"].as_str().unwrap().to_string();
+    let c = stripe_post(base, &format!("/v1/payment_intents/{id}/cancel"), &[]);
+    assert_eq!(c["status"], "canceled");
+    id
+}
+
+// ---------- Postgres ----------
+
+pub async fn pg(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("postgres");
+    tokio::spawn(conn);
+    c
+}
+
+/// Audit of every status change, so a test can prove nothing moved twice or backwards.
+pub async fn install_status_audit(c: &tokio_postgres::Client) {
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS status_changes (id bigint, old_status text, new_status text, at timestamptz DEFAULT now());
+         CREATE OR REPLACE FUNCTION audit_status() RETURNS trigger AS $$
+         BEGIN INSERT INTO status_changes(id, old_status, new_status) VALUES (OLD.id, OLD.status, NEW.status); RETURN NEW; END $$ LANGUAGE plpgsql;
+         DROP TRIGGER IF EXISTS audit_status ON payments;
+         CREATE TRIGGER audit_status AFTER UPDATE ON payments FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION audit_status();",
+    )
+    .await
+    .expect("audit trigger");
+}
+
+/// A payments row as Debezium would carry it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: i64,
+    pub idempotency_key: String,
+    pub amount: String,
+    pub currency: String,
+    pub status: String,
+    pub intent: Option<String>,
+}
+
+pub async fn insert_payment(c: &tokio_postgres::Client, key: &str, amount: &str, intent: Option<&str>) -> Row {
+    let r = c
+        .query_one(
+            "INSERT INTO payments (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, 'usd', $3) RETURNING id, amount::text, status",
+            &[&key, &amount, &intent],
+        )
+        .await
+        .expect("insert");
+    Row { id: r.get(0), idempotency_key: key.into(), amount: r.get(1), currency: "usd".into(), status: r.get(2), intent: intent.map(str::to_string) }
+}
+
+pub async fn read_payment(c: &tokio_postgres::Client, id: i64) -> Row {
+    let r = c
+        .query_one("SELECT idempotency_key, amount::text, currency, status, stripe_payment_intent_id FROM payments WHERE id = $1", &[&id])
+        .await
+        .expect("select");
+    Row { id, idempotency_key: r.get(0), amount: r.get(1), currency: r.get(2), status: r.get(3), intent: r.get(4) }
+}
+
+// ---------- Debezium-shaped events ----------
+
+/// Connect Decimal bytes (minimal two's complement, big-endian) of a decimal string, base64.
+pub fn decimal_b64(amount: &str, scale: u32) -> String {
+    use base64::Engine;
+    let d = paystream::decode::Decimal::parse(amount).unwrap();
+    let unscaled = d.unscaled * 10i128.pow(scale - d.scale);
+    let bytes = unscaled.to_be_bytes();
+    let mut i = 0;
+    while i < 15 && ((bytes[i] == 0 && bytes[i + 1] & 0x80 == 0) || (bytes[i] == 0xff && bytes[i + 1] & 0x80 != 0)) {
+        i += 1;
+    }
+    base64::engine::general_purpose::STANDARD.encode(&bytes[i..])
+}
+
+fn row_json(r: &Row) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id, "idempotency_key": r.idempotency_key, "amount": decimal_b64(&r.amount, 2),
+        "currency": r.currency, "status": r.status, "stripe_payment_intent_id": r.intent,
+        "created_at": "2026-11-22T00:00:00.000000Z", "updated_at": "2026-11-22T00:00:00.000000Z"
+    })
+}
+
+fn value_schema() -> serde_json::Value {
+    let cols = serde_json::json!([
+        {"type":"int64","optional":false,"field":"id"},
+        {"type":"string","optional":false,"field":"idempotency_key"},
+        {"type":"bytes","optional":false,"name":"org.apache.kafka.connect.data.Decimal","version":1,"parameters":{"scale":"2","connect.decimal.precision":"12"},"field":"amount"},
+        {"type":"string","optional":false,"field":"currency"},
+        {"type":"string","optional":false,"default":"pending","field":"status"},
+        {"type":"string","optional":true,"field":"stripe_payment_intent_id"},
+        {"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"field":"created_at"},
+        {"type":"string","optional":false,"name":"io.debezium.time.ZonedTimestamp","version":1,"field":"updated_at"}
+    ]);
+    serde_json::json!({"type":"struct","name":"paysvc.public.payments.Envelope","optional":false,"fields":[
+        {"type":"struct","fields":cols,"optional":true,"name":"paysvc.public.payments.Value","field":"before"},
+        {"type":"struct","fields":cols,"optional":true,"name":"paysvc.public.payments.Value","field":"after"},
+        {"type":"string","optional":false,"field":"op"}
+    ]})
+}
+
+/// A Debezium change event value for `r` (op c/u/r with `after`, or d with the key in `before`).
+pub fn cdc_value(op: &str, r: &Row, with_schema: bool) -> Vec<u8> {
+    let (before, after) = if op == "d" { (serde_json::json!({"id": r.id}), serde_json::Value::Null) } else { (serde_json::Value::Null, row_json(r)) };
+    let payload = serde_json::json!({
+        "before": before, "after": after,
+        "source": {"version":"3.0.0.Final","connector":"postgresql","name":"paysvc","ts_ms":1,"snapshot":"false","db":"payments","schema":"public","table":"payments","txId":1,"lsn":1},
+        "op": op, "ts_ms": 1
+    });
+    let v = if with_schema { serde_json::json!({"schema": value_schema(), "payload": payload}) } else { payload };
+    serde_json::to_vec(&v).unwrap()
+}
+
+pub fn cdc_key(id: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"id": id})).unwrap()
+}
+
+// ---------- Kafka ----------
+
+pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).set("broker.address.family", "v4").create().unwrap();
+    let new: Vec<NewTopic> = topics.iter().map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1))).collect();
+    let res = admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await.expect("create topics");
+    for r in res {
+        r.expect("topic created");
+    }
+}
+
+pub fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", brokers).set("broker.address.family", "v4").set("enable.idempotence", "true").create().unwrap()
+}
+
+pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) {
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
+    if let Some(v) = value {
+        rec = rec.payload(v);
+    }
+    p.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("publish");
+}
+
+/// Every record of a topic (all partitions) from the beginning up to the high watermark:
+/// (key, value, headers).
+pub fn read_all(brokers: &str, topic: &str) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>)> {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("broker.address.family", "v4").set("group.id", unique("reader")).set("enable.auto.commit", "false").create().unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut out = Vec::new();
+    for p in parts {
+        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        if high == 0 {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        c.assign(&tpl).unwrap();
+        drop(tpl);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut next = 0;
+        while next < high && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                next = m.offset() + 1;
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        use rdkafka::message::Headers;
+                        h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect()
+                    })
+                    .unwrap_or_default();
+                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), headers));
+            }
+        }
+    }
+    out
+}
+
+// ---------- paystream processes ----------
+
+pub struct Proc(pub Child);
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+    /// SIGTERM, then wait for a clean exit (final checkpoint).
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                self.kill9();
+                panic!("paystream did not stop within 30s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn(args: &[&str], log: &Path) -> Proc {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_paystream"))
+        .args(args)
+        .env("RUST_LOG", "info,paystream=debug")
+        .env("PAYSTREAM_KAFKA_OPTIONS", KAFKA_TEST_OPTIONS)
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .expect("spawn paystream");
+    Proc(child)
+}

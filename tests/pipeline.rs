@@ -1,0 +1,168 @@
+//! The pipeline end to end on real servers: Debezium-shaped CDC events on the broker →
+//! `paystream run` (sled state, Stripe polls against the emulator) → status events →
+//! `paystream updater` → the Postgres master → CDC for those writes → removed from state.
+//! Includes a `kill -9` of the daemon in the middle of the flow and a restart.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+async fn wait_for<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out after {secs}s waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
+    let s = stack();
+    let run = unique("it");
+    let (cdc, status, dlq) = (format!("{run}.public.payments"), format!("{run}-status"), format!("{run}-dlq"));
+    create_topics(&s.brokers, &[(&cdc, 2), (&status, 1), (&dlq, 1)]).await;
+
+    // Stripe: one of each outcome.
+    let (pi_ok, st) = intent_with_card(&s.stripe, "4999", "4242424242424242");
+    assert_eq!(st, "succeeded");
+    let (pi_declined, st) = intent_with_card(&s.stripe, "1500", "4000000000000341");
+    assert_eq!(st, "requires_payment_method");
+    let (pi_3ds, st) = intent_with_card(&s.stripe, "2500", "4000002760003184");
+    assert_eq!(st, "requires_action");
+    let pi_canceled = intent_canceled(&s.stripe, "900");
+
+    // Postgres: the payment service's rows, all pending.
+    let db = pg(&s.pg_url).await;
+    install_status_audit(&db).await;
+    let ok = insert_payment(&db, &format!("{run}-ok"), "49.99", Some(&pi_ok)).await;
+    let declined = insert_payment(&db, &format!("{run}-declined"), "15.00", Some(&pi_declined)).await;
+    let three_ds = insert_payment(&db, &format!("{run}-3ds"), "25.00", Some(&pi_3ds)).await;
+    let canceled = insert_payment(&db, &format!("{run}-canceled"), "1234567.89", Some(&pi_canceled)).await;
+    let rows = [&ok, &declined, &three_ds, &canceled];
+
+    let data = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap().to_string();
+    let run_args = |log: &str| -> Proc {
+        spawn(
+            &[
+                "run", "--brokers", &s.brokers, "--cdc-topic", &cdc, "--status-topic", &status, "--dlq-topic", &dlq,
+                "--group-id", &format!("{run}-paystream"), "--data-dir", &data_dir, "--poll-interval", "1s",
+                "--checkpoint-interval", "200ms", "--retry-backoff", "500ms", "--stripe-api-base", &s.stripe,
+                "--stripe-key", "sk_test_paystream", "--metrics-addr", "127.0.0.1:0",
+            ],
+            &logs.path().join(log),
+        )
+    };
+    let mut daemon = run_args("run-1.log");
+    let _updater = spawn(
+        &["updater", "--brokers", &s.brokers, "--status-topic", &status, "--group-id", &format!("{run}-updater"),
+          "--postgres-url", &s.pg_url, "--metrics-addr", "127.0.0.1:0", "--batch-linger", "50ms"],
+        &logs.path().join("updater.log"),
+    );
+
+    // Debezium's creates: two with schemas off, two with schemas on, and one poison message.
+    let p = producer(&s.brokers);
+    for (i, r) in rows.iter().enumerate() {
+        publish(&p, &cdc, Some(&cdc_key(r.id)), Some(&cdc_value("c", r, i % 2 == 1))).await;
+    }
+    publish(&p, &cdc, Some(b"{\"id\":0}"), Some(b"{this is not json")).await;
+
+    // In the middle of the flow: as soon as the first payment resolved, kill -9 and restart.
+    wait_for("a first status written to Postgres", 90, || async {
+        db.query_one("SELECT count(*) FROM status_changes WHERE id = ANY($1)", &[&rows.iter().map(|r| r.id).collect::<Vec<_>>()])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    daemon.kill9();
+    let mut daemon = run_args("run-2.log");
+
+    wait_for("three final statuses in Postgres", 90, || async {
+        let mut n = 0;
+        for r in [&ok, &declined, &canceled] {
+            n += usize::from(read_payment(&db, r.id).await.status != "pending");
+        }
+        n == 3
+    })
+    .await;
+    assert_eq!(read_payment(&db, ok.id).await.status, "succeeded");
+    assert_eq!(read_payment(&db, declined.id).await.status, "failed");
+    assert_eq!(read_payment(&db, canceled.id).await.status, "failed");
+
+    // Debezium would now stream the updater's writes: publish them, as it would.
+    for r in [&ok, &declined, &canceled] {
+        let now = read_payment(&db, r.id).await;
+        publish(&p, &cdc, Some(&cdc_key(r.id)), Some(&cdc_value("u", &now, false))).await;
+    }
+    // Let the 3DS payment be polled a few more times, and the updates be applied.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(daemon.term().success(), "clean exit on SIGTERM");
+    assert_eq!(read_payment(&db, three_ds.id).await.status, "pending", "requires_action never resolves");
+
+    // State: only the 3DS payment is left, still polled, never emitted.
+    let store = paystream::state::Store::open(data.path()).unwrap();
+    let left = store.entries().unwrap();
+    assert_eq!(left.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), vec![three_ds.id.to_string()], "{left:#?}");
+    let e = &left[0];
+    assert!(e.emitted.is_none());
+    assert!(e.polls >= 2, "the 3DS payment is polled again: {e:?}");
+    assert_eq!(e.amount, "25.00");
+    assert_eq!(e.last_outcome.as_deref(), Some("still_pending:requires_action"));
+    let offsets: i64 = store.stored_offsets().unwrap().iter().filter(|(t, _, _)| *t == cdc).map(|(_, _, o)| *o).sum();
+    assert_eq!(offsets, 8, "all 8 CDC messages (4 creates, 1 poison, 3 updates) durable in offsets");
+
+    // Each resolved row changed exactly once, pending → final: nothing written twice or backwards.
+    let audit = db
+        .query("SELECT id, old_status, new_status FROM status_changes WHERE id = ANY($1) ORDER BY id", &[&rows.iter().map(|r| r.id).collect::<Vec<_>>()])
+        .await
+        .unwrap();
+    let changes: Vec<(i64, String, String)> = audit.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        changes,
+        vec![(ok.id, "pending".into(), "succeeded".into()), (declined.id, "pending".into(), "failed".into()), (canceled.id, "pending".into(), "failed".into())]
+    );
+
+    // Status events: right status and reason; any replay after the kill carries the same event_id.
+    let mut by_payment: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for (key, value, _) in read_all(&s.brokers, &status) {
+        let ev: serde_json::Value = serde_json::from_slice(&value.unwrap()).unwrap();
+        assert_eq!(String::from_utf8(key.unwrap()).unwrap(), ev["payment_id"].as_str().unwrap());
+        by_payment.entry(ev["payment_id"].as_str().unwrap().to_string()).or_default().push(ev);
+    }
+    let expect: HashMap<String, (&str, Option<&str>)> = HashMap::from([
+        (ok.id.to_string(), ("succeeded", None)),
+        (declined.id.to_string(), ("failed", Some("card_declined"))),
+        (canceled.id.to_string(), ("failed", Some("canceled"))),
+    ]);
+    assert_eq!(by_payment.len(), 3, "{by_payment:#?}");
+    for (id, evs) in &by_payment {
+        let (st, reason) = expect[id];
+        for ev in evs {
+            assert_eq!(ev["status"], st);
+            assert_eq!(ev["reason"].as_str(), reason);
+            assert_eq!(ev["event_id"], evs[0]["event_id"]);
+            assert_eq!(ev["producer"], "paystream");
+        }
+    }
+
+    // The poison message went to the DLQ with its reason and position.
+    let dead = read_all(&s.brokers, &dlq);
+    assert_eq!(dead.len(), 1);
+    let headers: HashMap<_, _> = dead[0].2.iter().cloned().collect();
+    assert_eq!(headers["paystream.reason"], "invalid_json");
+    assert_eq!(headers["paystream.source.topic"], cdc);
+    assert_eq!(dead[0].1.as_deref(), Some(&b"{this is not json"[..]));
+}
