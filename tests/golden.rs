@@ -43,7 +43,10 @@ fn every_shared_file_matches_its_golden_output() {
     let mut checked = 0;
     let mut mismatches = Vec::new();
     for dir in ["payments", "doc"] {
-        let mut files: Vec<_> = std::fs::read_dir(shared().join(dir)).expect("shared/debezium present").map(|e| e.unwrap().path()).collect();
+        let mut files: Vec<_> = std::fs::read_dir(shared().join(dir))
+            .expect("shared/debezium present")
+            .map(|e| e.unwrap().path())
+            .collect();
         files.sort();
         for path in files {
             let name = path.file_name().unwrap().to_string_lossy().to_string();
@@ -51,12 +54,16 @@ fn every_shared_file_matches_its_golden_output() {
                 continue; // connector configuration, not a message
             }
             let got = render(&name, &std::fs::read(&path).unwrap());
-            let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(dir).join(format!("{name}.out"));
+            let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/golden")
+                .join(dir)
+                .join(format!("{name}.out"));
             if bless {
                 std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
                 std::fs::write(&golden, &got).unwrap();
             } else {
-                let want = std::fs::read_to_string(&golden).unwrap_or_else(|_| format!("<missing {}>", golden.display()));
+                let want = std::fs::read_to_string(&golden)
+                    .unwrap_or_else(|_| format!("<missing {}>", golden.display()));
                 if want != got {
                     mismatches.push(format!("{dir}/{name}:\n--- want\n{want}--- got\n{got}"));
                 }
@@ -64,19 +71,33 @@ fn every_shared_file_matches_its_golden_output() {
             checked += 1;
         }
     }
-    assert!(checked >= 50, "only {checked} files found under {}", shared().display());
-    assert!(mismatches.is_empty(), "{} golden mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        checked >= 50,
+        "only {checked} files found under {}",
+        shared().display()
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} golden mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }
 
 fn decode(rel: &str) -> paystream::decode::ChangeEvent {
-    decode_value(Some(&read(rel)), &DecodeOptions::default()).unwrap_or_else(|e| panic!("{rel}: {e}"))
+    decode_value(Some(&read(rel)), &DecodeOptions::default())
+        .unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 #[test]
 fn decimal_modes_all_give_the_exact_amount() {
     for mode in ["precise", "string", "double"] {
         let ev = decode(&format!("payments/pg-decimal-{mode}-schema-payments.json"));
-        assert_eq!(ev.payment.unwrap().amount, Col::Set("1234567.89".into()), "{mode}");
+        assert_eq!(
+            ev.payment.unwrap().amount,
+            Col::Set("1234567.89".into()),
+            "{mode}"
+        );
     }
     let ev = decode("payments/pg-create-noschema-payments.json");
     let p = ev.payment.unwrap();
@@ -91,40 +112,86 @@ fn ops_and_special_records() {
     let cases = [
         ("payments/pg-create-schema-payments.json", Op::Create),
         ("payments/pg-update-full-schema-payments.json", Op::Update),
-        ("payments/pg-delete-default-noschema-payments.json", Op::Delete),
-        ("payments/pg-read-snapshot-first-noschema-payments.json", Op::Read),
-        ("payments/pg-read-snapshot-true-schema-payments.json", Op::Read),
+        (
+            "payments/pg-delete-default-noschema-payments.json",
+            Op::Delete,
+        ),
+        (
+            "payments/pg-read-snapshot-first-noschema-payments.json",
+            Op::Read,
+        ),
+        (
+            "payments/pg-read-snapshot-true-schema-payments.json",
+            Op::Read,
+        ),
         ("payments/pg-truncate-schema-payments.json", Op::Truncate),
         ("payments/pg-message-noschema-payments.json", Op::Message),
         ("payments/pg-heartbeat-value-schema.json", Op::Heartbeat),
-        ("payments/pg-transaction-begin-noschema-payments.json", Op::Transaction),
-        ("payments/pg-transaction-end-noschema-payments.json", Op::Transaction),
-        ("payments/pg-unwrap-create-rewrite-schema-payments.json", Op::Create),
-        ("payments/pg-unwrap-delete-rewrite-noschema-payments.json", Op::Delete),
-        ("payments/pg-unwrap-update-rewrite-noschema-payments.json", Op::Update),
+        (
+            "payments/pg-transaction-begin-noschema-payments.json",
+            Op::Transaction,
+        ),
+        (
+            "payments/pg-transaction-end-noschema-payments.json",
+            Op::Transaction,
+        ),
+        (
+            "payments/pg-unwrap-create-rewrite-schema-payments.json",
+            Op::Create,
+        ),
+        (
+            "payments/pg-unwrap-delete-rewrite-noschema-payments.json",
+            Op::Delete,
+        ),
+        (
+            "payments/pg-unwrap-update-rewrite-noschema-payments.json",
+            Op::Update,
+        ),
     ];
     for (rel, op) in cases {
         assert_eq!(decode(rel).op, op, "{rel}");
     }
     // Deletes carry only the key as real data.
-    let p = decode("payments/pg-delete-default-schema-payments.json").payment.unwrap();
+    let p = decode("payments/pg-delete-default-schema-payments.json")
+        .payment
+        .unwrap();
     assert_eq!(p.id, "3f9c1d6e-8a41-4c7b-9f3e-2b5d7a1c0e94");
     assert!(p.idempotency_key == Col::Unknown && p.amount == Col::Unknown);
     // The transaction id is the part before ':'.
-    assert_eq!(decode("payments/pg-transaction-begin-noschema-payments.json").source.tx_id, Some(771));
+    assert_eq!(
+        decode("payments/pg-transaction-begin-noschema-payments.json")
+            .source
+            .tx_id,
+        Some(771)
+    );
     // A Kafka null is a tombstone.
-    assert_eq!(decode_value(None, &DecodeOptions::default()).unwrap().op, Op::Tombstone);
-    assert_eq!(decode_key(&read("payments/pg-tombstone-key-schema-payments.json"), &DecodeOptions::default()).unwrap(), "3f9c1d6e-8a41-4c7b-9f3e-2b5d7a1c0e94");
+    assert_eq!(
+        decode_value(None, &DecodeOptions::default()).unwrap().op,
+        Op::Tombstone
+    );
+    assert_eq!(
+        decode_key(
+            &read("payments/pg-tombstone-key-schema-payments.json"),
+            &DecodeOptions::default()
+        )
+        .unwrap(),
+        "3f9c1d6e-8a41-4c7b-9f3e-2b5d7a1c0e94"
+    );
 }
 
 #[test]
 fn decode_cli_reads_lines_and_reports_failures() {
     let mut input = String::new();
-    let mut files: Vec<_> = std::fs::read_dir(shared().join("payments")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(shared().join("payments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     let values: Vec<_> = files
         .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "json") && !p.to_string_lossy().contains("-key-"))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "json") && !p.to_string_lossy().contains("-key-")
+        })
         .collect();
     for p in &values {
         input.push_str(std::fs::read_to_string(p).unwrap().trim());
@@ -139,18 +206,33 @@ fn decode_cli_reads_lines_and_reports_failures() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     let out = run(&input);
     assert!(out.status.success());
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), values.len() + 2);
-    assert!(lines.iter().all(|l| l.get("op").is_some()), "every line decodes");
+    assert!(
+        lines.iter().all(|l| l.get("op").is_some()),
+        "every line decodes"
+    );
     assert_eq!(lines[lines.len() - 1]["op"], "tombstone");
     let bad = run("{\"op\":\"c\",\"after\":{\"id\":1}}\n");
     assert!(!bad.status.success());
     let line: serde_json::Value = serde_json::from_slice(&bad.stdout).unwrap();
     assert_eq!(line["line"], 1);
-    assert!(line["error"].as_str().unwrap().contains("missing_column"), "{line}");
+    assert!(
+        line["error"].as_str().unwrap().contains("missing_column"),
+        "{line}"
+    );
 }

@@ -29,7 +29,11 @@ where
 async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     let s = stack();
     let run = unique("it");
-    let (cdc, status, dlq) = (format!("{run}.public.payments"), format!("{run}-status"), format!("{run}-dlq"));
+    let (cdc, status, dlq) = (
+        format!("{run}.public.payments"),
+        format!("{run}-status"),
+        format!("{run}-dlq"),
+    );
     create_topics(&s.brokers, &[(&cdc, 2), (&status, 1), (&dlq, 1)]).await;
 
     // Stripe: one of each outcome.
@@ -45,45 +49,97 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     let db = pg(&s.pg_url).await;
     install_status_audit(&db).await;
     let ok = insert_payment(&db, &format!("{run}-ok"), "49.99", Some(&pi_ok)).await;
-    let declined = insert_payment(&db, &format!("{run}-declined"), "15.00", Some(&pi_declined)).await;
+    let declined =
+        insert_payment(&db, &format!("{run}-declined"), "15.00", Some(&pi_declined)).await;
     let three_ds = insert_payment(&db, &format!("{run}-3ds"), "25.00", Some(&pi_3ds)).await;
-    let canceled = insert_payment(&db, &format!("{run}-canceled"), "1234567.89", Some(&pi_canceled)).await;
+    let canceled = insert_payment(
+        &db,
+        &format!("{run}-canceled"),
+        "1234567.89",
+        Some(&pi_canceled),
+    )
+    .await;
     let rows = [&ok, &declined, &three_ds, &canceled];
 
     let data = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_string();
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let run_args = |log: &str| -> Proc {
         spawn(
             &[
-                "run", "--brokers", &s.brokers, "--cdc-topic", &cdc, "--status-topic", &status, "--dlq-topic", &dlq,
-                "--group-id", &format!("{run}-paystream"), "--data-dir", &data_dir, "--poll-interval", "1s",
-                "--checkpoint-interval", "200ms", "--retry-backoff", "500ms", "--stripe-api-base", &s.stripe,
-                "--stripe-key", "sk_test_paystream", "--metrics-addr", "127.0.0.1:0",
+                "run",
+                "--brokers",
+                &s.brokers,
+                "--cdc-topic",
+                &cdc,
+                "--status-topic",
+                &status,
+                "--dlq-topic",
+                &dlq,
+                "--group-id",
+                &format!("{run}-paystream"),
+                "--data-dir",
+                &data_dir,
+                "--poll-interval",
+                "1s",
+                "--checkpoint-interval",
+                "200ms",
+                "--retry-backoff",
+                "500ms",
+                "--stripe-api-base",
+                &s.stripe,
+                "--stripe-key",
+                "sk_test_paystream",
+                "--metrics-addr",
+                &metrics_addr,
             ],
             &logs.path().join(log),
         )
     };
     let mut daemon = run_args("run-1.log");
     let _updater = spawn(
-        &["updater", "--brokers", &s.brokers, "--status-topic", &status, "--group-id", &format!("{run}-updater"),
-          "--postgres-url", &s.pg_url, "--metrics-addr", "127.0.0.1:0", "--batch-linger", "50ms"],
+        &[
+            "updater",
+            "--brokers",
+            &s.brokers,
+            "--status-topic",
+            &status,
+            "--group-id",
+            &format!("{run}-updater"),
+            "--postgres-url",
+            &s.pg_url,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--batch-linger",
+            "50ms",
+        ],
         &logs.path().join("updater.log"),
     );
 
     // Debezium's creates: two with schemas off, two with schemas on, and one poison message.
     let p = producer(&s.brokers);
     for (i, r) in rows.iter().enumerate() {
-        publish(&p, &cdc, Some(&cdc_key(r.id)), Some(&cdc_value("c", r, i % 2 == 1))).await;
+        publish(
+            &p,
+            &cdc,
+            Some(&cdc_key(r.id)),
+            Some(&cdc_value("c", r, i % 2 == 1)),
+        )
+        .await;
     }
     publish(&p, &cdc, Some(b"{\"id\":0}"), Some(b"{this is not json")).await;
 
     // In the middle of the flow: as soon as the first payment resolved, kill -9 and restart.
     wait_for("a first status written to Postgres", 90, || async {
-        db.query_one("SELECT count(*) FROM status_changes WHERE id = ANY($1)", &[&rows.iter().map(|r| r.id).collect::<Vec<_>>()])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
+        db.query_one(
+            "SELECT count(*) FROM status_changes WHERE id = ANY($1)",
+            &[&rows.iter().map(|r| r.id).collect::<Vec<_>>()],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
             > 0
     })
     .await;
@@ -105,42 +161,96 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     // Debezium would now stream the updater's writes: publish them, as it would.
     for r in [&ok, &declined, &canceled] {
         let now = read_payment(&db, r.id).await;
-        publish(&p, &cdc, Some(&cdc_key(r.id)), Some(&cdc_value("u", &now, false))).await;
+        publish(
+            &p,
+            &cdc,
+            Some(&cdc_key(r.id)),
+            Some(&cdc_value("u", &now, false)),
+        )
+        .await;
     }
-    // Let the 3DS payment be polled a few more times, and the updates be applied.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The restarted daemon drops the three once it has read those updates.
+    wait_for("the three CDC updates applied", 90, || async {
+        metric(
+            metrics_port,
+            "paystream_cdc_events_total",
+            &["op=\"u\"", "outcome=\"removed\""],
+        ) >= 3.0
+    })
+    .await;
+    // And the 3DS payment has been polled again since the restart.
+    wait_for("the 3DS payment polled again", 30, || async {
+        metric(metrics_port, "paystream_polls_total", &["still_pending"]) >= 1.0
+    })
+    .await;
     assert!(daemon.term().success(), "clean exit on SIGTERM");
-    assert_eq!(read_payment(&db, three_ds.id).await.status, "pending", "requires_action never resolves");
+    assert_eq!(
+        read_payment(&db, three_ds.id).await.status,
+        "pending",
+        "requires_action never resolves"
+    );
 
     // State: only the 3DS payment is left, still polled, never emitted.
     let store = paystream::state::Store::open(data.path()).unwrap();
     let left = store.entries().unwrap();
-    assert_eq!(left.iter().map(|e| e.id.clone()).collect::<Vec<_>>(), vec![three_ds.id.to_string()], "{left:#?}");
+    assert_eq!(
+        left.iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        vec![three_ds.id.to_string()],
+        "{left:#?}"
+    );
     let e = &left[0];
     assert!(e.emitted.is_none());
     assert!(e.polls >= 2, "the 3DS payment is polled again: {e:?}");
     assert_eq!(e.amount, "25.00");
-    assert_eq!(e.last_outcome.as_deref(), Some("still_pending:requires_action"));
-    let offsets: i64 = store.stored_offsets().unwrap().iter().filter(|(t, _, _)| *t == cdc).map(|(_, _, o)| *o).sum();
-    assert_eq!(offsets, 8, "all 8 CDC messages (4 creates, 1 poison, 3 updates) durable in offsets");
+    assert_eq!(
+        e.last_outcome.as_deref(),
+        Some("still_pending:requires_action")
+    );
+    let offsets: i64 = store
+        .stored_offsets()
+        .unwrap()
+        .iter()
+        .filter(|(t, _, _)| *t == cdc)
+        .map(|(_, _, o)| *o)
+        .sum();
+    assert_eq!(
+        offsets, 8,
+        "all 8 CDC messages (4 creates, 1 poison, 3 updates) durable in offsets"
+    );
 
     // Each resolved row changed exactly once, pending → final: nothing written twice or backwards.
     let audit = db
-        .query("SELECT id, old_status, new_status FROM status_changes WHERE id = ANY($1) ORDER BY id", &[&rows.iter().map(|r| r.id).collect::<Vec<_>>()])
+        .query(
+            "SELECT id, old_status, new_status FROM status_changes WHERE id = ANY($1) ORDER BY id",
+            &[&rows.iter().map(|r| r.id).collect::<Vec<_>>()],
+        )
         .await
         .unwrap();
-    let changes: Vec<(i64, String, String)> = audit.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let changes: Vec<(i64, String, String)> = audit
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     assert_eq!(
         changes,
-        vec![(ok.id, "pending".into(), "succeeded".into()), (declined.id, "pending".into(), "failed".into()), (canceled.id, "pending".into(), "failed".into())]
+        vec![
+            (ok.id, "pending".into(), "succeeded".into()),
+            (declined.id, "pending".into(), "failed".into()),
+            (canceled.id, "pending".into(), "failed".into())
+        ]
     );
 
     // Status events: right status and reason; any replay after the kill carries the same event_id.
     let mut by_payment: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
     for (key, value, _) in read_all(&s.brokers, &status) {
         let ev: serde_json::Value = serde_json::from_slice(&value.unwrap()).unwrap();
-        assert_eq!(String::from_utf8(key.unwrap()).unwrap(), ev["payment_id"].as_str().unwrap());
-        by_payment.entry(ev["payment_id"].as_str().unwrap().to_string()).or_default().push(ev);
+        assert_eq!(
+            String::from_utf8(key.unwrap()).unwrap(),
+            ev["payment_id"].as_str().unwrap()
+        );
+        by_payment
+            .entry(ev["payment_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(ev);
     }
     let expect: HashMap<String, (&str, Option<&str>)> = HashMap::from([
         (ok.id.to_string(), ("succeeded", None)),

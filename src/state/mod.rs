@@ -215,11 +215,13 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(O) {
             let (k, v) = kv.map_err(|e| self.io(e))?;
+            // `<topic>\0<partition: 4 bytes>`: the partition's bytes may hold NULs themselves,
+            // so split by length, not by searching for the separator.
             let rest = &k[O.len()..];
-            let Some(sep) = rest.iter().rposition(|b| *b == 0) else {
+            if rest.len() < 5 {
                 continue;
-            };
-            let (topic, part) = (&rest[..sep], &rest[sep + 1..]);
+            }
+            let (topic, part) = (&rest[..rest.len() - 5], &rest[rest.len() - 4..]);
             if let (Ok(p), Ok(o)) = (<[u8; 4]>::try_from(part), <[u8; 8]>::try_from(v.as_ref())) {
                 out.push((
                     String::from_utf8_lossy(topic).into(),
@@ -577,6 +579,7 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
+        assert_eq!(s.stored_offsets().unwrap(), vec![("t".to_string(), 0, 1)]);
         let ids: Vec<_> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, vec!["a"]);
     }

@@ -24,25 +24,37 @@ pub fn root() -> PathBuf {
 }
 
 fn port(var: &str, default: u16) -> u16 {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Brings the dev stack up once per test binary (idempotent scripts).
 pub fn stack() -> &'static Stack {
     static S: OnceLock<Stack> = OnceLock::new();
     S.get_or_init(|| {
-        let st = Command::new(root().join("scripts/dev-up")).stdout(Stdio::null()).status().expect("scripts/dev-up");
+        let st = Command::new(root().join("scripts/dev-up"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("scripts/dev-up");
         assert!(st.success(), "scripts/dev-up failed");
         Stack {
             brokers: format!("127.0.0.1:{}", port("PAYSTREAM_KAFKA_PORT", 59092)),
-            pg_url: format!("host=127.0.0.1 port={} user=postgres dbname=payments", port("PAYSTREAM_PG_PORT", 55432)),
+            pg_url: format!(
+                "host=127.0.0.1 port={} user=postgres dbname=payments",
+                port("PAYSTREAM_PG_PORT", 55432)
+            ),
             stripe: format!("http://127.0.0.1:{}", port("PAYSTREAM_STRIPE_PORT", 58420)),
         }
     })
 }
 
 pub fn unique(prefix: &str) -> String {
-    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{prefix}{}", n % 1_000_000_000_000)
 }
 
@@ -52,28 +64,67 @@ pub const KAFKA_TEST_OPTIONS: &str = "session.timeout.ms=6000;heartbeat.interval
 
 pub fn stripe_post(base: &str, path: &str, form: &[(&str, &str)]) -> serde_json::Value {
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-X", "POST", "-H", "Authorization: Bearer sk_test_paystream"]).arg(format!("{base}{path}"));
+    cmd.args([
+        "-sS",
+        "-X",
+        "POST",
+        "-H",
+        "Authorization: Bearer sk_test_paystream",
+    ])
+    .arg(format!("{base}{path}"));
     for (k, v) in form {
         cmd.arg("-d").arg(format!("{k}={v}"));
     }
     let out = cmd.output().expect("curl");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn card_pm(base: &str, number: &str) -> String {
-    let pm = stripe_post(base, "/v1/payment_methods", &[("type", "card"), ("card[number]", number), ("card[exp_month]", "12"), ("card[exp_year]", "2034"), ("card[cvc]", "123")]);
+    let pm = stripe_post(
+        base,
+        "/v1/payment_methods",
+        &[
+            ("type", "card"),
+            ("card[number]", number),
+            ("card[exp_month]", "12"),
+            ("card[exp_year]", "2034"),
+            ("card[cvc]", "123"),
+        ],
+    );
     pm["id"].as_str().unwrap().to_string()
 }
 
 /// A PaymentIntent confirmed with `card`; returns (id, status).
 pub fn intent_with_card(base: &str, amount: &str, number: &str) -> (String, String) {
     let pm = card_pm(base, number);
-    let pi = stripe_post(base, "/v1/payment_intents", &[("amount", amount), ("currency", "usd"), ("payment_method", &pm), ("confirm", "true")]);
-    (pi["id"].as_str().unwrap().into(), pi["status"].as_str().unwrap_or("").into())
+    let pi = stripe_post(
+        base,
+        "/v1/payment_intents",
+        &[
+            ("amount", amount),
+            ("currency", "usd"),
+            ("payment_method", &pm),
+        ],
+    );
+    let id = pi["id"].as_str().unwrap().to_string();
+    // A decline answers the confirm with a 402 error; the intent itself holds the outcome.
+    stripe_post(base, &format!("/v1/payment_intents/{id}/confirm"), &[]);
+    let out = Command::new("curl")
+        .args(["-sS", "-H", "Authorization: Bearer sk_test_paystream"])
+        .arg(format!("{base}/v1/payment_intents/{id}"))
+        .output()
+        .expect("curl");
+    let pi: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (id, pi["status"].as_str().unwrap_or("").into())
 }
 
 pub fn intent_canceled(base: &str, amount: &str) -> String {
-    let pi = stripe_post(base, "/v1/payment_intents", &[("amount", amount), ("currency", "usd")]);
+    let pi = stripe_post(
+        base,
+        "/v1/payment_intents",
+        &[("amount", amount), ("currency", "usd")],
+    );
     let id = pi["id"].as_str().unwrap().to_string();
     let c = stripe_post(base, &format!("/v1/payment_intents/{id}/cancel"), &[]);
     assert_eq!(c["status"], "canceled");
@@ -83,7 +134,9 @@ pub fn intent_canceled(base: &str, amount: &str) -> String {
 // ---------- Postgres ----------
 
 pub async fn pg(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("postgres");
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("postgres");
     tokio::spawn(conn);
     c
 }
@@ -112,7 +165,12 @@ pub struct Row {
     pub intent: Option<String>,
 }
 
-pub async fn insert_payment(c: &tokio_postgres::Client, key: &str, amount: &str, intent: Option<&str>) -> Row {
+pub async fn insert_payment(
+    c: &tokio_postgres::Client,
+    key: &str,
+    amount: &str,
+    intent: Option<&str>,
+) -> Row {
     let r = c
         .query_one(
             "INSERT INTO payments (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, 'usd', $3) RETURNING id, amount::text, status",
@@ -120,7 +178,14 @@ pub async fn insert_payment(c: &tokio_postgres::Client, key: &str, amount: &str,
         )
         .await
         .expect("insert");
-    Row { id: r.get(0), idempotency_key: key.into(), amount: r.get(1), currency: "usd".into(), status: r.get(2), intent: intent.map(str::to_string) }
+    Row {
+        id: r.get(0),
+        idempotency_key: key.into(),
+        amount: r.get(1),
+        currency: "usd".into(),
+        status: r.get(2),
+        intent: intent.map(str::to_string),
+    }
 }
 
 pub async fn read_payment(c: &tokio_postgres::Client, id: i64) -> Row {
@@ -128,7 +193,14 @@ pub async fn read_payment(c: &tokio_postgres::Client, id: i64) -> Row {
         .query_one("SELECT idempotency_key, amount::text, currency, status, stripe_payment_intent_id FROM payments WHERE id = $1", &[&id])
         .await
         .expect("select");
-    Row { id, idempotency_key: r.get(0), amount: r.get(1), currency: r.get(2), status: r.get(3), intent: r.get(4) }
+    Row {
+        id,
+        idempotency_key: r.get(0),
+        amount: r.get(1),
+        currency: r.get(2),
+        status: r.get(3),
+        intent: r.get(4),
+    }
 }
 
 // ---------- Debezium-shaped events ----------
@@ -140,7 +212,10 @@ pub fn decimal_b64(amount: &str, scale: u32) -> String {
     let unscaled = d.unscaled * 10i128.pow(scale - d.scale);
     let bytes = unscaled.to_be_bytes();
     let mut i = 0;
-    while i < 15 && ((bytes[i] == 0 && bytes[i + 1] & 0x80 == 0) || (bytes[i] == 0xff && bytes[i + 1] & 0x80 != 0)) {
+    while i < 15
+        && ((bytes[i] == 0 && bytes[i + 1] & 0x80 == 0)
+            || (bytes[i] == 0xff && bytes[i + 1] & 0x80 != 0))
+    {
         i += 1;
     }
     base64::engine::general_purpose::STANDARD.encode(&bytes[i..])
@@ -174,13 +249,21 @@ fn value_schema() -> serde_json::Value {
 
 /// A Debezium change event value for `r` (op c/u/r with `after`, or d with the key in `before`).
 pub fn cdc_value(op: &str, r: &Row, with_schema: bool) -> Vec<u8> {
-    let (before, after) = if op == "d" { (serde_json::json!({"id": r.id}), serde_json::Value::Null) } else { (serde_json::Value::Null, row_json(r)) };
+    let (before, after) = if op == "d" {
+        (serde_json::json!({"id": r.id}), serde_json::Value::Null)
+    } else {
+        (serde_json::Value::Null, row_json(r))
+    };
     let payload = serde_json::json!({
         "before": before, "after": after,
         "source": {"version":"3.0.0.Final","connector":"postgresql","name":"paysvc","ts_ms":1,"snapshot":"false","db":"payments","schema":"public","table":"payments","txId":1,"lsn":1},
         "op": op, "ts_ms": 1
     });
-    let v = if with_schema { serde_json::json!({"schema": value_schema(), "payload": payload}) } else { payload };
+    let v = if with_schema {
+        serde_json::json!({"schema": value_schema(), "payload": payload})
+    } else {
+        payload
+    };
     serde_json::to_vec(&v).unwrap()
 }
 
@@ -191,16 +274,34 @@ pub fn cdc_key(id: i64) -> Vec<u8> {
 // ---------- Kafka ----------
 
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).set("broker.address.family", "v4").create().unwrap();
-    let new: Vec<NewTopic> = topics.iter().map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1))).collect();
-    let res = admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await.expect("create topics");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    let res = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
     for r in res {
         r.expect("topic created");
     }
 }
 
 pub fn producer(brokers: &str) -> FutureProducer {
-    ClientConfig::new().set("bootstrap.servers", brokers).set("broker.address.family", "v4").set("enable.idempotence", "true").create().unwrap()
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap()
 }
 
 pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value: Option<&[u8]>) {
@@ -211,23 +312,40 @@ pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value:
     if let Some(v) = value {
         rec = rec.payload(v);
     }
-    p.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("publish");
+    p.send(rec, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("publish");
 }
 
 /// Every record of a topic (all partitions) from the beginning up to the high watermark:
 /// (key, value, headers).
-pub fn read_all(brokers: &str, topic: &str) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>)> {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("broker.address.family", "v4").set("group.id", unique("reader")).set("enable.auto.commit", "false").create().unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+pub fn read_all(
+    brokers: &str,
+    topic: &str,
+) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
     let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
     let mut out = Vec::new();
     for p in parts {
-        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        let (_, high) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
         if high == 0 {
             continue;
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
         c.assign(&tpl).unwrap();
         drop(tpl);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -239,10 +357,22 @@ pub fn read_all(brokers: &str, topic: &str) -> Vec<(Option<Vec<u8>>, Option<Vec<
                     .headers()
                     .map(|h| {
                         use rdkafka::message::Headers;
-                        h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect()
+                        h.iter()
+                            .map(|x| {
+                                (
+                                    x.key.to_string(),
+                                    String::from_utf8_lossy(x.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
                     })
                     .unwrap_or_default();
-                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), headers));
+                out.push((
+                    m.key().map(<[u8]>::to_vec),
+                    m.payload().map(<[u8]>::to_vec),
+                    headers,
+                ));
             }
         }
     }
@@ -250,6 +380,28 @@ pub fn read_all(brokers: &str, topic: &str) -> Vec<(Option<Vec<u8>>, Option<Vec<
 }
 
 // ---------- paystream processes ----------
+
+/// A loopback port free right now (for --metrics-addr).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sum of a metric's samples whose line contains every one of `parts`, from /metrics.
+pub fn metric(port: u16, name: &str, parts: &[&str]) -> f64 {
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
 
 pub struct Proc(pub Child);
 
@@ -260,7 +412,10 @@ impl Proc {
     }
     /// SIGTERM, then wait for a clean exit (final checkpoint).
     pub fn term(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.0.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(s) = self.0.try_wait().unwrap() {
@@ -283,7 +438,11 @@ impl Drop for Proc {
 }
 
 pub fn spawn(args: &[&str], log: &Path) -> Proc {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_paystream"))
         .args(args)
         .env("RUST_LOG", "info,paystream=debug")
