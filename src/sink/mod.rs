@@ -221,6 +221,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn schemas_in_the_repo_describe_the_event() {
+        let ev = StatusEvent {
+            event_id: event_id("42", "failed"),
+            payment_id: "42".into(),
+            idempotency_key: "k".into(),
+            stripe_payment_intent_id: Some("pi_1".into()),
+            status: "failed".into(),
+            stripe_status: "canceled".into(),
+            reason: Some("canceled".into()),
+            observed_at: "2026-11-22T00:00:00.000Z".into(),
+            producer: "paystream".into(),
+        };
+        let avsc = apache_avro::Schema::parse_str(include_str!(
+            "../../schemas/payment-status-update.avsc"
+        ))
+        .unwrap();
+        let datum = apache_avro::to_value(&ev)
+            .unwrap()
+            .resolve(&avsc)
+            .expect("event fits the Avro schema");
+        assert!(apache_avro::to_avro_datum(&avsc, datum).is_ok());
+        // The JSON Schema lists exactly the event's fields.
+        let js: serde_json::Value = serde_json::from_str(include_str!(
+            "../../schemas/payment-status-update.schema.json"
+        ))
+        .unwrap();
+        let mut props: Vec<_> = js["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        let mut fields: Vec<_> = serde_json::to_value(&ev)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        props.sort();
+        fields.sort();
+        assert_eq!(props, fields);
+    }
+
+    #[test]
     fn event_id_is_deterministic_per_payment_and_status() {
         assert_eq!(event_id("42", "succeeded"), event_id("42", "succeeded"));
         assert_ne!(event_id("42", "succeeded"), event_id("42", "failed"));
