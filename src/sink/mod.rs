@@ -146,14 +146,7 @@ impl Sink {
             .key(&ev.payment_id)
             .payload(&payload)
             .headers(headers);
-        self.producer
-            .send(rec, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(source, _)| SinkError {
-                topic: self.status_topic.clone(),
-                source,
-            })
+        self.send(rec).await
     }
 
     /// Copies an undecodable message to the dead-letter topic, with headers naming the reason
@@ -189,14 +182,21 @@ impl Sink {
         if let Some(p) = d.payload {
             rec = rec.payload(p);
         }
+        self.send(rec).await
+    }
+
+    /// Sends and waits for the broker's ack (bounded by `message.timeout.ms`).
+    async fn send<K, P>(&self, rec: FutureRecord<'_, K, P>) -> Result<(), SinkError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        let topic = rec.topic.to_string();
         self.producer
             .send(rec, Duration::from_secs(30))
             .await
             .map(|_| ())
-            .map_err(|(source, _)| SinkError {
-                topic: self.dlq_topic.clone(),
-                source,
-            })
+            .map_err(|(source, _)| SinkError { topic, source })
     }
 }
 

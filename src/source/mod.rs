@@ -107,7 +107,7 @@ impl ConsumerContext for SourceContext {
                 // Make everything read from these partitions durable before another member may
                 // take them (it resumes from the group's commit or its own state).
                 match self.state.checkpoint() {
-                    Ok(cp) => commit_owned(consumer, &cp.offsets, tpl),
+                    Ok(cp) => commit(consumer, &owned_offsets(&cp.offsets, tpl), CommitMode::Sync),
                     Err(e) => tracing::error!(error = %e, "checkpoint on revoke failed"),
                 }
                 let r = if cooperative {
@@ -128,24 +128,29 @@ impl ConsumerContext for SourceContext {
     }
 }
 
-/// Commits `offsets` for the partitions in `owned` only: committing for a partition another
-/// member now owns would move its position.
-fn commit_owned<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    offsets: &[(String, i32, i64)],
-    owned: &TopicPartitionList,
-) {
+/// The offsets of `offsets` for the partitions in `owned` only: committing for a partition
+/// another member now owns would move its position.
+fn owned_offsets(offsets: &[(String, i32, i64)], owned: &TopicPartitionList) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (topic, partition, off) in offsets {
         if owned.find_partition(topic, *partition).is_some() {
             let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*off));
         }
     }
-    if tpl.count() > 0 {
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            METRICS.kafka_errors.with_label_values(&["commit"]).inc();
-            tracing::warn!(error = %e, "offset commit failed (state is durable; lag tooling lags)");
-        }
+    tpl
+}
+
+fn commit<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    tpl: &TopicPartitionList,
+    mode: CommitMode,
+) {
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(tpl, mode) {
+        METRICS.kafka_errors.with_label_values(&["commit"]).inc();
+        tracing::warn!(error = %e, "offset commit failed (state is durable; lag tooling lags)");
     }
 }
 
@@ -332,20 +337,10 @@ pub async fn checkpoint_and_commit(
     }
     if !cp.offsets.is_empty() {
         if let Ok(owned) = consumer.assignment() {
-            let mut tpl = TopicPartitionList::new();
-            for (topic, partition, off) in &cp.offsets {
-                if owned.find_partition(topic, *partition).is_some() {
-                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*off));
-                }
-            }
+            let tpl = owned_offsets(&cp.offsets, &owned);
             // Drop librdkafka's list before any later use of the consumer (see notes on hangs).
             drop(owned);
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    METRICS.kafka_errors.with_label_values(&["commit"]).inc();
-                    tracing::warn!(error = %e, "offset commit failed (state is durable; lag tooling lags)");
-                }
-            }
+            commit(consumer, &tpl, CommitMode::Async);
         }
     }
     Ok(())
