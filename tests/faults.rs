@@ -26,17 +26,11 @@ fn inject(base: &str, faults: serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripe_errors_back_off_and_never_resolve() {
     let s = stack();
-    let run = unique("ft");
-    let (cdc, status, dlq) = (
-        format!("{run}.public.payments"),
-        format!("{run}-status"),
-        format!("{run}-dlq"),
-    );
-    create_topics(&s.brokers, &[(&cdc, 1), (&status, 1), (&dlq, 1)]).await;
+    let t = topics(s, "ft", 1).await;
     let (pi, st) = intent_with_card(&s.stripe, "700", "4242424242424242");
     assert_eq!(st, "succeeded");
     let db = pg(&s.pg_url).await;
-    let row = insert_payment(&db, &format!("{run}-faulty"), "7.00", Some(&pi)).await;
+    let row = insert_payment(&db, &format!("{}-faulty", t.run), "7.00", Some(&pi)).await;
 
     // The next five lookups of this intent fail: two 429s, two 503s, one answer slower than
     // the 500 ms timeout.
@@ -53,41 +47,17 @@ async fn stripe_errors_back_off_and_never_resolve() {
     let data = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut daemon = spawn(
-        &[
-            "run",
-            "--brokers",
-            &s.brokers,
-            "--cdc-topic",
-            &cdc,
-            "--status-topic",
-            &status,
-            "--dlq-topic",
-            &dlq,
-            "--group-id",
-            &run,
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--poll-interval",
-            "1s",
-            "--checkpoint-interval",
-            "200ms",
-            "--retry-backoff",
-            "200ms",
-            "--stripe-timeout",
-            "500ms",
-            "--stripe-api-base",
-            &s.stripe,
-            "--stripe-key",
-            "sk_test_paystream",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &logs.path().join("run.log"),
+    let args = run_args(
+        s,
+        &t,
+        data.path(),
+        port,
+        &["--retry-backoff", "200ms", "--stripe-timeout", "500ms"],
     );
+    let mut daemon = spawn(&args, &logs.path().join("run.log"));
     publish(
         &producer(&s.brokers),
-        &cdc,
+        &t.cdc,
         Some(&cdc_key(row.id)),
         Some(&cdc_value("c", &row, false)),
     )
@@ -125,7 +95,7 @@ async fn stripe_errors_back_off_and_never_resolve() {
     assert_eq!(metric(port, "paystream_polls_total", &["succeeded"]), 1.0);
     assert!(daemon.term().success());
 
-    let events = read_all(&s.brokers, &status);
+    let events = read_all(&s.brokers, &t.status);
     assert_eq!(events.len(), 1, "one status event, after the faults");
     let ev: serde_json::Value = serde_json::from_slice(events[0].1.as_ref().unwrap()).unwrap();
     assert_eq!(

@@ -28,13 +28,8 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     let s = stack();
-    let run = unique("it");
-    let (cdc, status, dlq) = (
-        format!("{run}.public.payments"),
-        format!("{run}-status"),
-        format!("{run}-dlq"),
-    );
-    create_topics(&s.brokers, &[(&cdc, 2), (&status, 1), (&dlq, 1)]).await;
+    let t = topics(s, "it", 2).await;
+    let run = t.run.clone();
 
     // Stripe: one of each outcome.
     let (pi_ok, st) = intent_with_card(&s.stripe, "4999", "4242424242424242");
@@ -63,49 +58,23 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
 
     let data = tempfile::tempdir().unwrap();
     let logs = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap().to_string();
     let metrics_port = free_port();
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let run_args = |log: &str| -> Proc {
-        spawn(
-            &[
-                "run",
-                "--brokers",
-                &s.brokers,
-                "--cdc-topic",
-                &cdc,
-                "--status-topic",
-                &status,
-                "--dlq-topic",
-                &dlq,
-                "--group-id",
-                &format!("{run}-paystream"),
-                "--data-dir",
-                &data_dir,
-                "--poll-interval",
-                "1s",
-                "--checkpoint-interval",
-                "200ms",
-                "--retry-backoff",
-                "500ms",
-                "--stripe-api-base",
-                &s.stripe,
-                "--stripe-key",
-                "sk_test_paystream",
-                "--metrics-addr",
-                &metrics_addr,
-            ],
-            &logs.path().join(log),
-        )
-    };
-    let mut daemon = run_args("run-1.log");
+    let args = run_args(
+        s,
+        &t,
+        data.path(),
+        metrics_port,
+        &["--retry-backoff", "500ms"],
+    );
+    let start_daemon = |log: &str| spawn(&args, &logs.path().join(log));
+    let mut daemon = start_daemon("run-1.log");
     let _updater = spawn(
         &[
             "updater",
             "--brokers",
             &s.brokers,
             "--status-topic",
-            &status,
+            &t.status,
             "--group-id",
             &format!("{run}-updater"),
             "--postgres-url",
@@ -123,13 +92,13 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     for (i, r) in rows.iter().enumerate() {
         publish(
             &p,
-            &cdc,
+            &t.cdc,
             Some(&cdc_key(r.id)),
             Some(&cdc_value("c", r, i % 2 == 1)),
         )
         .await;
     }
-    publish(&p, &cdc, Some(b"{\"id\":0}"), Some(b"{this is not json")).await;
+    publish(&p, &t.cdc, Some(b"{\"id\":0}"), Some(b"{this is not json")).await;
 
     // In the middle of the flow: as soon as the first payment resolved, kill -9 and restart.
     wait_for("a first status written to Postgres", 90, || async {
@@ -144,7 +113,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     })
     .await;
     daemon.kill9();
-    let mut daemon = run_args("run-2.log");
+    let mut daemon = start_daemon("run-2.log");
 
     wait_for("three final statuses in Postgres", 90, || async {
         let mut n = 0;
@@ -163,7 +132,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
         let now = read_payment(&db, r.id).await;
         publish(
             &p,
-            &cdc,
+            &t.cdc,
             Some(&cdc_key(r.id)),
             Some(&cdc_value("u", &now, false)),
         )
@@ -210,7 +179,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
         .stored_offsets()
         .unwrap()
         .iter()
-        .filter(|(t, _, _)| *t == cdc)
+        .filter(|(topic, _, _)| *topic == t.cdc)
         .map(|(_, _, o)| *o)
         .sum();
     assert_eq!(
@@ -241,7 +210,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
 
     // Status events: right status and reason; any replay after the kill carries the same event_id.
     let mut by_payment: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
-    for (key, value, _) in read_all(&s.brokers, &status) {
+    for (key, value, _) in read_all(&s.brokers, &t.status) {
         let ev: serde_json::Value = serde_json::from_slice(&value.unwrap()).unwrap();
         assert_eq!(
             String::from_utf8(key.unwrap()).unwrap(),
@@ -269,10 +238,10 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     }
 
     // The poison message went to the DLQ with its reason and position.
-    let dead = read_all(&s.brokers, &dlq);
+    let dead = read_all(&s.brokers, &t.dlq);
     assert_eq!(dead.len(), 1);
     let headers: HashMap<_, _> = dead[0].2.iter().cloned().collect();
     assert_eq!(headers["paystream.reason"], "invalid_json");
-    assert_eq!(headers["paystream.source.topic"], cdc);
+    assert_eq!(headers["paystream.source.topic"], t.cdc);
     assert_eq!(dead[0].1.as_deref(), Some(&b"{this is not json"[..]));
 }

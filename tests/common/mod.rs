@@ -381,6 +381,70 @@ pub fn read_all(
 
 // ---------- paystream processes ----------
 
+/// A test's own topics, so tests sharing the broker never see each other's records.
+pub struct Topics {
+    pub run: String,
+    pub cdc: String,
+    pub status: String,
+    pub dlq: String,
+}
+
+pub async fn topics(s: &Stack, prefix: &str, cdc_partitions: i32) -> Topics {
+    let run = unique(prefix);
+    let t = Topics {
+        cdc: format!("{run}.public.payments"),
+        status: format!("{run}-status"),
+        dlq: format!("{run}-dlq"),
+        run,
+    };
+    create_topics(
+        &s.brokers,
+        &[(&t.cdc, cdc_partitions), (&t.status, 1), (&t.dlq, 1)],
+    )
+    .await;
+    t
+}
+
+/// `paystream run` arguments for a test: short intervals, the stack's servers, then `extra`.
+pub fn run_args(
+    s: &Stack,
+    t: &Topics,
+    data_dir: &Path,
+    metrics_port: u16,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--brokers",
+        &s.brokers,
+        "--cdc-topic",
+        &t.cdc,
+        "--status-topic",
+        &t.status,
+        "--dlq-topic",
+        &t.dlq,
+        "--group-id",
+        &t.run,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--poll-interval",
+        "1s",
+        "--checkpoint-interval",
+        "200ms",
+        "--stripe-api-base",
+        &s.stripe,
+        "--stripe-key",
+        "sk_test_paystream",
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// A loopback port free right now (for --metrics-addr).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -437,7 +501,7 @@ impl Drop for Proc {
     }
 }
 
-pub fn spawn(args: &[&str], log: &Path) -> Proc {
+pub fn spawn<A: AsRef<std::ffi::OsStr>>(args: &[A], log: &Path) -> Proc {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
