@@ -4,7 +4,7 @@
 //! but they advance with `tokio::time::Instant`, so under `tokio::time::pause()` a test moves
 //! "every ten minutes" forward in milliseconds of real time.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -28,14 +28,6 @@ impl Clock {
     pub fn now_ms(&self) -> u64 {
         self.wall_at_start_ms + self.start.elapsed().as_millis() as u64
     }
-
-    /// Sleeps until `at_ms` on this clock (returns at once if it has passed).
-    pub async fn sleep_until_ms(&self, at_ms: u64) {
-        let now = self.now_ms();
-        if at_ms > now {
-            tokio::time::sleep(Duration::from_millis(at_ms - now)).await;
-        }
-    }
 }
 
 impl Default for Clock {
@@ -54,6 +46,7 @@ pub fn rfc3339_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn paused_clock_advances_by_tokio_time() {
@@ -61,7 +54,5 @@ mod tests {
         let t0 = c.now_ms();
         tokio::time::advance(Duration::from_secs(600)).await;
         assert_eq!(c.now_ms() - t0, 600_000);
-        c.sleep_until_ms(t0 + 1_200_000).await;
-        assert_eq!(c.now_ms() - t0, 1_200_000);
     }
 }

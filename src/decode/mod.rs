@@ -142,12 +142,6 @@ impl<T> Col<T> {
     pub fn is_unknown(&self) -> bool {
         matches!(self, Col::Unknown)
     }
-    pub fn set(self) -> Option<T> {
-        match self {
-            Col::Set(v) => Some(v),
-            Col::Unknown => None,
-        }
-    }
 }
 
 impl<T: Serialize> Serialize for Col<T> {

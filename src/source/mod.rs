@@ -37,7 +37,6 @@ use crate::state::{StateError, Store};
 pub struct Health {
     pub last_checkpoint_ms: AtomicU64,
     pub assigned: AtomicBool,
-    pub kafka_ok: AtomicBool,
 }
 
 pub struct SourceContext {
@@ -48,12 +47,6 @@ pub struct SourceContext {
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
         METRICS.kafka_errors.with_label_values(&["client"]).inc();
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown)
-        ) {
-            self.health.kafka_ok.store(false, Ordering::Relaxed);
-        }
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 }
@@ -204,7 +197,6 @@ impl Pipeline {
             };
             match msg {
                 Ok(m) => {
-                    self.health.kafka_ok.store(true, Ordering::Relaxed);
                     self.handle(
                         m.topic(),
                         m.partition(),

@@ -112,7 +112,6 @@ pub struct Stats {
 #[derive(Debug, Default)]
 pub struct Checkpoint {
     pub offsets: Vec<(String, i32, i64)>,
-    pub entries_written: usize,
 }
 
 #[derive(Default)]
@@ -410,19 +409,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The earliest due time in the durable index, if any.
-    pub fn next_due_ms(&self) -> Result<Option<u64>, StateError> {
-        let first = self
-            .db
-            .scan_prefix(D)
-            .next()
-            .transpose()
-            .map_err(|e| self.io(e))?;
-        Ok(first
-            .and_then(|(k, _)| <[u8; 8]>::try_from(&k[D.len()..D.len() + 8]).ok())
-            .map(u64::from_be_bytes))
-    }
-
     /// After a restart, polls that fell due while the daemon was down are rescheduled evenly over
     /// `window_ms(count)` (at most one interval, chosen by the caller from the rate budget), most
     /// overdue first, so they never fire at once. Returns how many were moved.
@@ -482,7 +468,6 @@ impl Store {
                 cp.offsets.push((topic.clone(), *partition, *off));
             }
             self.db.apply_batch(batch).map_err(|e| self.io(e))?;
-            cp.entries_written = ov.entries.len();
             ov.entries.clear();
             ov.offsets.clear();
         }
@@ -528,11 +513,6 @@ impl Store {
             );
         }
         Ok(s)
-    }
-
-    /// Bytes on disk, for `state stats`.
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
     }
 }
 
