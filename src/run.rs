@@ -130,11 +130,12 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let mut sched = tokio_cron_scheduler::JobScheduler::new().await.ok();
     if let Some(s) = sched.as_mut() {
         let st = state.clone();
+        let job_clock = clock;
         let job =
             tokio_cron_scheduler::Job::new_repeated_async(Duration::from_secs(15), move |_, _| {
                 let st = st.clone();
                 Box::pin(async move {
-                    let now = Clock::new().now_ms();
+                    let now = job_clock.now_ms();
                     if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || st.stats(now)).await {
                         METRICS.pending_payments.set(s.pending as i64);
                         METRICS

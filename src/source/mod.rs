@@ -51,6 +51,15 @@ impl ClientContext for SourceContext {
     }
 }
 
+impl SourceContext {
+    /// Publishes how many partitions this instance now owns (metric and readiness).
+    fn record_assignment(&self, consumer: &BaseConsumer<Self>) {
+        let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        METRICS.partitions_assigned.set(n as i64);
+        self.health.assigned.store(n > 0, Ordering::Relaxed);
+    }
+}
+
 impl ConsumerContext for SourceContext {
     fn rebalance(
         &self,
@@ -92,9 +101,7 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "assign failed");
                 }
-                let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-                METRICS.partitions_assigned.set(n as i64);
-                self.health.assigned.store(n > 0, Ordering::Relaxed);
+                self.record_assignment(consumer);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // Make everything read from these partitions durable before another member may
@@ -111,9 +118,7 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "unassign failed");
                 }
-                let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
-                METRICS.partitions_assigned.set(n as i64);
-                self.health.assigned.store(n > 0, Ordering::Relaxed);
+                self.record_assignment(consumer);
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
             }
             other => tracing::error!(error = ?other, "rebalance error"),
@@ -229,7 +234,12 @@ impl Pipeline {
         let next = offset + 1;
         match decode_value(payload, &self.decode) {
             Ok(ev) => {
-                let key_id = key.and_then(|k| decode_key(k, &self.decode).ok());
+                // Only a tombstone needs the key: every other event carries the payment id.
+                let key_id = if ev.payment.is_none() {
+                    key.and_then(|k| decode_key(k, &self.decode).ok())
+                } else {
+                    None
+                };
                 let applied = self.state.apply_event(
                     &ev,
                     key_id.as_deref(),
