@@ -525,6 +525,19 @@ mod tests {
         decode_value(Some(json.as_bytes()), &DecodeOptions::default()).unwrap()
     }
 
+    /// Applies `ev` as if read at `offset` of partition 0 of topic `t`, pending status "pending".
+    fn apply(
+        s: &Store,
+        ev: &ChangeEvent,
+        key: Option<&str>,
+        offset: i64,
+        now_ms: u64,
+        interval_ms: u64,
+    ) -> Applied {
+        s.apply_event(ev, key, ("t", 0, offset), now_ms, interval_ms, "pending")
+            .unwrap()
+    }
+
     fn create(id: &str, status: &str) -> ChangeEvent {
         ev(&format!(
             r#"{{"op":"c","after":{{"id":"{id}","idempotency_key":"k-{id}","amount":"10.00","currency":"usd","status":"{status}","stripe_payment_intent_id":"pi_{id}"}}}}"#
@@ -536,26 +549,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            s.apply_event(
-                &create("a", "pending"),
-                None,
-                ("t", 0, 1),
-                1000,
-                600,
-                "pending",
-            )
-            .unwrap();
+            apply(&s, &create("a", "pending"), None, 1, 1000, 600);
             s.checkpoint().unwrap();
             // Not checkpointed: must be gone after reopen, offset included.
-            s.apply_event(
-                &create("b", "pending"),
-                None,
-                ("t", 0, 2),
-                1000,
-                600,
-                "pending",
-            )
-            .unwrap();
+            apply(&s, &create("b", "pending"), None, 2, 1000, 600);
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
@@ -570,43 +567,22 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         for id in ["a", "b", "c"] {
             assert_eq!(
-                s.apply_event(&create(id, "pending"), None, ("t", 0, 1), 0, 10, "pending")
-                    .unwrap(),
+                apply(&s, &create(id, "pending"), None, 1, 0, 10),
                 Applied::Tracked
             );
         }
         s.checkpoint().unwrap();
         assert_eq!(
-            s.apply_event(
-                &create("a", "succeeded"),
-                None,
-                ("t", 0, 2),
-                0,
-                10,
-                "pending"
-            )
-            .unwrap(),
+            apply(&s, &create("a", "succeeded"), None, 2, 0, 10),
             Applied::Removed
         );
         let del = ev(
             r#"{"op":"d","before":{"id":"b","idempotency_key":"","amount":"AA==","currency":"","status":"pending"}}"#,
         );
-        assert_eq!(
-            s.apply_event(&del, None, ("t", 0, 3), 0, 10, "pending")
-                .unwrap(),
-            Applied::Removed
-        );
+        assert_eq!(apply(&s, &del, None, 3, 0, 10), Applied::Removed);
         let tomb = decode_value(None, &DecodeOptions::default()).unwrap();
-        assert_eq!(
-            s.apply_event(&tomb, Some("c"), ("t", 0, 4), 0, 10, "pending")
-                .unwrap(),
-            Applied::Removed
-        );
-        assert_eq!(
-            s.apply_event(&tomb, Some("c"), ("t", 0, 5), 0, 10, "pending")
-                .unwrap(),
-            Applied::Ignored
-        );
+        assert_eq!(apply(&s, &tomb, Some("c"), 4, 0, 10), Applied::Removed);
+        assert_eq!(apply(&s, &tomb, Some("c"), 5, 0, 10), Applied::Ignored);
         s.checkpoint().unwrap();
         assert!(s.entries().unwrap().is_empty());
         assert_eq!(s.due(u64::MAX - 1, 10, |_| false).unwrap(), vec![]);
@@ -617,24 +593,8 @@ mod tests {
     fn due_index_follows_rescheduling_and_emission() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.apply_event(
-            &create("a", "pending"),
-            None,
-            ("t", 0, 1),
-            0,
-            100,
-            "pending",
-        )
-        .unwrap();
-        s.apply_event(
-            &create("b", "pending"),
-            None,
-            ("t", 0, 2),
-            50,
-            100,
-            "pending",
-        )
-        .unwrap();
+        apply(&s, &create("a", "pending"), None, 1, 0, 100);
+        apply(&s, &create("b", "pending"), None, 2, 50, 100);
         s.checkpoint().unwrap();
         assert!(s.due(99, 10, |_| false).unwrap().is_empty());
         let due: Vec<_> = s
@@ -665,15 +625,7 @@ mod tests {
         assert_eq!(due, vec!["a"], "an emitted payment is not polled again");
         assert_eq!(s.stats(600).unwrap().awaiting_confirmation, 1);
         // A pending-status update keeps the schedule and the emission.
-        s.apply_event(
-            &create("b", "pending"),
-            None,
-            ("t", 0, 3),
-            700,
-            100,
-            "pending",
-        )
-        .unwrap();
+        apply(&s, &create("b", "pending"), None, 3, 700, 100);
         assert!(s.get("b").unwrap().unwrap().emitted.is_some());
     }
 
@@ -682,15 +634,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         for i in 0..100 {
-            s.apply_event(
-                &create(&format!("p{i:03}"), "pending"),
-                None,
-                ("t", 0, i),
-                0,
-                10,
-                "pending",
-            )
-            .unwrap();
+            apply(&s, &create(&format!("p{i:03}"), "pending"), None, i, 0, 10);
         }
         s.checkpoint().unwrap();
         assert_eq!(s.spread_overdue(1000, |n| n as u64 * 10).unwrap(), 100);
@@ -705,19 +649,13 @@ mod tests {
     fn truncate_clears_everything() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.apply_event(&create("a", "pending"), None, ("t", 0, 1), 0, 10, "pending")
-            .unwrap();
+        apply(&s, &create("a", "pending"), None, 1, 0, 10);
         s.checkpoint().unwrap();
-        s.apply_event(&create("b", "pending"), None, ("t", 0, 2), 0, 10, "pending")
-            .unwrap();
+        apply(&s, &create("b", "pending"), None, 2, 0, 10);
         let t = ev(
             r#"{"op":"t","before":null,"after":null,"source":{"schema":"public","table":"payments"}}"#,
         );
-        assert_eq!(
-            s.apply_event(&t, None, ("t", 0, 3), 0, 10, "pending")
-                .unwrap(),
-            Applied::Removed
-        );
+        assert_eq!(apply(&s, &t, None, 3, 0, 10), Applied::Removed);
         s.checkpoint().unwrap();
         assert!(s.entries().unwrap().is_empty());
     }
