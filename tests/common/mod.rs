@@ -318,12 +318,12 @@ pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value:
         .expect("publish");
 }
 
+/// (key, value, headers) of one record.
+pub type Record = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>);
+
 /// Every record of a topic (all partitions) from the beginning up to the high watermark:
 /// (key, value, headers).
-pub fn read_all(
-    brokers: &str,
-    topic: &str,
-) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>)> {
+pub fn read_all(brokers: &str, topic: &str) -> Vec<Record> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("broker.address.family", "v4")
