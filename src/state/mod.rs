@@ -8,6 +8,16 @@
 //!   status event was already emitted).
 //! - `o\0<topic>\0<partition: i32 BE>` → the next offset to read (i64 BE).
 //! - `m\0format` → the layout version.
+//! - `m\0entries` → how many `p\0` entries the last checkpoint left (u64 BE), written in the
+//!   same batch as they are.
+//!
+//! # Recovery check
+//! sled 0.34 has open reports of stores that come back corrupt after an abrupt stop (for example
+//! spacejam/sled#1533). Before the daemon runs on a store, [`Store::open`] checks every invariant
+//! the layout promises: each entry parses and sits under its own id, the due index and the
+//! entries match one to one, the entry count is the one the last checkpoint wrote, offsets are
+//! well formed. Any breach stops the start with [`StateError::Inconsistent`] naming the problem,
+//! instead of running on state that may have lost a pending payment.
 //!
 //! # Why checkpoints are safe
 //! Every change (from the CDC stream or from a poll) goes into an in-memory overlay first.
@@ -35,6 +45,9 @@ const P: &[u8] = b"p\0";
 const D: &[u8] = b"d\0";
 const O: &[u8] = b"o\0";
 const META_FORMAT: &[u8] = b"m\0format";
+const META_ENTRIES: &[u8] = b"m\0entries";
+/// How many recovery-check problems an error lists (the count covers all).
+const PROBLEMS_SHOWN: usize = 5;
 
 /// A state store failure. The local disk is at fault; retrying does not help until it is fixed,
 /// so the daemon stops rather than run on state it cannot save.
@@ -46,6 +59,16 @@ pub enum StateError {
     Format { path: String, found: String },
     #[error("state entry {key:?} is unreadable: {detail}")]
     Corrupt { key: String, detail: String },
+    /// Another process (usually another paystream) has the store open; sled allows one.
+    #[error("state store at {path} is in use by another process (sled's lock is held): stop the other instance or give this one its own --data-dir")]
+    Locked { path: String },
+    /// The store broke an invariant of its layout: it is not safe to run on.
+    #[error("state store at {path} failed its recovery check with {count} problem(s), e.g. {}; not running on it. Move the directory aside and restart to rebuild state from the CDC topic (needs the topic's full history, e.g. log compaction), or restore a backup", problems.join("; "))]
+    Inconsistent {
+        path: String,
+        count: usize,
+        problems: Vec<String>,
+    },
 }
 
 /// The status paystream decided and emitted for a payment.
@@ -125,6 +148,8 @@ pub struct Store {
     db: sled::Db,
     path: String,
     overlay: Mutex<Overlay>,
+    /// The durable entry count (`m\0entries`); changed only under the overlay lock.
+    durable_entries: std::sync::atomic::AtomicU64,
 }
 
 fn p_key(id: &str) -> Vec<u8> {
@@ -140,30 +165,146 @@ fn o_key(topic: &str, partition: i32) -> Vec<u8> {
 }
 
 impl Store {
+    /// Opens (or creates) the store and runs the recovery check (a full scan).
     pub fn open(dir: &Path) -> Result<Store, StateError> {
         let path = dir.display().to_string();
         let io = |source| StateError::Io {
             path: path.clone(),
             source,
         };
-        let db = sled::Config::new().path(dir).open().map_err(io)?;
-        match db.get(META_FORMAT).map_err(io)? {
-            Some(v) if v.as_ref() == FORMAT => {}
+        let db = match sled::Config::new().path(dir).open() {
+            Ok(db) => db,
+            // sled takes an exclusive file lock and reports a second opener only in the text
+            // of an `ErrorKind::Other` (sled 0.34, config.rs).
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StateError::Locked { path })
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let fresh = match db.get(META_FORMAT).map_err(io)? {
+            Some(v) if v.as_ref() == FORMAT => false,
             Some(v) => {
                 return Err(StateError::Format {
                     path,
                     found: String::from_utf8_lossy(&v).into(),
                 })
             }
-            None => {
-                db.insert(META_FORMAT, FORMAT).map_err(io)?;
-                db.flush().map_err(io)?;
+            None => true,
+        };
+        if fresh {
+            // A store with no format marker must be empty: otherwise it is not ours, or the
+            // marker was lost, and either way nothing in it can be trusted.
+            if let Some(kv) = db.iter().next() {
+                let (k, _) = kv.map_err(io)?;
+                return Err(StateError::Inconsistent {
+                    path,
+                    count: 1,
+                    problems: vec![format!(
+                        "no layout marker, but it holds key {:?}",
+                        String::from_utf8_lossy(&k)
+                    )],
+                });
             }
+            let mut b = sled::Batch::default();
+            b.insert(META_FORMAT, FORMAT);
+            b.insert(META_ENTRIES, &0u64.to_be_bytes()[..]);
+            db.apply_batch(b).map_err(io)?;
+            db.flush().map_err(io)?;
         }
-        Ok(Store {
+        let store = Store {
             db,
             path,
             overlay: Mutex::new(Overlay::default()),
+            durable_entries: Default::default(),
+        };
+        let n = store.verify()?;
+        store
+            .durable_entries
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// The recovery check (see the module doc). Returns the number of entries.
+    fn verify(&self) -> Result<u64, StateError> {
+        let mut problems = Vec::new();
+        let mut indexed: HashMap<String, u64> = HashMap::new();
+        for kv in self.db.scan_prefix(D) {
+            let (k, _) = kv.map_err(|e| self.io(e))?;
+            let Some(due) = k.get(D.len()..D.len() + 8) else {
+                problems.push(format!(
+                    "short due-index key {:?}",
+                    String::from_utf8_lossy(&k)
+                ));
+                continue;
+            };
+            let due = u64::from_be_bytes(due.try_into().expect("8 bytes"));
+            let id = String::from_utf8_lossy(&k[D.len() + 8..]).into_owned();
+            if indexed.insert(id.clone(), due).is_some() {
+                problems.push(format!("payment {id} is in the due index twice"));
+            }
+        }
+        let mut entries = 0u64;
+        for kv in self.db.scan_prefix(P) {
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            entries += 1;
+            let id = String::from_utf8_lossy(&k[P.len()..]).into_owned();
+            let e: Entry = match serde_json::from_slice(&v) {
+                Ok(e) => e,
+                Err(err) => {
+                    problems.push(format!("entry {id} does not parse: {err}"));
+                    continue;
+                }
+            };
+            if e.id != id {
+                problems.push(format!("entry under {id} holds payment {}", e.id));
+            }
+            match (e.emitted.is_none(), indexed.remove(&id)) {
+                (true, Some(due)) if due == e.next_poll_ms => {}
+                (true, Some(due)) => problems.push(format!(
+                    "payment {id} is indexed due at {due} but due at {}",
+                    e.next_poll_ms
+                )),
+                (true, None) => {
+                    problems.push(format!("pending payment {id} is not in the due index"))
+                }
+                (false, Some(_)) => {
+                    problems.push(format!("emitted payment {id} is still in the due index"))
+                }
+                (false, None) => {}
+            }
+        }
+        for id in indexed.keys() {
+            problems.push(format!("due index names payment {id}, which has no entry"));
+        }
+        match self.db.get(META_ENTRIES).map_err(|e| self.io(e))? {
+            Some(v) if v.len() == 8 => {
+                let want = u64::from_be_bytes(v.as_ref().try_into().expect("8 bytes"));
+                if want != entries {
+                    problems.push(format!(
+                        "the last checkpoint left {want} entries, the store holds {entries}"
+                    ));
+                }
+            }
+            _ => problems.push("the entry count is missing".into()),
+        }
+        for kv in self.db.scan_prefix(O) {
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            if v.len() != 8 || k.len() < O.len() + 5 {
+                problems.push(format!(
+                    "malformed offset record {:?}",
+                    String::from_utf8_lossy(&k)
+                ));
+            }
+        }
+        if problems.is_empty() {
+            return Ok(entries);
+        }
+        let count = problems.len();
+        problems.truncate(PROBLEMS_SHOWN);
+        Err(StateError::Inconsistent {
+            path: self.path.clone(),
+            count,
+            problems,
         })
     }
 
@@ -437,6 +578,12 @@ impl Store {
     /// Writes the overlay and its offsets in one atomic batch, then flushes. Blocking (disk I/O):
     /// call it from a blocking context.
     pub fn checkpoint(&self) -> Result<Checkpoint, StateError> {
+        self.checkpoint_with(|| {})
+    }
+
+    /// [`Store::checkpoint`], calling `before_flush` between the batch write and the flush: the
+    /// seam the durability test kills the process at.
+    pub fn checkpoint_with(&self, before_flush: impl FnOnce()) -> Result<Checkpoint, StateError> {
         let mut cp = Checkpoint::default();
         {
             // Held while the batch is built and applied, so a reader never sees an entry that is
@@ -446,8 +593,12 @@ impl Store {
                 return Ok(cp);
             }
             let mut batch = sled::Batch::default();
+            let mut count = self
+                .durable_entries
+                .load(std::sync::atomic::Ordering::Relaxed);
             for (id, new) in &ov.entries {
-                if let Some(old) = self.read_durable(id)? {
+                let old = self.read_durable(id)?;
+                if let Some(old) = &old {
                     if old.emitted.is_none() {
                         batch.remove(d_key(old.next_poll_ms, id));
                     }
@@ -459,18 +610,28 @@ impl Store {
                         if e.emitted.is_none() {
                             batch.insert(d_key(e.next_poll_ms, id), &[][..]);
                         }
+                        count += u64::from(old.is_none());
                     }
-                    None => batch.remove(p_key(id)),
+                    None => {
+                        batch.remove(p_key(id));
+                        count -= u64::from(old.is_some());
+                    }
                 }
             }
+            // The count travels in the same batch, so the recovery check can tell a whole
+            // checkpoint from a torn one.
+            batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
             for ((topic, partition), off) in &ov.offsets {
                 batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
                 cp.offsets.push((topic.clone(), *partition, *off));
             }
             self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+            self.durable_entries
+                .store(count, std::sync::atomic::Ordering::Relaxed);
             ov.entries.clear();
             ov.offsets.clear();
         }
+        before_flush();
         // Durable only from here: callers commit offsets to Kafka after this returns.
         self.db.flush().map_err(|e| self.io(e))?;
         Ok(cp)
@@ -643,6 +804,95 @@ mod tests {
         assert_eq!(s.due(1000, 1000, |_| false).unwrap().len(), 1);
         assert_eq!(s.due(1099, 1000, |_| false).unwrap().len(), 10);
         assert_eq!(s.due(1999, 1000, |_| false).unwrap().len(), 100);
+    }
+
+    /// Opens the store's sled tree directly, as a crash or a sled bug might have left it.
+    fn raw(dir: &Path, f: impl FnOnce(&sled::Db)) {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        f(&db);
+        db.flush().unwrap();
+    }
+
+    fn open_err(dir: &Path) -> String {
+        match Store::open(dir) {
+            Ok(_) => panic!("opened a broken store"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn recovery_check_refuses_a_store_that_broke_its_invariants() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            for id in ["a", "b", "c"] {
+                apply(&s, &create(id, "pending"), None, 1, 0, 10);
+            }
+            s.checkpoint().unwrap();
+            apply(&s, &create("b", "succeeded"), None, 2, 0, 10);
+            s.checkpoint().unwrap();
+        }
+        // Whole checkpoints reopen fine.
+        assert_eq!(Store::open(dir.path()).unwrap().entries().unwrap().len(), 2);
+
+        // A lost index row (half of a batch).
+        raw(dir.path(), |db| {
+            db.remove(d_key(10, "a")).unwrap();
+        });
+        let e = open_err(dir.path());
+        assert!(
+            e.contains("pending payment a is not in the due index"),
+            "{e}"
+        );
+        assert!(e.contains("recovery check"), "{e}");
+        raw(dir.path(), |db| {
+            db.insert(d_key(10, "a"), &[][..]).unwrap();
+        });
+
+        // An entry the last checkpoint did not write (count mismatch), fully indexed.
+        raw(dir.path(), |db| {
+            let mut e: Entry =
+                serde_json::from_slice(&db.get(p_key("a")).unwrap().unwrap()).unwrap();
+            e.id = "z".into();
+            db.insert(p_key("z"), serde_json::to_vec(&e).unwrap())
+                .unwrap();
+            db.insert(d_key(10, "z"), &[][..]).unwrap();
+        });
+        let e = open_err(dir.path());
+        assert!(
+            e.contains("the last checkpoint left 2 entries, the store holds 3"),
+            "{e}"
+        );
+        raw(dir.path(), |db| {
+            db.remove(p_key("z")).unwrap();
+            db.remove(d_key(10, "z")).unwrap();
+        });
+
+        // An unreadable entry, and an index row pointing nowhere.
+        raw(dir.path(), |db| {
+            db.insert(p_key("c"), &b"{not json"[..]).unwrap();
+            db.insert(d_key(5, "ghost"), &[][..]).unwrap();
+        });
+        let e = open_err(dir.path());
+        assert!(e.contains("entry c does not parse"), "{e}");
+        assert!(e.contains("ghost, which has no entry"), "{e}");
+    }
+
+    #[test]
+    fn a_store_without_its_marker_but_with_data_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        raw(dir.path(), |db| {
+            db.insert(b"something else", &b"x"[..]).unwrap();
+        });
+        assert!(open_err(dir.path()).contains("no layout marker"));
+    }
+
+    #[test]
+    fn a_second_opener_is_told_the_store_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let e = open_err(dir.path());
+        assert!(e.contains("in use by another process"), "{e}");
     }
 
     #[test]
