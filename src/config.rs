@@ -21,6 +21,7 @@ pub const DEFAULT_DLQ_TOPIC: &str = "paystream-dlq";
 pub const DEFAULT_GROUP_ID: &str = "paystream";
 pub const DEFAULT_UPDATER_GROUP_ID: &str = "paystream-updater";
 pub const DEFAULT_POLL_INTERVAL: &str = "10m";
+pub const DEFAULT_KAFKA_STARTUP_TIMEOUT: &str = "30s";
 pub const DEFAULT_CHECKPOINT_INTERVAL: &str = "1s";
 pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
 pub const DEFAULT_STRIPE_RPS: &str = "20";
@@ -76,6 +77,22 @@ pub struct KafkaArgs {
     /// session.timeout.ms=6000. Applied to every client after paystream's own settings.
     #[arg(long = "kafka-option", env = "PAYSTREAM_KAFKA_OPTIONS", value_delimiter = ';', value_parser = kv)]
     pub kafka_options: Vec<(String, String)>,
+    /// How long start-up waits for a broker to answer before it fails (a wrong --brokers, a
+    /// firewall). Once running, outages are ridden out instead.
+    #[arg(long, env = "PAYSTREAM_KAFKA_STARTUP_TIMEOUT", default_value = DEFAULT_KAFKA_STARTUP_TIMEOUT, value_parser = duration)]
+    pub kafka_startup_timeout: Duration,
+}
+
+impl KafkaArgs {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(bad("--brokers", "is empty"));
+        }
+        if self.kafka_startup_timeout < Duration::from_millis(100) {
+            return Err(bad("--kafka-startup-timeout", "must be at least 100ms"));
+        }
+        Ok(())
+    }
 }
 
 /// Names of the payments table's columns.
@@ -225,9 +242,7 @@ fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
 
 impl RunConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.kafka.brokers.trim().is_empty() {
-            return Err(bad("--brokers", "is empty"));
-        }
+        self.kafka.validate()?;
         if self
             .stripe_key
             .as_ref()
@@ -300,6 +315,7 @@ pub struct UpdaterConfig {
 
 impl UpdaterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka.validate()?;
         if self
             .postgres_url
             .as_ref()

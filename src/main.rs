@@ -53,9 +53,14 @@ enum Command {
     },
 }
 
+/// async-stripe logs every failed request at WARN; paystream logs and counts each poll outcome
+/// itself (with the payment's ids), so the client's own lines are kept to errors. The cron
+/// scheduler's start-up chatter likewise.
+const DEFAULT_LOG_FILTER: &str = "info,stripe=error,tokio_cron_scheduler=warn";
+
 fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -130,7 +135,16 @@ fn decode_lines(args: &DecodeArgs, input: &str) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with one line (`Error: …`, causes joined by `: `) and exit code 1,
+/// whatever RUST_BACKTRACE says: the line is for the operator, not a stack trace.
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     if std::env::var_os("STRIPE_SECRET_KEY").is_none() {
         if let Some(k) = std::env::var_os("PAYSTREAM_STRIPE_KEY") {
             std::env::set_var("STRIPE_SECRET_KEY", k);

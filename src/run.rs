@@ -27,6 +27,8 @@ pub enum RunError {
     State(#[from] StateError),
     #[error("kafka client setup failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    KafkaUnreachable(#[from] crate::sink::Unreachable),
     #[error("stripe client setup failed: {0}")]
     Stripe(#[from] LookupError),
     #[error("admin endpoint: {0}")]
@@ -56,6 +58,13 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     state.checkpoint()?;
     if moved > 0 {
         tracing::info!(overdue = moved, "spread overdue polls after restart");
+    }
+    // The offset gauges start from what is durable; checkpoints update the partitions they move.
+    for (_, partition, offset) in state.stored_offsets()? {
+        METRICS
+            .stored_offset
+            .with_label_values(&[&partition.to_string()])
+            .set(offset);
     }
     let stats = state.stats(clock.now_ms())?;
     METRICS.pending_payments.set(stats.pending as i64);
@@ -109,6 +118,14 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         state.clone(),
         health.clone(),
     )?);
+    if !crate::sink::probe_brokers(
+        consumer.as_ref(),
+        &cfg.kafka.brokers,
+        &cfg.cdc_topic,
+        cfg.kafka.kafka_startup_timeout,
+    )? {
+        tracing::warn!(topic = %cfg.cdc_topic, "the CDC topic does not exist yet (Debezium creates it on its first event); waiting for it");
+    }
 
     let poller = Poller::new(
         state.clone(),

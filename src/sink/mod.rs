@@ -202,6 +202,42 @@ impl Sink {
 
 /// Consumer-only settings from `--kafka-option` are not passed to the producer (librdkafka
 /// would warn on each).
+/// Why start-up stopped: no broker answered. The operator (address, network, credentials) or
+/// the broker is at fault; a restart helps once it answers.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach Kafka at {brokers} (--brokers) within {timeout:?}: {source}")]
+pub struct Unreachable {
+    pub brokers: String,
+    pub timeout: Duration,
+    pub source: rdkafka::error::KafkaError,
+}
+
+/// Asks the brokers for `topic`'s metadata once, at start, so a wrong address fails fast with a
+/// clear line instead of a daemon that waits forever. Returns whether the topic exists.
+/// Blocks in place (librdkafka's call is synchronous): needs the multi-thread runtime.
+pub fn probe_brokers<C, K>(
+    client: &K,
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<bool, Unreachable>
+where
+    C: rdkafka::consumer::ConsumerContext,
+    K: rdkafka::consumer::Consumer<C>,
+{
+    let md = tokio::task::block_in_place(|| client.fetch_metadata(Some(topic), timeout)).map_err(
+        |source| Unreachable {
+            brokers: brokers.into(),
+            timeout,
+            source,
+        },
+    )?;
+    Ok(md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none()))
+}
+
 fn is_producer_key(k: &str) -> bool {
     !matches!(
         k,

@@ -28,6 +28,8 @@ pub enum UpdaterError {
     Config(#[from] crate::config::ConfigError),
     #[error("kafka client setup failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    KafkaUnreachable(#[from] crate::sink::Unreachable),
     #[error("admin endpoint: {0}")]
     Admin(#[from] std::io::Error),
     /// The table or columns do not match the configuration: the operator must fix it.
@@ -201,6 +203,14 @@ pub async fn run(
     }
     let consumer: StreamConsumer = cc.create()?;
     consumer.subscribe(&[&cfg.status_topic])?;
+    if !crate::sink::probe_brokers(
+        &consumer,
+        &cfg.kafka.brokers,
+        &cfg.status_topic,
+        cfg.kafka.kafka_startup_timeout,
+    )? {
+        tracing::warn!(topic = %cfg.status_topic, "the status topic does not exist yet; waiting for it");
+    }
     tracing::info!(topic = %cfg.status_topic, group = %cfg.group_id, "updater consuming");
 
     'outer: loop {
