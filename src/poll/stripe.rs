@@ -123,6 +123,11 @@ pub struct PaymentError {
     pub decline_code: Option<String>,
 }
 
+#[derive(serde::Serialize)]
+struct SearchQuery {
+    query: String,
+}
+
 #[derive(Debug, Deserialize)]
 struct SearchResult {
     data: Vec<IntentView>,
@@ -230,7 +235,11 @@ impl StripeApi {
             }
             None => {
                 let escaped = idempotency_key.replace('\\', "\\\\").replace('\'', "\\'");
-                let query = [("query", format!("metadata['idempotency_key']:'{escaped}'"))];
+                // A struct, not a slice of pairs: the builder serializes with serde_qs, which
+                // turns a slice into `0[0]=query&0[1]=…` (a search Stripe rejects).
+                let query = SearchQuery {
+                    query: format!("metadata['idempotency_key']:'{escaped}'"),
+                };
                 let v = self
                     .get(
                         RequestBuilder::new(StripeMethod::Get, "/payment_intents/search")
