@@ -97,16 +97,27 @@ fn card_pm(base: &str, number: &str) -> String {
 
 /// A PaymentIntent confirmed with `card`; returns (id, status).
 pub fn intent_with_card(base: &str, amount: &str, number: &str) -> (String, String) {
+    intent_with_card_keyed(base, amount, number, None)
+}
+
+/// Like [`intent_with_card`], with `metadata[idempotency_key]` set when `key` is given (the
+/// payment service's link when a row has no intent id yet: paystream then searches by it).
+pub fn intent_with_card_keyed(
+    base: &str,
+    amount: &str,
+    number: &str,
+    key: Option<&str>,
+) -> (String, String) {
     let pm = card_pm(base, number);
-    let pi = stripe_post(
-        base,
-        "/v1/payment_intents",
-        &[
-            ("amount", amount),
-            ("currency", "usd"),
-            ("payment_method", &pm),
-        ],
-    );
+    let mut form = vec![
+        ("amount", amount),
+        ("currency", "usd"),
+        ("payment_method", pm.as_str()),
+    ];
+    if let Some(k) = key {
+        form.push(("metadata[idempotency_key]", k));
+    }
+    let pi = stripe_post(base, "/v1/payment_intents", &form);
     let id = pi["id"].as_str().unwrap().to_string();
     // A decline answers the confirm with a 402 error; the intent itself holds the outcome.
     stripe_post(base, &format!("/v1/payment_intents/{id}/confirm"), &[]);
@@ -405,7 +416,8 @@ pub async fn topics(s: &Stack, prefix: &str, cdc_partitions: i32) -> Topics {
     t
 }
 
-/// `paystream run` arguments for a test: short intervals, the stack's servers, then `extra`.
+/// `paystream run` arguments for a test: short intervals, the stack's servers, then `extra`
+/// (flag/value pairs, replacing a default flag of the same name).
 pub fn run_args(
     s: &Stack,
     t: &Topics,
@@ -441,6 +453,12 @@ pub fn run_args(
     .iter()
     .map(|a| a.to_string())
     .collect();
+    // A flag in `extra` replaces the default above (clap rejects a flag given twice).
+    for pair in extra.chunks(2) {
+        if let Some(i) = args.iter().position(|a| a == pair[0]) {
+            args.drain(i..i + 2);
+        }
+    }
     args.extend(extra.iter().map(|a| a.to_string()));
     args
 }
@@ -509,11 +527,138 @@ pub fn spawn<A: AsRef<std::ffi::OsStr>>(args: &[A], log: &Path) -> Proc {
         .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_paystream"))
         .args(args)
-        .env("RUST_LOG", "info,paystream=debug")
+        .env(
+            "RUST_LOG",
+            "info,paystream=debug,stripe=error,tokio_cron_scheduler=warn",
+        )
         .env("PAYSTREAM_KAFKA_OPTIONS", KAFKA_TEST_OPTIONS)
         .stdout(f.try_clone().unwrap())
         .stderr(f)
         .spawn()
         .expect("spawn paystream");
     Proc(child)
+}
+
+/// Polls `f` every 250 ms until it is true; panics naming `what` after `secs`.
+pub async fn wait_for<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out after {secs}s waiting for {what}");
+}
+
+/// GET on loopback without a client library: (status code, body). `None` if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// `paystream updater` arguments for a test: the stack's Postgres, then `extra`.
+pub fn updater_args(s: &Stack, status_topic: &str, group: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "updater",
+        "--brokers",
+        &s.brokers,
+        "--status-topic",
+        status_topic,
+        "--group-id",
+        group,
+        "--postgres-url",
+        &s.pg_url,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--batch-linger",
+        "50ms",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Inserts a pending row with a chosen id (tests generate events before the rows exist).
+pub async fn insert_payment_with_id(c: &tokio_postgres::Client, r: &Row) {
+    c.execute(
+        "INSERT INTO payments (id, idempotency_key, amount, currency, stripe_payment_intent_id) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3::text::numeric, $4, $5)",
+        &[&r.id, &r.idempotency_key, &r.amount, &r.currency, &r.intent],
+    )
+    .await
+    .expect("insert with id");
+}
+
+/// High watermark of every partition of `topic`, by partition.
+pub fn high_watermarks(brokers: &str, topic: &str) -> Vec<(i32, i64)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    parts
+        .into_iter()
+        .map(|p| {
+            (
+                p,
+                c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .unwrap()
+                    .1,
+            )
+        })
+        .collect()
+}
+
+/// A test's knob from the environment (the `--long` forms of scripts set them).
+pub fn knob(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Panics if any log in `dir` shows a panic.
+pub fn assert_no_panic(dir: &Path) {
+    for f in std::fs::read_dir(dir).unwrap() {
+        let p = f.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        assert!(
+            !text.contains("panicked"),
+            "{} shows a panic:\n{}",
+            p.display(),
+            text.lines()
+                .filter(|l| l.contains("panicked"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+/// A directory for a test's logs that outlives the test (under target/, ignored by git), so a
+/// failure in CI can be read afterwards.
+pub fn log_dir(name: &str) -> PathBuf {
+    let d = root().join("target/test-logs").join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
