@@ -24,6 +24,7 @@
 //! - [`state`]: the sled store: pending payments, the due-time index, the source offsets.
 //! - [`poll`]: the scheduler, the global Stripe rate budget, lookups through async-stripe.
 //! - [`sink`]: status events and dead letters, through one idempotent producer.
+//! - [`kafka`]: what the Kafka clients share: settings, the start-up probe, the broker watch.
 //! - [`updater`]: the forward-only write-back.
 //! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`config`]: every flag, its environment variable and config-file key.
@@ -37,6 +38,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod decode;
+pub mod kafka;
 pub mod metrics;
 pub mod poll;
 pub mod run;

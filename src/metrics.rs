@@ -25,7 +25,10 @@ pub struct Metrics {
     pub last_checkpoint_timestamp: Gauge,
     pub kafka_errors: IntCounterVec,
     pub partitions_assigned: IntGauge,
+    pub kafka_brokers_up: IntGauge,
+    pub kafka_outages: prometheus::IntCounter,
     pub stored_offset: IntGaugeVec,
+    pub consumer_lag: IntGaugeVec,
     pub updater_rows: IntCounterVec,
     pub updater_batch_seconds: Histogram,
     pub updater_postgres_errors: IntCounterVec,
@@ -82,7 +85,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         last_checkpoint_timestamp: last_cp,
         kafka_errors: counter(&r, "paystream_kafka_errors_total", "Kafka client errors, by kind", &["kind"]),
         partitions_assigned: int_gauge(&r, "paystream_partitions_assigned", "CDC partitions assigned to this instance"),
+        kafka_brokers_up: int_gauge(&r, "paystream_kafka_brokers_up", "Brokers this process has a live connection to (librdkafka statistics)"),
+        kafka_outages: {
+            let c = prometheus::IntCounter::new("paystream_kafka_outages_total", "Times every broker connection was lost").expect("metric");
+            r.register(Box::new(c.clone())).expect("register");
+            c
+        },
         stored_offset,
+        consumer_lag: {
+            let g = IntGaugeVec::new(Opts::new("paystream_consumer_lag", "Messages between the next offset this instance reads and the partition's end, by partition"), &["partition"]).expect("metric");
+            r.register(Box::new(g.clone())).expect("register");
+            g
+        },
         updater_rows: counter(&r, "paystream_updater_rows_total", "Status events applied by the updater, by result (updated, already_final, unknown_id, invalid)", &["result"]),
         updater_batch_seconds: histogram(&r, "paystream_updater_batch_duration_seconds", "Time to apply one batch to Postgres", latency),
         updater_postgres_errors: counter(&r, "paystream_updater_postgres_errors_total", "Postgres errors in the updater, by kind", &["kind"]),

@@ -28,7 +28,7 @@ pub enum RunError {
     #[error("kafka client setup failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
-    KafkaUnreachable(#[from] crate::sink::Unreachable),
+    KafkaUnreachable(#[from] crate::kafka::Unreachable),
     #[error("stripe client setup failed: {0}")]
     Stripe(#[from] LookupError),
     #[error("admin endpoint: {0}")]
@@ -79,6 +79,9 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let bound = admin::serve(
         cfg.metrics_addr,
         Arc::new(move || {
+            if !ready_health.kafka.is_up() {
+                return Err("no connection to any Kafka broker".into());
+            }
             if !ready_health.assigned.load(Ordering::Relaxed) {
                 return Err("no CDC partition assigned yet".into());
             }
@@ -118,7 +121,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         state.clone(),
         health.clone(),
     )?);
-    if !crate::sink::probe_brokers(
+    if !crate::kafka::probe_brokers(
         consumer.as_ref(),
         &cfg.kafka.brokers,
         &cfg.cdc_topic,

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::rfc3339_ms;
+use crate::kafka::client_config;
 use crate::state::Entry;
 
 /// The status event. Schema: `schemas/payment-status-update.schema.json` (and `.avsc`).
@@ -95,17 +95,6 @@ pub struct Sink {
     dlq_topic: String,
 }
 
-/// librdkafka settings shared by paystream's clients, then the user's `--kafka-option`s.
-pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("broker.address.family", "v4");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    c
-}
-
 impl Sink {
     pub fn new(
         brokers: &str,
@@ -114,7 +103,8 @@ impl Sink {
         dlq_topic: &str,
     ) -> Result<Self, rdkafka::error::KafkaError> {
         let mut c = client_config(brokers, &[]);
-        c.set("enable.idempotence", "true")
+        c.set("client.id", "paystream-sink")
+            .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             // Bounded so a long broker outage surfaces as an error the caller retries and
@@ -202,42 +192,6 @@ impl Sink {
 
 /// Consumer-only settings from `--kafka-option` are not passed to the producer (librdkafka
 /// would warn on each).
-/// Why start-up stopped: no broker answered. The operator (address, network, credentials) or
-/// the broker is at fault; a restart helps once it answers.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot reach Kafka at {brokers} (--brokers) within {timeout:?}: {source}")]
-pub struct Unreachable {
-    pub brokers: String,
-    pub timeout: Duration,
-    pub source: rdkafka::error::KafkaError,
-}
-
-/// Asks the brokers for `topic`'s metadata once, at start, so a wrong address fails fast with a
-/// clear line instead of a daemon that waits forever. Returns whether the topic exists.
-/// Blocks in place (librdkafka's call is synchronous): needs the multi-thread runtime.
-pub fn probe_brokers<C, K>(
-    client: &K,
-    brokers: &str,
-    topic: &str,
-    timeout: Duration,
-) -> Result<bool, Unreachable>
-where
-    C: rdkafka::consumer::ConsumerContext,
-    K: rdkafka::consumer::Consumer<C>,
-{
-    let md = tokio::task::block_in_place(|| client.fetch_metadata(Some(topic), timeout)).map_err(
-        |source| Unreachable {
-            brokers: brokers.into(),
-            timeout,
-            source,
-        },
-    )?;
-    Ok(md
-        .topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none()))
-}
-
 fn is_producer_key(k: &str) -> bool {
     !matches!(
         k,

@@ -29,7 +29,8 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::decode::{decode_key, decode_value, DecodeOptions};
 use crate::metrics::METRICS;
-use crate::sink::{client_config, DeadLetter, Sink};
+use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
+use crate::sink::{DeadLetter, Sink};
 use crate::state::{StateError, Store};
 
 /// Liveness facts the admin endpoints report.
@@ -37,6 +38,8 @@ use crate::state::{StateError, Store};
 pub struct Health {
     pub last_checkpoint_ms: AtomicU64,
     pub assigned: AtomicBool,
+    /// The consumer's view of the brokers (librdkafka statistics).
+    pub kafka: BrokerWatch,
 }
 
 pub struct SourceContext {
@@ -48,6 +51,22 @@ impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
         METRICS.kafka_errors.with_label_values(&["client"]).inc();
         tracing::warn!(error = %error, reason, "kafka client error");
+    }
+
+    fn stats(&self, stats: rdkafka::Statistics) {
+        self.health.kafka.on_stats(&stats);
+        // Lag as this instance reads: the partition's end minus the next offset it will read
+        // (not the durable position; that is paystream_stored_offset).
+        for topic in stats.topics.values() {
+            for p in topic.partitions.values() {
+                if p.partition >= 0 && p.desired && p.hi_offset >= 0 && p.app_offset >= 0 {
+                    METRICS
+                        .consumer_lag
+                        .with_label_values(&[&p.partition.to_string()])
+                        .set((p.hi_offset - p.app_offset).max(0));
+                }
+            }
+        }
     }
 }
 
@@ -163,11 +182,13 @@ pub fn consumer(
     health: Arc<Health>,
 ) -> Result<CdcConsumer, KafkaError> {
     let mut c = client_config(brokers, &[]);
-    c.set("group.id", group_id)
+    c.set("client.id", "paystream-source")
+        .set("group.id", group_id)
         // Offsets come from sled; the group's are written only after durable checkpoints.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", STATS_INTERVAL_MS);
     for (k, v) in extra {
         c.set(k, v);
     }

@@ -20,7 +20,8 @@ use tokio::sync::watch;
 
 use crate::config::UpdaterConfig;
 use crate::metrics::METRICS;
-use crate::sink::{client_config, StatusEvent};
+use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
+use crate::sink::StatusEvent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdaterError {
@@ -29,7 +30,7 @@ pub enum UpdaterError {
     #[error("kafka client setup failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
-    KafkaUnreachable(#[from] crate::sink::Unreachable),
+    KafkaUnreachable(#[from] crate::kafka::Unreachable),
     #[error("admin endpoint: {0}")]
     Admin(#[from] std::io::Error),
     /// The table or columns do not match the configuration: the operator must fix it.
@@ -54,6 +55,24 @@ impl RowResult {
         }
     }
 }
+
+/// The updater's consumer reports broker state to readiness and errors to the metrics.
+struct UpdaterContext {
+    kafka: Arc<BrokerWatch>,
+}
+
+impl rdkafka::ClientContext for UpdaterContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        METRICS.kafka_errors.with_label_values(&["client"]).inc();
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+
+    fn stats(&self, stats: rdkafka::Statistics) {
+        self.kafka.on_stats(&stats);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for UpdaterContext {}
 
 struct Sql {
     apply: String,
@@ -126,24 +145,32 @@ async fn apply_batch(
     Ok(out)
 }
 
-async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+/// Connects; `ok` turns false when the connection ends (readiness), true once connected.
+async fn connect(
+    url: &str,
+    ok: &Arc<AtomicBool>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let ok_now = ok.clone();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "postgres connection ended");
         }
+        ok_now.store(false, Ordering::Relaxed);
     });
+    ok.store(true, Ordering::Relaxed);
     Ok(client)
 }
 
 /// Connects, retrying with backoff until Postgres answers or shutdown.
 async fn connect_retrying(
     url: &str,
+    ok: &Arc<AtomicBool>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<tokio_postgres::Client> {
     let mut delay = Duration::from_millis(250);
     loop {
-        match connect(url).await {
+        match connect(url, ok).await {
             Ok(c) => return Some(c),
             Err(e) => {
                 METRICS
@@ -174,36 +201,41 @@ pub async fn run(
     let pending = cfg.columns.pending_status.clone();
 
     let pg_ok = Arc::new(AtomicBool::new(false));
-    let ready = pg_ok.clone();
+    let kafka = Arc::new(BrokerWatch::default());
+    let (ready_pg, ready_kafka) = (pg_ok.clone(), kafka.clone());
     let bound = crate::admin::serve(
         cfg.metrics_addr,
         Arc::new(move || {
-            if ready.load(Ordering::Relaxed) {
-                Ok(())
-            } else {
+            if !ready_pg.load(Ordering::Relaxed) {
                 Err("postgres not connected".into())
+            } else if !ready_kafka.is_up() {
+                Err("no connection to any Kafka broker".into())
+            } else {
+                Ok(())
             }
         }),
     )
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
 
-    let Some(mut client) = connect_retrying(&url, &mut shutdown).await else {
+    let Some(mut client) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
         return Ok(());
     };
     let sql = build_sql(&client, &cfg).await?;
-    pg_ok.store(true, Ordering::Relaxed);
 
     let mut cc = client_config(&cfg.kafka.brokers, &[]);
-    cc.set("group.id", &cfg.group_id)
+    cc.set("client.id", "paystream-updater")
+        .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", STATS_INTERVAL_MS);
     for (k, v) in &cfg.kafka.kafka_options {
         cc.set(k, v);
     }
-    let consumer: StreamConsumer = cc.create()?;
+    let consumer: StreamConsumer<UpdaterContext> =
+        cc.create_with_context(UpdaterContext { kafka })?;
     consumer.subscribe(&[&cfg.status_topic])?;
-    if !crate::sink::probe_brokers(
+    if !crate::kafka::probe_brokers(
         &consumer,
         &cfg.kafka.brokers,
         &cfg.status_topic,
@@ -257,7 +289,10 @@ pub async fn run(
         let mut delay = Duration::from_millis(250);
         let results = loop {
             match apply_batch(&mut client, &sql, &pending, &events).await {
-                Ok(r) => break r,
+                Ok(r) => {
+                    pg_ok.store(true, Ordering::Relaxed);
+                    break r;
+                }
                 Err(e) => {
                     pg_ok.store(false, Ordering::Relaxed);
                     METRICS
@@ -271,12 +306,11 @@ pub async fn run(
                     }
                     delay = (delay * 2).min(Duration::from_secs(10));
                     if client.is_closed() {
-                        let Some(c) = connect_retrying(&url, &mut shutdown).await else {
+                        let Some(c) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
                             break 'outer;
                         };
                         client = c;
                     }
-                    pg_ok.store(true, Ordering::Relaxed);
                 }
             }
         };

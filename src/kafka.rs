@@ -1,0 +1,113 @@
+//! What every Kafka client of paystream shares: base settings, the start-up reachability probe,
+//! and the broker watch that turns librdkafka's statistics into readiness, a metric and a log
+//! line when the brokers go away and come back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientConfig;
+
+use crate::metrics::METRICS;
+
+/// How often librdkafka reports statistics (broker states, consumer lag) to the watch.
+pub const STATS_INTERVAL_MS: &str = "1000";
+
+/// librdkafka settings shared by paystream's clients, then the user's `--kafka-option`s.
+pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Why start-up stopped: no broker answered. The operator (address, network, credentials) or
+/// the broker is at fault; a restart helps once it answers.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach Kafka at {brokers} (--brokers) within {timeout:?}: {source}")]
+pub struct Unreachable {
+    pub brokers: String,
+    pub timeout: Duration,
+    pub source: rdkafka::error::KafkaError,
+}
+
+/// Asks the brokers for `topic`'s metadata once, at start, so a wrong address fails fast with a
+/// clear line instead of a daemon that waits forever. Returns whether the topic exists.
+/// Blocks in place (librdkafka's call is synchronous): needs the multi-thread runtime.
+pub fn probe_brokers<C, K>(
+    client: &K,
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<bool, Unreachable>
+where
+    C: rdkafka::consumer::ConsumerContext,
+    K: rdkafka::consumer::Consumer<C>,
+{
+    let md = tokio::task::block_in_place(|| client.fetch_metadata(Some(topic), timeout)).map_err(
+        |source| Unreachable {
+            brokers: brokers.into(),
+            timeout,
+            source,
+        },
+    )?;
+    Ok(md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none()))
+}
+
+/// Whether this client has a live connection to at least one broker, from librdkafka's
+/// statistics. librdkafka reconnects by itself; the watch only makes an outage visible: it
+/// flips readiness, sets `paystream_kafka_brokers_up`, counts `paystream_kafka_outages_total`
+/// and logs when the outage starts and ends.
+pub struct BrokerWatch {
+    up: AtomicBool,
+    down_since_ms: AtomicU64,
+}
+
+impl Default for BrokerWatch {
+    /// Up until the statistics say otherwise: start-up already proved a broker answers.
+    fn default() -> Self {
+        BrokerWatch {
+            up: AtomicBool::new(true),
+            down_since_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl BrokerWatch {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Called with each statistics report (every [`STATS_INTERVAL_MS`]).
+    pub fn on_stats(&self, stats: &Statistics) {
+        // Real brokers only: bootstrap entries (-1) and the internal/logical ones do not count.
+        let up = stats
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0 && b.state == "UP")
+            .count();
+        METRICS.kafka_brokers_up.set(up as i64);
+        let now = unix_ms();
+        if up == 0 && self.up.swap(false, Ordering::Relaxed) {
+            self.down_since_ms.store(now, Ordering::Relaxed);
+            METRICS.kafka_outages.inc();
+            tracing::error!(client = %stats.client_id, "kafka outage: no connection to any broker; reconnecting (offsets held, nothing is skipped)");
+        } else if up > 0 && !self.up.swap(true, Ordering::Relaxed) {
+            let lasted = now.saturating_sub(self.down_since_ms.load(Ordering::Relaxed));
+            tracing::warn!(client = %stats.client_id, outage_ms = lasted, brokers_up = up, "kafka reachable again");
+        }
+    }
+}
