@@ -3,9 +3,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEV="${PAYSTREAM_DEV_DIR:-$ROOT/.dev}"              # ignored by git: data, logs, pids
 CACHE="${PAYSTREAM_CACHE:-$HOME/.cache/paystream}"  # outside the work tree: slow builds survive
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
-PG_PORT="${PAYSTREAM_PG_PORT:-55432}"
-KAFKA_PORT="${PAYSTREAM_KAFKA_PORT:-59092}"
-STRIPE_PORT="${PAYSTREAM_STRIPE_PORT:-58420}"
+# Below Linux's ephemeral range (32768-60999): a client that keeps reconnecting to a stopped
+# server on an ephemeral port can connect to itself (TCP simultaneous open) and then holds the
+# port, so the server cannot start again (seen here in the Postgres outage test).
+PG_PORT="${PAYSTREAM_PG_PORT:-25432}"
+KAFKA_PORT="${PAYSTREAM_KAFKA_PORT:-29092}"
+STRIPE_PORT="${PAYSTREAM_STRIPE_PORT:-28420}"
 NISSHI_VERSION=0.7.0-pre.2
 NISSHI="$CACHE/nisshi-$NISSHI_VERSION/bin/nisshi"
 STRIPE_VENV="$CACHE/venv-stripe"

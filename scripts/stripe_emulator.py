@@ -122,7 +122,7 @@ app.middlewares.insert(0, paystream_middleware)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, default=58420)
+    ap.add_argument("--port", type=int, default=28420)
     args = ap.parse_args()
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
 

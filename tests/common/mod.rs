@@ -40,12 +40,12 @@ pub fn stack() -> &'static Stack {
             .expect("scripts/dev-up");
         assert!(st.success(), "scripts/dev-up failed");
         Stack {
-            brokers: format!("127.0.0.1:{}", port("PAYSTREAM_KAFKA_PORT", 59092)),
+            brokers: format!("127.0.0.1:{}", port("PAYSTREAM_KAFKA_PORT", 29092)),
             pg_url: format!(
                 "host=127.0.0.1 port={} user=postgres dbname=payments",
-                port("PAYSTREAM_PG_PORT", 55432)
+                port("PAYSTREAM_PG_PORT", 25432)
             ),
-            stripe: format!("http://127.0.0.1:{}", port("PAYSTREAM_STRIPE_PORT", 58420)),
+            stripe: format!("http://127.0.0.1:{}", port("PAYSTREAM_STRIPE_PORT", 28420)),
         }
     })
 }
