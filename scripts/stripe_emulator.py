@@ -1,27 +1,30 @@
 #!/usr/bin/env python3
 """paystream's wrapper around localstripe (a test tool only; GPL-3.0, never linked).
 
-It changes three things and adds two:
+It changes three things about localstripe:
 - binds 127.0.0.1 only (localstripe itself binds every interface);
 - keeps its store in memory (localstripe pickles everything to /tmp/localstripe.pickle after
   each write, which is slow and shared between instances);
-- never loads another instance's data;
-- fault injection for paystream's error paths: POST /_paystream/faults with JSON
-  {"status": 429|500|503|..., "count": N, "delay_ms": M, "path": "/v1/payment_intents"}
-  makes the next N matching requests wait delay_ms and/or answer `status` with a Stripe-shaped
-  error body; DELETE /_paystream/faults clears them;
-  Optional per fault: "should_retry": true|false adds a `Stripe-Should-Retry` header;
-  "body": "<text>" answers that raw text (status defaults to 200) instead of a Stripe error;
-  "drop": true closes the connection without an answer (the client sees a transport error);
-- GET /_paystream/stats returns {"requests": N, "by_path": {...}, "max_per_second": M} counted
-  over /v1/ requests (M: the most requests that started in any one-second window);
+- never loads another instance's data.
+
+And adds, for paystream's tests:
 - GET /v1/payment_intents/search, which localstripe lacks, for the one query paystream sends:
   `metadata['idempotency_key']:'<key>'` (exact match; Stripe's own search lags, this one doesn't).
+- Fault injection: POST /_paystream/faults with a JSON fault or list of faults
+  {"status": 429|500|503|..., "count": N, "delay_ms": M, "path": "/v1/payment_intents/pi_x",
+   "key": "sk_test_..."} makes the next N matching requests (path prefix; only those made with
+  that API key, when given) wait delay_ms and/or answer `status` with a Stripe-shaped error.
+  Optional: "should_retry": true|false adds a `Stripe-Should-Retry` header; "body": "<text>"
+  answers that raw text (status defaults to 200); "drop": true closes the connection without an
+  answer. DELETE /_paystream/faults clears them all.
+- Stats: GET /_paystream/stats returns {"requests", "by_path", "max_per_second"} over all /v1/
+  requests; with ?key=sk_... only that key's: its "max_per_second" (the most requests that
+  started in any one-second window) and "log", every request as [t_seconds, method, path,
+  status]. Tests give each daemon its own key, so parallel tests never mix.
 """
 import argparse
 import asyncio
 import collections
-import json
 import re
 import time
 
@@ -34,11 +37,69 @@ from localstripe.server import app
 resources.Store.dump_to_disk = lambda self: None
 
 FAULTS = []
-STATS = {"requests": 0, "by_path": {}}
-# Start times of recent /v1/ requests, for the highest rate seen in any one-second window.
-RECENT = collections.deque()
-MAX_PER_SECOND = [0]
 SEARCH = re.compile(r"^metadata\['idempotency_key'\]:'((?:[^'\\]|\\.)*)'$")
+
+
+class Meter:
+    """Requests of one scope (all, or one API key): counts, peak rate, and a log."""
+
+    def __init__(self, keep_log):
+        self.requests = 0
+        self.by_path = {}
+        self.recent = collections.deque()
+        self.max_per_second = 0
+        self.log = [] if keep_log else None
+
+    def start(self, method, path):
+        self.requests += 1
+        group = method + " " + "/".join(path.split("/")[:3])
+        self.by_path[group] = self.by_path.get(group, 0) + 1
+        now = time.monotonic()
+        self.recent.append(now)
+        while self.recent and self.recent[0] <= now - 1.0:
+            self.recent.popleft()
+        self.max_per_second = max(self.max_per_second, len(self.recent))
+        return now
+
+    def done(self, started, method, path, status):
+        if self.log is not None:
+            self.log.append([round(started, 4), method, path, status])
+
+    def json(self):
+        out = {"requests": self.requests, "by_path": self.by_path,
+               "max_per_second": self.max_per_second}
+        if self.log is not None:
+            out["log"] = self.log
+        return out
+
+
+ALL = Meter(keep_log=False)
+BY_KEY = collections.defaultdict(lambda: Meter(keep_log=True))
+
+
+def api_key(request):
+    auth = request.headers.get("Authorization", "")
+    return auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+
+
+def injected(fault, request):
+    """The response a fault prescribes, or None to let the request through (delay only)."""
+    if fault.get("drop"):
+        request.transport.abort()
+        return web.Response(status=500)
+    headers = {}
+    if "should_retry" in fault:
+        headers["Stripe-Should-Retry"] = "true" if fault["should_retry"] else "false"
+    if "body" in fault:
+        return web.Response(text=fault["body"], status=fault.get("status", 200),
+                            content_type="application/json", headers=headers)
+    status = fault.get("status")
+    if status:
+        kind = "invalid_request_error" if status < 500 else "api_error"
+        body = {"error": {"type": kind, "message": "injected by paystream's emulator",
+                          "code": "rate_limit" if status == 429 else None}}
+        return web.json_response(body, status=status, headers=headers)
+    return None
 
 
 @web.middleware
@@ -46,44 +107,40 @@ async def paystream_middleware(request, handler):
     path = request.path
     # Control endpoints are answered here, before localstripe's auth middleware.
     if path == "/_paystream/faults" and request.method == "POST":
-        return await set_faults(request)
+        data = await request.json()
+        FAULTS.extend({"count": 1, **f} for f in (data if isinstance(data, list) else [data]))
+        return web.json_response({"faults": FAULTS})
     if path == "/_paystream/faults" and request.method == "DELETE":
-        return await clear_faults(request)
+        FAULTS.clear()
+        return web.json_response({"faults": FAULTS})
     if path == "/_paystream/stats":
-        return await stats(request)
-    if path.startswith("/v1/"):
-        STATS["requests"] += 1
-        key = request.method + " " + "/".join(path.split("/")[:3])
-        STATS["by_path"][key] = STATS["by_path"].get(key, 0) + 1
-        now = time.monotonic()
-        RECENT.append(now)
-        while RECENT and RECENT[0] <= now - 1.0:
-            RECENT.popleft()
-        MAX_PER_SECOND[0] = max(MAX_PER_SECOND[0], len(RECENT))
-        for fault in FAULTS:
-            if fault["count"] > 0 and path.startswith(fault.get("path", "/v1/")):
-                fault["count"] -= 1
-                if fault.get("delay_ms"):
-                    await asyncio.sleep(fault["delay_ms"] / 1000)
-                if fault.get("drop"):
-                    request.transport.abort()
-                    return web.Response(status=500)
-                headers = {}
-                if "should_retry" in fault:
-                    headers["Stripe-Should-Retry"] = "true" if fault["should_retry"] else "false"
-                if "body" in fault:
-                    return web.Response(text=fault["body"], status=fault.get("status", 200),
-                                        content_type="application/json", headers=headers)
-                status = fault.get("status")
-                if status:
-                    kind = "invalid_request_error" if status < 500 else "api_error"
-                    body = {"error": {"type": kind, "message": "injected by paystream's emulator",
-                                      "code": "rate_limit" if status == 429 else None}}
-                    return web.json_response(body, status=status, headers=headers)
-                break
-        if path == "/v1/payment_intents/search" and request.method == "GET":
-            return search_intents(request)
-    return await handler(request)
+        key = request.query.get("key")
+        return web.json_response((BY_KEY[key] if key else ALL).json())
+    if not path.startswith("/v1/"):
+        return await handler(request)
+
+    key = api_key(request)
+    meters = [ALL, BY_KEY[key]]
+    started = [m.start(request.method, path) for m in meters]
+    response = None
+    for fault in FAULTS:
+        if (fault["count"] > 0 and path.startswith(fault.get("path", "/v1/"))
+                and fault.get("key", key) == key):
+            fault["count"] -= 1
+            if fault.get("delay_ms"):
+                await asyncio.sleep(fault["delay_ms"] / 1000)
+            response = injected(fault, request)
+            break
+    if response is None and path == "/v1/payment_intents/search" and request.method == "GET":
+        response = search_intents(request)
+    if response is None:
+        try:
+            response = await handler(request)
+        except web.HTTPException as e:
+            response = e
+    for m, t in zip(meters, started):
+        m.done(t, request.method, path, response.status)
+    return response
 
 
 def search_intents(request):
@@ -99,22 +156,6 @@ def search_intents(request):
             and (getattr(obj, "metadata", None) or {}).get("idempotency_key") == wanted]
     return web.json_response({"object": "search_result", "url": "/v1/payment_intents/search",
                               "has_more": False, "next_page": None, "data": hits})
-
-
-async def set_faults(request):
-    data = await request.json()
-    items = data if isinstance(data, list) else [data]
-    FAULTS.extend({"count": 1, **f} for f in items)
-    return web.json_response({"faults": FAULTS})
-
-
-async def clear_faults(request):
-    FAULTS.clear()
-    return web.json_response({"faults": FAULTS})
-
-
-async def stats(request):
-    return web.json_response({**STATS, "max_per_second": MAX_PER_SECOND[0]})
 
 
 app.middlewares.insert(0, paystream_middleware)

@@ -29,7 +29,12 @@ fn status_event(id: i64, status: &str) -> Vec<u8> {
         idempotency_key: format!("k-{id}"),
         stripe_payment_intent_id: Some(format!("pi_{id}")),
         status: status.into(),
-        stripe_status: if status == "succeeded" { "succeeded" } else { "canceled" }.into(),
+        stripe_status: if status == "succeeded" {
+            "succeeded"
+        } else {
+            "canceled"
+        }
+        .into(),
         reason: None,
         observed_at: "2026-11-22T00:00:00.000Z".into(),
         producer: "paystream".into(),
@@ -49,9 +54,7 @@ fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    let got = c
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
     let sum = got
         .elements()
         .iter()
@@ -82,8 +85,8 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
 
     let db = pg(&s.pg_url).await;
     install_status_audit(&db).await;
-    let base: i64 = run.trim_start_matches("upd").parse::<i64>().unwrap() % 1_000_000 * 1_000_000
-        + 500_000;
+    let base: i64 =
+        run.trim_start_matches("upd").parse::<i64>().unwrap() % 1_000_000 * 1_000_000 + 500_000;
     db.execute(
         "INSERT INTO payments (id, idempotency_key, amount, currency) OVERRIDING SYSTEM VALUE \
          SELECT g, 'upd-' || g, 1.00, 'usd' FROM generate_series($1::int8, $2::int8) g",
@@ -102,7 +105,11 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
     let mut events: Vec<(Option<i64>, Vec<u8>)> = Vec::new();
     let mut seen: Vec<i64> = Vec::new();
     for id in order {
-        let st = if rng.gen_bool(0.5) { "succeeded" } else { "failed" };
+        let st = if rng.gen_bool(0.5) {
+            "succeeded"
+        } else {
+            "failed"
+        };
         first.insert(id, st);
         events.push((Some(id), status_event(id, st)));
         seen.push(id);
@@ -110,7 +117,11 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
             // A later, contradicting answer for an earlier row (a bug upstream, or a
             // replay of another instance's decision): must change nothing.
             let old = seen[rng.gen_range(0..seen.len())];
-            let other = if first[&old] == "succeeded" { "failed" } else { "succeeded" };
+            let other = if first[&old] == "succeeded" {
+                "failed"
+            } else {
+                "succeeded"
+            };
             events.push((Some(old), status_event(old, other)));
         }
         if rng.gen_bool(0.01) {
@@ -162,15 +173,19 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
         .map(|(_, h)| h)
         .sum();
     let (b, t, g) = (s.brokers.clone(), topic.clone(), group.clone());
-    wait_for("the updater's commits to reach the end of the topic", 180, || {
-        let (b, t, g) = (b.clone(), t.clone(), g.clone());
-        async move {
-            tokio::task::spawn_blocking(move || committed(&b, &g, &t, 2))
-                .await
-                .unwrap()
-                == high
-        }
-    })
+    wait_for(
+        "the updater's commits to reach the end of the topic",
+        180,
+        || {
+            let (b, t, g) = (b.clone(), t.clone(), g.clone());
+            async move {
+                tokio::task::spawn_blocking(move || committed(&b, &g, &t, 2))
+                    .await
+                    .unwrap()
+                    == high
+            }
+        },
+    )
     .await;
     assert!(up.term().success());
     assert_no_panic(&logs);
@@ -192,7 +207,11 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
             wrong.push((*id, first[id], st.clone()));
         }
     }
-    assert!(wrong.is_empty(), "rows not at their first status: {:?}", &wrong[..wrong.len().min(10)]);
+    assert!(
+        wrong.is_empty(),
+        "rows not at their first status: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
     let changes: Vec<(i64, i64)> = db
         .query(
             "SELECT id, count(*) FROM status_changes WHERE id BETWEEN $1 AND $2 GROUP BY id HAVING count(*) <> 1 OR bool_or(old_status <> 'pending')",
@@ -203,7 +222,10 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert!(changes.is_empty(), "rows changed more than once or not from pending: {changes:?}");
+    assert!(
+        changes.is_empty(),
+        "rows changed more than once or not from pending: {changes:?}"
+    );
     let changed: i64 = db
         .query_one(
             "SELECT count(DISTINCT id) FROM status_changes WHERE id BETWEEN $1 AND $2",

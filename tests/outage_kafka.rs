@@ -34,7 +34,8 @@ async fn broker_outage_under_load_loses_nothing() {
     let t = topics(s, "kout", 2).await;
     let logs = log_dir(&t.run);
     eprintln!("broker outage of {outage:?}; logs: {}", logs.display());
-    let base: i64 = t.run.trim_start_matches("kout").parse::<i64>().unwrap() % 1_000_000 * 1_000_000;
+    let base: i64 =
+        t.run.trim_start_matches("kout").parse::<i64>().unwrap() % 1_000_000 * 1_000_000;
 
     // Twelve payments Stripe will answer, eight succeeded and four canceled; 600 more that it
     // never will (load: polled, never resolved).
@@ -94,7 +95,13 @@ async fn broker_outage_under_load_loses_nothing() {
     let p = producer(&s.brokers);
     let mut published = BTreeSet::new();
     for r in load[..300].iter().chain(&stripe_rows[..6]) {
-        publish(&p, &t.cdc, Some(&cdc_key(r.id)), Some(&cdc_value("c", r, false))).await;
+        publish(
+            &p,
+            &t.cdc,
+            Some(&cdc_key(r.id)),
+            Some(&cdc_value("c", r, false)),
+        )
+        .await;
         published.insert(r.id.to_string());
     }
     drop(p);
@@ -143,7 +150,13 @@ async fn broker_outage_under_load_loses_nothing() {
     let recovered_in = back.elapsed();
     let p = producer(&s.brokers);
     for r in stripe_rows[6..].iter().chain(&load[300..]) {
-        publish(&p, &t.cdc, Some(&cdc_key(r.id)), Some(&cdc_value("c", r, false))).await;
+        publish(
+            &p,
+            &t.cdc,
+            Some(&cdc_key(r.id)),
+            Some(&cdc_value("c", r, false)),
+        )
+        .await;
         published.insert(r.id.to_string());
     }
 
@@ -160,10 +173,15 @@ async fn broker_outage_under_load_loses_nothing() {
             == 12
     })
     .await;
-    let high: i64 = high_watermarks(&s.brokers, &t.cdc).iter().map(|(_, h)| h).sum();
-    wait_for("the daemon's stored offsets at the end of the topic", 60, || async {
-        metric(port, "paystream_stored_offset", &[]) as i64 == high
-    })
+    let high: i64 = high_watermarks(&s.brokers, &t.cdc)
+        .iter()
+        .map(|(_, h)| h)
+        .sum();
+    wait_for(
+        "the daemon's stored offsets at the end of the topic",
+        60,
+        || async { metric(port, "paystream_stored_offset", &[]) as i64 == high },
+    )
     .await;
     assert!(daemon.term().success());
     assert!(updater.term().success());
@@ -171,7 +189,12 @@ async fn broker_outage_under_load_loses_nothing() {
 
     for (i, r) in stripe_rows.iter().enumerate() {
         let want = if i < 8 { "succeeded" } else { "failed" };
-        assert_eq!(read_payment(&db, r.id).await.status, want, "payment {}", r.id);
+        assert_eq!(
+            read_payment(&db, r.id).await.status,
+            want,
+            "payment {}",
+            r.id
+        );
     }
     let changes: i64 = db
         .query_one(
@@ -182,11 +205,18 @@ async fn broker_outage_under_load_loses_nothing() {
         .unwrap()
         .get(0);
     let all: i64 = db
-        .query_one("SELECT count(*) FROM status_changes WHERE id = ANY($1)", &[&ids])
+        .query_one(
+            "SELECT count(*) FROM status_changes WHERE id = ANY($1)",
+            &[&ids],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!((changes, all), (12, 12), "one pending → final change per payment");
+    assert_eq!(
+        (changes, all),
+        (12, 12),
+        "one pending → final change per payment"
+    );
 
     // State: every published payment is still there (none was confirmed final by CDC), and
     // exactly the twelve Stripe payments were emitted.
@@ -205,7 +235,10 @@ async fn broker_outage_under_load_loses_nothing() {
     let up_log = std::fs::read_to_string(logs.join("updater.log")).unwrap();
     for (who, log) in [("run", &run_log), ("updater", &up_log)] {
         assert!(log.contains("kafka outage"), "{who} logged the outage");
-        assert!(log.contains("kafka reachable again"), "{who} logged the recovery");
+        assert!(
+            log.contains("kafka reachable again"),
+            "{who} logged the recovery"
+        );
     }
     eprintln!(
         "broker down for {down_for:?}: run not ready after {run_after:?}, updater after {up_after:?}; both ready again {recovered_in:?} after the restart; {} payments in state, 12 answers written once; {} status sends failed during the outage and were retried",

@@ -68,8 +68,8 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
 
     let db = pg(&s.pg_url).await;
     install_status_audit(&db).await;
-    let base: i64 = run.trim_start_matches("pgout").parse::<i64>().unwrap() % 1_000_000 * 1_000_000
-        + 700_000;
+    let base: i64 =
+        run.trim_start_matches("pgout").parse::<i64>().unwrap() % 1_000_000 * 1_000_000 + 700_000;
     let n = 300i64;
     db.execute(
         "INSERT INTO payments (id, idempotency_key, amount, currency) OVERRIDING SYSTEM VALUE \
@@ -92,7 +92,13 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
 
     let p = producer(&s.brokers);
     for id in base..base + 100 {
-        publish(&p, &topic, Some(id.to_string().as_bytes()), Some(&event(id))).await;
+        publish(
+            &p,
+            &topic,
+            Some(id.to_string().as_bytes()),
+            Some(&event(id)),
+        )
+        .await;
     }
     let (b, g, t) = (s.brokers.clone(), group.clone(), topic.clone());
     wait_for("the first 100 applied and committed", 60, || {
@@ -109,7 +115,13 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
     script("pg-down");
     let started = Instant::now();
     for id in base + 100..base + n {
-        publish(&p, &topic, Some(id.to_string().as_bytes()), Some(&event(id))).await;
+        publish(
+            &p,
+            &topic,
+            Some(id.to_string().as_bytes()),
+            Some(&event(id)),
+        )
+        .await;
     }
     let mut not_ready = None;
     let mut max_committed = 0;
@@ -139,15 +151,19 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
 
     let back = Instant::now();
     let (b, g, t) = (s.brokers.clone(), group.clone(), topic.clone());
-    wait_for("everything applied and committed after recovery", 120, || {
-        let (b, g, t) = (b.clone(), g.clone(), t.clone());
-        async move {
-            tokio::task::spawn_blocking(move || committed(&b, &g, &t))
-                .await
-                .unwrap()
-                == n
-        }
-    })
+    wait_for(
+        "everything applied and committed after recovery",
+        120,
+        || {
+            let (b, g, t) = (b.clone(), g.clone(), t.clone());
+            async move {
+                tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+                    .await
+                    .unwrap()
+                    == n
+            }
+        },
+    )
     .await;
     let caught_up = back.elapsed();
     assert!(updater.term().success());

@@ -28,8 +28,8 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::decode::{decode_key, decode_value, DecodeOptions};
-use crate::metrics::METRICS;
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
+use crate::metrics::METRICS;
 use crate::sink::{DeadLetter, Sink};
 use crate::state::{StateError, Store};
 

@@ -19,8 +19,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::config::UpdaterConfig;
-use crate::metrics::METRICS;
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
+use crate::metrics::METRICS;
 use crate::sink::StatusEvent;
 
 #[derive(Debug, thiserror::Error)]
