@@ -576,7 +576,10 @@ fn normalize_col(
         return Ok(Value::Null);
     }
     let is_number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
-    let v = raw_value(raw);
+    // Parsed here, not through `raw_value`: a number serde cannot hold (1e400) is a bad value,
+    // never silently null.
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| err(DecodeErrorKind::BadValue, format!("column {col:?}: {e}")))?;
     if v.as_str() == Some(opts.unavailable_placeholder.as_str()) {
         return Ok(v);
     }
@@ -667,7 +670,8 @@ fn missing(col: &str) -> DecodeError {
 fn id_string(v: &Value, col: &str) -> Result<String, DecodeError> {
     match v {
         Value::String(s) if !s.is_empty() => Ok(s.clone()),
-        Value::Number(n) => Ok(n.to_string()),
+        // Integers only: 1.5 or 1e3 is not a row id, and must not become one.
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         Value::Null => Err(err(
             DecodeErrorKind::BadValue,
             format!("key column {col:?} is null"),
@@ -708,7 +712,8 @@ fn payment_from_row(
             None => Err(missing(name)),
             Some(Value::String(s)) if s == placeholder => Ok(Col::Unknown),
             Some(Value::String(s)) => Ok(Col::Set(s.clone())),
-            Some(Value::Number(n)) => Ok(Col::Set(n.to_string())),
+            // Text only: a number where the status belongs is a broken producer, and reading
+            // it as a (non-pending, hence final) status would drop a pending payment.
             Some(other) => Err(err(
                 DecodeErrorKind::BadValue,
                 format!("column {name:?} must be text, got {other}"),
