@@ -16,56 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use paystream::sink::{event_id, StatusEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-fn status_event(id: i64, status: &str) -> Vec<u8> {
-    serde_json::to_vec(&StatusEvent {
-        event_id: event_id(&id.to_string(), status),
-        payment_id: id.to_string(),
-        idempotency_key: format!("k-{id}"),
-        stripe_payment_intent_id: Some(format!("pi_{id}")),
-        status: status.into(),
-        stripe_status: if status == "succeeded" {
-            "succeeded"
-        } else {
-            "canceled"
-        }
-        .into(),
-        reason: None,
-        observed_at: "2026-11-22T00:00:00.000Z".into(),
-        producer: "paystream".into(),
-    })
-    .unwrap()
-}
-
-/// The group's committed offsets for `topic`, summed.
-fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("broker.address.family", "v4")
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    let sum = got
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .sum();
-    drop(got);
-    sum
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
@@ -87,13 +39,7 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
     install_status_audit(&db).await;
     let base: i64 =
         run.trim_start_matches("upd").parse::<i64>().unwrap() % 1_000_000 * 1_000_000 + 500_000;
-    db.execute(
-        "INSERT INTO payments (id, idempotency_key, amount, currency) OVERRIDING SYSTEM VALUE \
-         SELECT g, 'upd-' || g, 1.00, 'usd' FROM generate_series($1::int8, $2::int8) g",
-        &[&base, &(base + rows - 1)],
-    )
-    .await
-    .unwrap();
+    insert_pending_rows(&db, base, rows, "upd").await;
     // Each of these rows takes 5 ms to update, so a batch's transaction stays open long enough
     // for kills to land inside it (Postgres rolls those back; the replay re-applies them).
     db.batch_execute(&format!(
@@ -191,19 +137,14 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
         .iter()
         .map(|(_, h)| h)
         .sum();
-    let (b, t, g) = (s.brokers.clone(), topic.clone(), group.clone());
-    wait_for(
+    wait_committed(
+        s,
+        &group,
+        &topic,
+        2,
+        high,
         "the updater's commits to reach the end of the topic",
         180,
-        || {
-            let (b, t, g) = (b.clone(), t.clone(), g.clone());
-            async move {
-                tokio::task::spawn_blocking(move || committed(&b, &g, &t, 2))
-                    .await
-                    .unwrap()
-                    == high
-            }
-        },
     )
     .await;
     assert!(up.term().success());

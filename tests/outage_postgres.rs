@@ -7,53 +7,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use paystream::sink::{event_id, StatusEvent};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-fn script(name: &str) {
-    let st = Command::new(root().join("scripts").join(name))
-        .status()
-        .unwrap();
-    assert!(st.success(), "scripts/{name}");
-}
-
-fn event(id: i64) -> Vec<u8> {
-    serde_json::to_vec(&StatusEvent {
-        event_id: event_id(&id.to_string(), "succeeded"),
-        payment_id: id.to_string(),
-        idempotency_key: format!("k-{id}"),
-        stripe_payment_intent_id: None,
-        status: "succeeded".into(),
-        stripe_status: "succeeded".into(),
-        reason: None,
-        observed_at: "2026-11-22T00:00:00.000Z".into(),
-        producer: "paystream".into(),
-    })
-    .unwrap()
-}
-
-fn committed(brokers: &str, group: &str, topic: &str) -> i64 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("broker.address.family", "v4")
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, 0);
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    let o = match got.elements()[0].offset() {
-        Offset::Offset(o) => o,
-        _ => 0,
-    };
-    drop(got);
-    o
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_outage_holds_offsets_and_applies_everything_after() {
@@ -71,13 +27,7 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
     let base: i64 =
         run.trim_start_matches("pgout").parse::<i64>().unwrap() % 1_000_000 * 1_000_000 + 700_000;
     let n = 300i64;
-    db.execute(
-        "INSERT INTO payments (id, idempotency_key, amount, currency) OVERRIDING SYSTEM VALUE \
-         SELECT g, 'pgout-' || g, 2.00, 'usd' FROM generate_series($1::int8, $2::int8) g",
-        &[&base, &(base + n - 1)],
-    )
-    .await
-    .unwrap();
+    insert_pending_rows(&db, base, n, "pgout").await;
     drop(db);
 
     let port = free_port();
@@ -96,20 +46,19 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
             &p,
             &topic,
             Some(id.to_string().as_bytes()),
-            Some(&event(id)),
+            Some(&status_event(id, "succeeded")),
         )
         .await;
     }
-    let (b, g, t) = (s.brokers.clone(), group.clone(), topic.clone());
-    wait_for("the first 100 applied and committed", 60, || {
-        let (b, g, t) = (b.clone(), g.clone(), t.clone());
-        async move {
-            tokio::task::spawn_blocking(move || committed(&b, &g, &t))
-                .await
-                .unwrap()
-                == 100
-        }
-    })
+    wait_committed(
+        s,
+        &group,
+        &topic,
+        1,
+        100,
+        "the first 100 applied and committed",
+        60,
+    )
     .await;
 
     script("pg-down");
@@ -119,7 +68,7 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
             &p,
             &topic,
             Some(id.to_string().as_bytes()),
-            Some(&event(id)),
+            Some(&status_event(id, "succeeded")),
         )
         .await;
     }
@@ -132,7 +81,7 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
             }
         }
         let (b, g, t) = (s.brokers.clone(), group.clone(), topic.clone());
-        let c = tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+        let c = tokio::task::spawn_blocking(move || committed(&b, &g, &t, 1))
             .await
             .unwrap();
         max_committed = max_committed.max(c);
@@ -150,19 +99,14 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
     assert!(errors >= 2.0, "retries counted ({errors})");
 
     let back = Instant::now();
-    let (b, g, t) = (s.brokers.clone(), group.clone(), topic.clone());
-    wait_for(
+    wait_committed(
+        s,
+        &group,
+        &topic,
+        1,
+        n,
         "everything applied and committed after recovery",
         120,
-        || {
-            let (b, g, t) = (b.clone(), g.clone(), t.clone());
-            async move {
-                tokio::task::spawn_blocking(move || committed(&b, &g, &t))
-                    .await
-                    .unwrap()
-                    == n
-            }
-        },
     )
     .await;
     let caught_up = back.elapsed();

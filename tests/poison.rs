@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use common::*;
 
 /// (name, key, value, expected `paystream.reason`).
-fn catalog() -> Vec<(&'static str, Option<Vec<u8>>, Vec<u8>, &'static str)> {
+type Case = (&'static str, Option<Vec<u8>>, Vec<u8>, &'static str);
+
+fn catalog() -> Vec<Case> {
     let row = |after: &str| {
         format!(r#"{{"op":"c","before":null,"after":{after},"source":{{"table":"payments"}}}}"#)
     };

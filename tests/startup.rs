@@ -205,36 +205,14 @@ async fn secrets_never_reach_logs_help_errors_or_metrics() {
     let mut args = run_args(s, &t, data.path(), port, &[]);
     let k = args.iter().position(|a| a == "--stripe-key").unwrap();
     args[k + 1] = STRIPE_SECRET.into();
-    let mut daemon = {
-        let f = std::fs::File::create(logs.join("run.log")).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_paystream"))
-            .args(&args)
-            .env("RUST_LOG", "trace")
-            .env("PAYSTREAM_KAFKA_OPTIONS", KAFKA_TEST_OPTIONS)
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .map(Proc)
-            .unwrap()
-    };
+    let mut daemon = spawn_logging(&args, &logs.join("run.log"), "trace");
     let up_port = free_port();
     let mut up_args = updater_args(s, &t.status, &format!("{}-updater", t.run), &[]);
     let i = up_args.iter().position(|a| a == "--postgres-url").unwrap();
     up_args[i + 1] = pg_url.clone();
     let j = up_args.iter().position(|a| a == "--metrics-addr").unwrap();
     up_args[j + 1] = format!("127.0.0.1:{up_port}");
-    let mut updater = {
-        let f = std::fs::File::create(logs.join("updater.log")).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_paystream"))
-            .args(&up_args)
-            .env("RUST_LOG", "trace")
-            .env("PAYSTREAM_KAFKA_OPTIONS", KAFKA_TEST_OPTIONS)
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .map(Proc)
-            .unwrap()
-    };
+    let mut updater = spawn_logging(&up_args, &logs.join("updater.log"), "trace");
     let (pi, _) = intent_with_card(&s.stripe, "1200", "4242424242424242");
     let db = pg(&s.pg_url).await;
     let row = insert_payment(&db, &format!("{}-secret", t.run), "12.00", Some(&pi)).await;

@@ -715,7 +715,7 @@ mod tests {
             // Not checkpointed: must be gone after reopen, offset included.
             apply(&s, &create("b", "pending"), None, 2, 1000, 600);
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = reopen(dir.path()).unwrap();
         assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
         assert_eq!(s.stored_offsets().unwrap(), vec![("t".to_string(), 0, 1)]);
         let ids: Vec<_> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
@@ -806,15 +806,39 @@ mod tests {
         assert_eq!(s.due(1999, 1000, |_| false).unwrap().len(), 100);
     }
 
+    /// Runs `open` until it stops failing on sled's file lock (at most 5 s). Within one process
+    /// sled releases the lock from its flusher thread a moment after the last handle drops, so
+    /// an immediate reopen can still see it held; a new process never does (the lock dies with
+    /// the old one).
+    fn retry_locked<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match open() {
+                Err(e)
+                    if (e.to_string().contains("could not acquire lock")
+                        || e.to_string().contains("in use by another process"))
+                        && std::time::Instant::now() < end =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Opens the store's sled tree directly, as a crash or a sled bug might have left it.
     fn raw(dir: &Path, f: impl FnOnce(&sled::Db)) {
-        let db = sled::Config::new().path(dir).open().unwrap();
+        let db = retry_locked(|| sled::Config::new().path(dir).open()).unwrap();
         f(&db);
         db.flush().unwrap();
     }
 
+    fn reopen(dir: &Path) -> Result<Store, StateError> {
+        retry_locked(|| Store::open(dir))
+    }
+
     fn open_err(dir: &Path) -> String {
-        match Store::open(dir) {
+        match reopen(dir) {
             Ok(_) => panic!("opened a broken store"),
             Err(e) => e.to_string(),
         }
@@ -833,7 +857,7 @@ mod tests {
             s.checkpoint().unwrap();
         }
         // Whole checkpoints reopen fine.
-        assert_eq!(Store::open(dir.path()).unwrap().entries().unwrap().len(), 2);
+        assert_eq!(reopen(dir.path()).unwrap().entries().unwrap().len(), 2);
 
         // A lost index row (half of a batch).
         raw(dir.path(), |db| {
@@ -891,7 +915,10 @@ mod tests {
     fn a_second_opener_is_told_the_store_is_in_use() {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path()).unwrap();
-        let e = open_err(dir.path());
+        let e = match Store::open(dir.path()) {
+            Ok(_) => panic!("opened a store another handle holds"),
+            Err(e) => e.to_string(),
+        };
         assert!(e.contains("in use by another process"), "{e}");
     }
 

@@ -520,6 +520,15 @@ impl Drop for Proc {
 }
 
 pub fn spawn<A: AsRef<std::ffi::OsStr>>(args: &[A], log: &Path) -> Proc {
+    spawn_logging(
+        args,
+        log,
+        "info,paystream=debug,stripe=error,tokio_cron_scheduler=warn",
+    )
+}
+
+/// [`spawn`] with its own `RUST_LOG` filter.
+pub fn spawn_logging<A: AsRef<std::ffi::OsStr>>(args: &[A], log: &Path, filter: &str) -> Proc {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -527,10 +536,7 @@ pub fn spawn<A: AsRef<std::ffi::OsStr>>(args: &[A], log: &Path) -> Proc {
         .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_paystream"))
         .args(args)
-        .env(
-            "RUST_LOG",
-            "info,paystream=debug,stripe=error,tokio_cron_scheduler=warn",
-        )
+        .env("RUST_LOG", filter)
         .env("PAYSTREAM_KAFKA_OPTIONS", KAFKA_TEST_OPTIONS)
         .stdout(f.try_clone().unwrap())
         .stderr(f)
@@ -661,4 +667,94 @@ pub fn log_dir(name: &str) -> PathBuf {
     let d = root().join("target/test-logs").join(name);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Runs one of the project's scripts (e.g. `kafka-down`), failing the test if it fails.
+pub fn script(name: &str) {
+    let st = Command::new(root().join("scripts").join(name))
+        .status()
+        .unwrap();
+    assert!(st.success(), "scripts/{name}");
+}
+
+/// A status event as paystream produces it, for tests that drive the updater directly.
+pub fn status_event(id: i64, status: &str) -> Vec<u8> {
+    use paystream::sink::{event_id, StatusEvent};
+    serde_json::to_vec(&StatusEvent {
+        event_id: event_id(&id.to_string(), status),
+        payment_id: id.to_string(),
+        idempotency_key: format!("k-{id}"),
+        stripe_payment_intent_id: Some(format!("pi_{id}")),
+        status: status.into(),
+        stripe_status: if status == "succeeded" {
+            "succeeded"
+        } else {
+            "canceled"
+        }
+        .into(),
+        reason: None,
+        observed_at: "2026-11-22T00:00:00.000Z".into(),
+        producer: "paystream".into(),
+    })
+    .unwrap()
+}
+
+/// The sum of a group's committed offsets over partitions `0..partitions` of `topic`.
+/// Blocking (librdkafka): call it from `spawn_blocking` in async tests.
+pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("broker.address.family", "v4")
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let sum = got
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum();
+    // librdkafka's list must go before its consumer (see the broker notes on hangs).
+    drop(got);
+    sum
+}
+
+/// Waits until a group's committed offsets on `topic` sum to `want`.
+pub async fn wait_committed(
+    s: &Stack,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+    want: i64,
+    what: &str,
+    secs: u64,
+) {
+    wait_for(what, secs, || {
+        let (b, g, t) = (s.brokers.clone(), group.to_string(), topic.to_string());
+        async move {
+            tokio::task::spawn_blocking(move || committed(&b, &g, &t, partitions))
+                .await
+                .unwrap()
+                == want
+        }
+    })
+    .await;
+}
+
+/// Inserts `n` pending rows with ids `base..base+n` (keys `<prefix>-<id>`).
+pub async fn insert_pending_rows(db: &tokio_postgres::Client, base: i64, n: i64, prefix: &str) {
+    db.execute(
+        "INSERT INTO payments (id, idempotency_key, amount, currency) OVERRIDING SYSTEM VALUE \
+         SELECT g, $3 || '-' || g, 1.00, 'usd' FROM generate_series($1::int8, $2::int8) g",
+        &[&base, &(base + n - 1), &prefix],
+    )
+    .await
+    .unwrap();
 }
