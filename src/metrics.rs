@@ -27,6 +27,7 @@ pub struct Metrics {
     pub partitions_assigned: IntGauge,
     pub kafka_brokers_up: IntGauge,
     pub kafka_outages: prometheus::IntCounter,
+    pub producer_rebuilds: prometheus::IntCounter,
     pub stored_offset: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub updater_rows: IntCounterVec,
@@ -86,6 +87,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         kafka_errors: counter(&r, "paystream_kafka_errors_total", "Kafka client errors, by kind", &["kind"]),
         partitions_assigned: int_gauge(&r, "paystream_partitions_assigned", "CDC partitions assigned to this instance"),
         kafka_brokers_up: int_gauge(&r, "paystream_kafka_brokers_up", "Brokers this process has a live connection to (librdkafka statistics)"),
+        producer_rebuilds: {
+            let c = prometheus::IntCounter::new("paystream_kafka_producer_rebuilds_total", "Times the producer was replaced after failed sends in a row").expect("metric");
+            r.register(Box::new(c.clone())).expect("register");
+            c
+        },
         kafka_outages: {
             let c = prometheus::IntCounter::new("paystream_kafka_outages_total", "Times every broker connection was lost").expect("metric");
             r.register(Box::new(c.clone())).expect("register");

@@ -50,13 +50,12 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
     .await
     .unwrap();
     let rollbacks = || async {
-        db.query_one(
+        count(
+            &db,
             "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()",
             &[],
         )
         .await
-        .unwrap()
-        .get::<_, i64>(0)
     };
     let rollbacks_before = rollbacks().await;
 
@@ -192,14 +191,12 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
         changes.is_empty(),
         "rows changed more than once or not from pending: {changes:?}"
     );
-    let changed: i64 = db
-        .query_one(
-            "SELECT count(DISTINCT id) FROM status_changes WHERE id BETWEEN $1 AND $2",
-            &[&base, &(base + rows - 1)],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let changed: i64 = count(
+        &db,
+        "SELECT count(DISTINCT id) FROM status_changes WHERE id BETWEEN $1 AND $2",
+        &[&base, &(base + rows - 1)],
+    )
+    .await;
     assert_eq!(changed, rows, "every row changed once");
 
     eprintln!(

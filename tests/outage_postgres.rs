@@ -114,23 +114,19 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
     assert_no_panic(&logs);
 
     let db = pg(&s.pg_url).await;
-    let rows: i64 = db
-        .query_one(
-            "SELECT count(*) FROM payments WHERE id BETWEEN $1 AND $2 AND status = 'succeeded'",
-            &[&base, &(base + n - 1)],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let rows: i64 = count(
+        &db,
+        "SELECT count(*) FROM payments WHERE id BETWEEN $1 AND $2 AND status = 'succeeded'",
+        &[&base, &(base + n - 1)],
+    )
+    .await;
     assert_eq!(rows, n, "every update applied");
-    let changes: i64 = db
-        .query_one(
-            "SELECT count(*) FROM status_changes WHERE id BETWEEN $1 AND $2",
-            &[&base, &(base + n - 1)],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let changes: i64 = count(
+        &db,
+        "SELECT count(*) FROM status_changes WHERE id BETWEEN $1 AND $2",
+        &[&base, &(base + n - 1)],
+    )
+    .await;
     assert_eq!(changes, n, "each row changed once");
     let log = std::fs::read_to_string(logs.join("updater.log")).unwrap();
     assert!(log.contains("batch not applied; retrying") || log.contains("postgres unavailable"));

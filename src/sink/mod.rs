@@ -3,15 +3,18 @@
 //! One idempotent producer (`enable.idempotence=true`, `acks=all`): a send returns only once
 //! every in-sync replica has the record, and broker retries cannot duplicate or reorder it.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::rfc3339_ms;
 use crate::kafka::client_config;
+use crate::metrics::METRICS;
 use crate::state::Entry;
 
 /// The status event. Schema: `schemas/payment-status-update.schema.json` (and `.avsc`).
@@ -90,10 +93,20 @@ pub struct DeadLetter<'a> {
 }
 
 pub struct Sink {
-    producer: FutureProducer,
+    /// Replaced by a fresh producer when the current one stops delivering (see `send`).
+    producer: RwLock<Arc<FutureProducer>>,
+    config: rdkafka::ClientConfig,
+    /// Sends in a row that failed; reset by any success.
+    failures: AtomicU32,
+    rebuilt_at: Mutex<Option<Instant>>,
     status_topic: String,
     dlq_topic: String,
 }
+
+/// Failed sends in a row after which the producer is rebuilt.
+const REBUILD_AFTER_FAILURES: u32 = 3;
+/// At most one rebuild per this long (a long outage would otherwise rebuild on every send).
+const REBUILD_AT_MOST_EVERY: Duration = Duration::from_secs(10);
 
 impl Sink {
     pub fn new(
@@ -114,7 +127,10 @@ impl Sink {
             c.set(k, v);
         }
         Ok(Sink {
-            producer: c.create()?,
+            producer: RwLock::new(Arc::new(c.create()?)),
+            config: c,
+            failures: AtomicU32::new(0),
+            rebuilt_at: Mutex::new(None),
             status_topic: status_topic.into(),
             dlq_topic: dlq_topic.into(),
         })
@@ -182,11 +198,55 @@ impl Sink {
         P: rdkafka::message::ToBytes + ?Sized,
     {
         let topic = rec.topic.to_string();
-        self.producer
-            .send(rec, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(source, _)| SinkError { topic, source })
+        let producer = self.producer.read().expect("producer lock").clone();
+        match producer.send(rec, Duration::from_secs(30)).await {
+            Ok(_) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Ok(())
+            }
+            Err((source, _)) => {
+                let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= REBUILD_AFTER_FAILURES || producer.client().fatal_error().is_some() {
+                    self.rebuild(&producer);
+                }
+                Err(SinkError { topic, source })
+            }
+        }
+    }
+
+    /// Replaces a producer that keeps failing with a fresh one.
+    ///
+    /// Why: an idempotent producer whose messages timed out during a broker outage keeps its
+    /// producer id and sequence numbers; a broker that lost that state on restart then rejects
+    /// every later send (seen here against the dev broker: "Unknown broker error" for minutes
+    /// after it came back). A new producer gets a new id and delivers at once. Delivery stays
+    /// at least once: a status event whose ack was lost is polled and sent again with the same
+    /// `event_id`, and dead letters are retried until acked.
+    fn rebuild(&self, failing: &Arc<FutureProducer>) {
+        let mut current = self.producer.write().expect("producer lock");
+        // Another send already replaced it.
+        if !Arc::ptr_eq(&current, failing) {
+            return;
+        }
+        let mut at = self.rebuilt_at.lock().expect("rebuild lock");
+        if at.is_some_and(|t| t.elapsed() < REBUILD_AT_MOST_EVERY) {
+            return;
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *current, Arc::new(fresh));
+                *at = Some(Instant::now());
+                self.failures.store(0, Ordering::Relaxed);
+                METRICS.producer_rebuilds.inc();
+                tracing::warn!(
+                    failures = REBUILD_AFTER_FAILURES,
+                    "kafka producer rebuilt after failed sends in a row"
+                );
+                // librdkafka may block while it tears a producer down: not on the runtime.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => tracing::error!(error = %e, "kafka producer could not be rebuilt"),
+        }
     }
 }
 

@@ -758,3 +758,12 @@ pub async fn insert_pending_rows(db: &tokio_postgres::Client, base: i64, n: i64,
     .await
     .unwrap();
 }
+
+/// The single `count(*)`-like integer a query returns.
+pub async fn count(
+    db: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    db.query_one(sql, params).await.unwrap().get(0)
+}
