@@ -2,8 +2,8 @@
 //! and the broker watch that turns librdkafka's statistics into readiness, a metric and a log
 //! line when the brokers go away and come back.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientConfig;
@@ -60,35 +60,28 @@ where
         .any(|t| t.name() == topic && t.error().is_none()))
 }
 
+/// What every consumer context does with a librdkafka client error: count it and log it.
+/// librdkafka retries by itself; an outage shows in [`BrokerWatch`].
+pub fn on_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
+    METRICS.kafka_errors.with_label_values(&["client"]).inc();
+    tracing::warn!(error = %error, reason, "kafka client error");
+}
+
 /// Whether this client has a live connection to at least one broker, from librdkafka's
 /// statistics. librdkafka reconnects by itself; the watch only makes an outage visible: it
 /// flips readiness, sets `paystream_kafka_brokers_up`, counts `paystream_kafka_outages_total`
 /// and logs when the outage starts and ends.
+///
+/// Up until the statistics say otherwise: start-up already proved a broker answers.
+#[derive(Default)]
 pub struct BrokerWatch {
-    up: AtomicBool,
-    down_since_ms: AtomicU64,
-}
-
-impl Default for BrokerWatch {
-    /// Up until the statistics say otherwise: start-up already proved a broker answers.
-    fn default() -> Self {
-        BrokerWatch {
-            up: AtomicBool::new(true),
-            down_since_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    /// When the current outage began; `None` while connected.
+    down_since: Mutex<Option<Instant>>,
 }
 
 impl BrokerWatch {
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.down_since.lock().expect("broker watch").is_none()
     }
 
     /// Called with each statistics report (every [`STATS_INTERVAL_MS`]).
@@ -100,14 +93,18 @@ impl BrokerWatch {
             .filter(|b| b.nodeid >= 0 && b.state == "UP")
             .count();
         METRICS.kafka_brokers_up.set(up as i64);
-        let now = unix_ms();
-        if up == 0 && self.up.swap(false, Ordering::Relaxed) {
-            self.down_since_ms.store(now, Ordering::Relaxed);
-            METRICS.kafka_outages.inc();
-            tracing::error!(client = %stats.client_id, "kafka outage: no connection to any broker; reconnecting (offsets held, nothing is skipped)");
-        } else if up > 0 && !self.up.swap(true, Ordering::Relaxed) {
-            let lasted = now.saturating_sub(self.down_since_ms.load(Ordering::Relaxed));
-            tracing::warn!(client = %stats.client_id, outage_ms = lasted, brokers_up = up, "kafka reachable again");
+        let mut down_since = self.down_since.lock().expect("broker watch");
+        match (up, *down_since) {
+            (0, None) => {
+                *down_since = Some(Instant::now());
+                METRICS.kafka_outages.inc();
+                tracing::error!(client = %stats.client_id, "kafka outage: no connection to any broker; reconnecting (offsets held, nothing is skipped)");
+            }
+            (1.., Some(since)) => {
+                *down_since = None;
+                tracing::warn!(client = %stats.client_id, outage_ms = since.elapsed().as_millis() as u64, brokers_up = up, "kafka reachable again");
+            }
+            _ => {}
         }
     }
 }

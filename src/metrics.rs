@@ -5,8 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -26,8 +26,8 @@ pub struct Metrics {
     pub kafka_errors: IntCounterVec,
     pub partitions_assigned: IntGauge,
     pub kafka_brokers_up: IntGauge,
-    pub kafka_outages: prometheus::IntCounter,
-    pub producer_rebuilds: prometheus::IntCounter,
+    pub kafka_outages: IntCounter,
+    pub producer_rebuilds: IntCounter,
     pub stored_offset: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
     pub updater_rows: IntCounterVec,
@@ -47,6 +47,18 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
     h
 }
 
+fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("metric");
+    r.register(Box::new(c.clone())).expect("register");
+    c
+}
+
+fn int_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric");
+    r.register(Box::new(g.clone())).expect("register");
+    g
+}
+
 fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("metric");
     r.register(Box::new(g.clone())).expect("register");
@@ -64,16 +76,6 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("metric");
     r.register(Box::new(last_cp.clone())).expect("register");
-    let stored_offset = IntGaugeVec::new(
-        Opts::new(
-            "paystream_stored_offset",
-            "Next CDC offset durable in state, by partition",
-        ),
-        &["partition"],
-    )
-    .expect("metric");
-    r.register(Box::new(stored_offset.clone()))
-        .expect("register");
     Metrics {
         cdc_events: counter(&r, "paystream_cdc_events_total", "CDC events consumed, by op and outcome", &["op", "outcome"]),
         dlq_messages: counter(&r, "paystream_dlq_messages_total", "Messages sent to the dead-letter topic, by reason", &["reason"]),
@@ -87,22 +89,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         kafka_errors: counter(&r, "paystream_kafka_errors_total", "Kafka client errors, by kind", &["kind"]),
         partitions_assigned: int_gauge(&r, "paystream_partitions_assigned", "CDC partitions assigned to this instance"),
         kafka_brokers_up: int_gauge(&r, "paystream_kafka_brokers_up", "Brokers this process has a live connection to (librdkafka statistics)"),
-        producer_rebuilds: {
-            let c = prometheus::IntCounter::new("paystream_kafka_producer_rebuilds_total", "Times the producer was replaced after failed sends in a row").expect("metric");
-            r.register(Box::new(c.clone())).expect("register");
-            c
-        },
-        kafka_outages: {
-            let c = prometheus::IntCounter::new("paystream_kafka_outages_total", "Times every broker connection was lost").expect("metric");
-            r.register(Box::new(c.clone())).expect("register");
-            c
-        },
-        stored_offset,
-        consumer_lag: {
-            let g = IntGaugeVec::new(Opts::new("paystream_consumer_lag", "Messages between the next offset this instance reads and the partition's end, by partition"), &["partition"]).expect("metric");
-            r.register(Box::new(g.clone())).expect("register");
-            g
-        },
+        producer_rebuilds: int_counter(&r, "paystream_kafka_producer_rebuilds_total", "Times the producer was replaced after failed sends in a row"),
+        kafka_outages: int_counter(&r, "paystream_kafka_outages_total", "Times every broker connection was lost"),
+        stored_offset: int_gauge_vec(&r, "paystream_stored_offset", "Next CDC offset durable in state, by partition", &["partition"]),
+        consumer_lag: int_gauge_vec(&r, "paystream_consumer_lag", "Messages between the next offset this instance reads and the partition's end, by partition", &["partition"]),
         updater_rows: counter(&r, "paystream_updater_rows_total", "Status events applied by the updater, by result (updated, already_final, unknown_id, invalid)", &["result"]),
         updater_batch_seconds: histogram(&r, "paystream_updater_batch_duration_seconds", "Time to apply one batch to Postgres", latency),
         updater_postgres_errors: counter(&r, "paystream_updater_postgres_errors_total", "Postgres errors in the updater, by kind", &["kind"]),

@@ -4,7 +4,7 @@
 //! every in-sync replica has the record, and broker retries cannot duplicate or reorder it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
@@ -94,13 +94,18 @@ pub struct DeadLetter<'a> {
 
 pub struct Sink {
     /// Replaced by a fresh producer when the current one stops delivering (see `send`).
-    producer: RwLock<Arc<FutureProducer>>,
+    producer: RwLock<Current>,
     config: rdkafka::ClientConfig,
     /// Sends in a row that failed; reset by any success.
     failures: AtomicU32,
-    rebuilt_at: Mutex<Option<Instant>>,
     status_topic: String,
     dlq_topic: String,
+}
+
+struct Current {
+    producer: Arc<FutureProducer>,
+    /// When this producer replaced a failing one (`None`: the first).
+    since_rebuild: Option<Instant>,
 }
 
 /// Failed sends in a row after which the producer is rebuilt.
@@ -127,10 +132,12 @@ impl Sink {
             c.set(k, v);
         }
         Ok(Sink {
-            producer: RwLock::new(Arc::new(c.create()?)),
+            producer: RwLock::new(Current {
+                producer: Arc::new(c.create()?),
+                since_rebuild: None,
+            }),
             config: c,
             failures: AtomicU32::new(0),
-            rebuilt_at: Mutex::new(None),
             status_topic: status_topic.into(),
             dlq_topic: dlq_topic.into(),
         })
@@ -198,7 +205,12 @@ impl Sink {
         P: rdkafka::message::ToBytes + ?Sized,
     {
         let topic = rec.topic.to_string();
-        let producer = self.producer.read().expect("producer lock").clone();
+        let producer = self
+            .producer
+            .read()
+            .expect("producer lock")
+            .producer
+            .clone();
         match producer.send(rec, Duration::from_secs(30)).await {
             Ok(_) => {
                 self.failures.store(0, Ordering::Relaxed);
@@ -224,18 +236,24 @@ impl Sink {
     /// `event_id`, and dead letters are retried until acked.
     fn rebuild(&self, failing: &Arc<FutureProducer>) {
         let mut current = self.producer.write().expect("producer lock");
-        // Another send already replaced it.
-        if !Arc::ptr_eq(&current, failing) {
-            return;
-        }
-        let mut at = self.rebuilt_at.lock().expect("rebuild lock");
-        if at.is_some_and(|t| t.elapsed() < REBUILD_AT_MOST_EVERY) {
+        // Another send already replaced it, or it replaced one only moments ago.
+        if !Arc::ptr_eq(&current.producer, failing)
+            || current
+                .since_rebuild
+                .is_some_and(|t| t.elapsed() < REBUILD_AT_MOST_EVERY)
+        {
             return;
         }
         match self.config.create::<FutureProducer>() {
             Ok(fresh) => {
-                let old = std::mem::replace(&mut *current, Arc::new(fresh));
-                *at = Some(Instant::now());
+                let old = std::mem::replace(
+                    &mut *current,
+                    Current {
+                        producer: Arc::new(fresh),
+                        since_rebuild: Some(Instant::now()),
+                    },
+                )
+                .producer;
                 self.failures.store(0, Ordering::Relaxed);
                 METRICS.producer_rebuilds.inc();
                 tracing::warn!(

@@ -49,8 +49,7 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        METRICS.kafka_errors.with_label_values(&["client"]).inc();
-        tracing::warn!(error = %error, reason, "kafka client error");
+        crate::kafka::on_client_error(&error, reason);
     }
 
     fn stats(&self, stats: rdkafka::Statistics) {

@@ -142,14 +142,14 @@ struct Overlay {
     /// `None`: removed since the last checkpoint.
     entries: HashMap<String, Option<Entry>>,
     offsets: BTreeMap<(String, i32), i64>,
+    /// How many entries the tree holds after the last checkpoint (`m\0entries`).
+    durable_entries: u64,
 }
 
 pub struct Store {
     db: sled::Db,
     path: String,
     overlay: Mutex<Overlay>,
-    /// The durable entry count (`m\0entries`); changed only under the overlay lock.
-    durable_entries: std::sync::atomic::AtomicU64,
 }
 
 fn p_key(id: &str) -> Vec<u8> {
@@ -215,12 +215,9 @@ impl Store {
             db,
             path,
             overlay: Mutex::new(Overlay::default()),
-            durable_entries: Default::default(),
         };
         let n = store.verify()?;
-        store
-            .durable_entries
-            .store(n, std::sync::atomic::Ordering::Relaxed);
+        store.overlay.lock().expect("state lock").durable_entries = n;
         Ok(store)
     }
 
@@ -593,9 +590,7 @@ impl Store {
                 return Ok(cp);
             }
             let mut batch = sled::Batch::default();
-            let mut count = self
-                .durable_entries
-                .load(std::sync::atomic::Ordering::Relaxed);
+            let mut count = ov.durable_entries;
             for (id, new) in &ov.entries {
                 let old = self.read_durable(id)?;
                 if let Some(old) = &old {
@@ -626,8 +621,7 @@ impl Store {
                 cp.offsets.push((topic.clone(), *partition, *off));
             }
             self.db.apply_batch(batch).map_err(|e| self.io(e))?;
-            self.durable_entries
-                .store(count, std::sync::atomic::Ordering::Relaxed);
+            ov.durable_entries = count;
             ov.entries.clear();
             ov.offsets.clear();
         }

@@ -63,8 +63,7 @@ struct UpdaterContext {
 
 impl rdkafka::ClientContext for UpdaterContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        METRICS.kafka_errors.with_label_values(&["client"]).inc();
-        tracing::warn!(error = %error, reason, "kafka client error");
+        crate::kafka::on_client_error(&error, reason);
     }
 
     fn stats(&self, stats: rdkafka::Statistics) {
