@@ -332,6 +332,14 @@ pub async fn publish(p: &FutureProducer, topic: &str, key: Option<&[u8]>, value:
 /// (key, value, headers) of one record.
 pub type Record = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>);
 
+/// The partition ids of `topic`, from the broker's metadata.
+fn partitions(c: &BaseConsumer, topic: &str) -> Vec<i32> {
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    md.topics()[0].partitions().iter().map(|p| p.id()).collect()
+}
+
 /// Every record of a topic (all partitions) from the beginning up to the high watermark:
 /// (key, value, headers).
 pub fn read_all(brokers: &str, topic: &str) -> Vec<Record> {
@@ -342,10 +350,7 @@ pub fn read_all(brokers: &str, topic: &str) -> Vec<Record> {
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let parts = partitions(&c, topic);
     let mut out = Vec::new();
     for p in parts {
         let (_, high) = c
@@ -619,10 +624,7 @@ pub fn high_watermarks(brokers: &str, topic: &str) -> Vec<(i32, i64)> {
         .set("broker.address.family", "v4")
         .create()
         .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let parts = partitions(&c, topic);
     parts
         .into_iter()
         .map(|p| {
