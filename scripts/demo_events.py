@@ -4,7 +4,7 @@
 Publishes exactly what Debezium's Postgres connector (JSON converter, schemas off, precise
 decimals) writes for an insert, since Debezium itself cannot run on this machine.
 """
-import argparse, base64, json, subprocess, urllib.request
+import argparse, base64, json, subprocess, time, urllib.request
 from decimal import Decimal
 
 from confluent_kafka import Producer
@@ -35,7 +35,7 @@ def intent(card, amount):
 
 
 def psql(sql):
-    return subprocess.run(["psql", "-Atc", sql], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["psql", "-Atqc", sql], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def decimal_b64(amount):
@@ -60,8 +60,9 @@ for name, card, amount in (("visa", "4242424242424242", "49.99"), ("declined", "
     pid, created = row.split("|")
     after = {"id": int(pid), "idempotency_key": key, "amount": decimal_b64(amount), "currency": "usd",
              "status": "pending", "stripe_payment_intent_id": pi, "created_at": created, "updated_at": created}
-    value = {"before": None, "after": after, "op": "c", "ts_ms": 0,
-             "source": {"version": "3.0.0.Final", "connector": "postgresql", "name": "payment", "ts_ms": 0,
+    now_ms = int(time.time() * 1000)
+    value = {"before": None, "after": after, "op": "c", "ts_ms": now_ms,
+             "source": {"version": "3.0.0.Final", "connector": "postgresql", "name": "payment", "ts_ms": now_ms,
                         "snapshot": "false", "db": "payments", "schema": "public", "table": "payments"}}
     producer.produce(args.topic, key=json.dumps({"id": int(pid)}), value=json.dumps(value))
     print(pid)

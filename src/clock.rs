@@ -15,11 +15,8 @@ pub struct Clock {
 impl Clock {
     /// Must be created inside a tokio runtime.
     pub fn new() -> Self {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         Clock {
-            wall_at_start_ms: wall.as_millis() as u64,
+            wall_at_start_ms: wall_ms(),
             start: tokio::time::Instant::now(),
         }
     }
@@ -34,6 +31,15 @@ impl Default for Clock {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Milliseconds since the Unix epoch by the system clock (not pausable: for records of when
+/// something happened, such as a checkpoint).
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 /// RFC 3339 with milliseconds, UTC.

@@ -23,6 +23,7 @@ pub const DEFAULT_UPDATER_GROUP_ID: &str = "paystream-updater";
 pub const DEFAULT_POLL_INTERVAL: &str = "10m";
 pub const DEFAULT_KAFKA_STARTUP_TIMEOUT: &str = "30s";
 pub const DEFAULT_CHECKPOINT_INTERVAL: &str = "1s";
+pub const DEFAULT_STATE_STATS_INTERVAL: &str = "15s";
 pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
 pub const DEFAULT_STRIPE_RPS: &str = "20";
 pub const DEFAULT_STRIPE_CONCURRENCY: &str = "8";
@@ -218,9 +219,13 @@ pub struct RunConfig {
     /// failure, with jitter, up to the poll interval.
     #[arg(long, env = "PAYSTREAM_RETRY_BACKOFF", default_value = "5s", value_parser = duration)]
     pub retry_backoff: Duration,
-    /// Address of /metrics, /healthz and /readyz.
+    /// Address of /metrics, /healthz, /readyz and the state API `paystream state` reads.
     #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+    /// How often the state gauges (pending by age, polls due, oldest age) are recomputed; each
+    /// time is one scan of state.
+    #[arg(long, env = "PAYSTREAM_STATE_STATS_INTERVAL", default_value = DEFAULT_STATE_STATS_INTERVAL, value_parser = duration)]
+    pub state_stats_interval: Duration,
     #[command(flatten)]
     pub decode: DecodeArgs,
 }
@@ -264,6 +269,9 @@ impl RunConfig {
         }
         if self.checkpoint_interval.is_zero() {
             return Err(bad("--checkpoint-interval", "must be positive"));
+        }
+        if self.state_stats_interval < Duration::from_millis(100) {
+            return Err(bad("--state-stats-interval", "must be at least 100ms"));
         }
         if self.retry_backoff.is_zero() {
             return Err(bad("--retry-backoff", "must be positive"));

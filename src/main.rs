@@ -44,6 +44,9 @@ enum Command {
     Updater(UpdaterConfig),
     /// Decodes Kafka message values (one per line; an empty line or `null` is a tombstone) and
     /// prints one normalized JSON object per line.
+    /// Inspects the state store: through the running daemon if one serves --data-dir, else
+    /// directly. Reads the same flags, environment and config file as `run`.
+    State(paystream::admin::cli::StateArgs),
     Decode {
         #[command(flatten)]
         decode: DecodeArgs,
@@ -85,8 +88,10 @@ fn preload_config_file() -> anyhow::Result<()> {
     let sub = args
         .iter()
         .skip(1)
-        .find(|a| matches!(a.as_str(), "run" | "updater" | "decode"));
+        .find(|a| matches!(a.as_str(), "run" | "updater" | "decode" | "state"));
     if let (Some(path), Some(sub)) = (path, sub) {
+        // `state` inspects what `run` configured: it reads the daemon's file, checked as such.
+        let sub = if sub == "state" { "run" } else { sub };
         apply_config_file::<Cli>(std::path::Path::new(&path), sub)?;
     }
     Ok(())
@@ -163,6 +168,11 @@ fn real_main() -> anyhow::Result<()> {
         Command::Run(cfg) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async { paystream::run::run(cfg, shutdown_signal()).await })?;
+            Ok(())
+        }
+        Command::State(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(paystream::admin::cli::run(args))?;
             Ok(())
         }
         Command::Updater(cfg) => {

@@ -16,6 +16,11 @@ pub struct Metrics {
     pub dlq_messages: IntCounterVec,
     pub pending_payments: IntGauge,
     pub awaiting_confirmation: IntGauge,
+    /// Pending payments by time since first seen (label `age`, [`crate::state::AGE_BUCKETS`]).
+    pub pending_by_age: IntGaugeVec,
+    pub oldest_pending_age_seconds: Gauge,
+    /// Pending payments whose poll is due now (overdue included).
+    pub polls_due: IntGauge,
     /// Polls by outcome: succeeded, failed, still_pending, not_found, rate_limited,
     /// server_error, timeout, error.
     pub polls: IntCounterVec,
@@ -70,6 +75,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let latency = vec![
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     ];
+    let oldest = Gauge::new(
+        "paystream_oldest_pending_age_seconds",
+        "Time since the oldest pending payment in state was first seen (0 when none)",
+    )
+    .expect("metric");
+    r.register(Box::new(oldest.clone())).expect("register");
     let last_cp = Gauge::new(
         "paystream_last_checkpoint_timestamp_seconds",
         "Unix time of the last durable checkpoint",
@@ -81,6 +92,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         dlq_messages: counter(&r, "paystream_dlq_messages_total", "Messages sent to the dead-letter topic, by reason", &["reason"]),
         pending_payments: int_gauge(&r, "paystream_pending_payments", "Pending payments in state still polled"),
         awaiting_confirmation: int_gauge(&r, "paystream_awaiting_confirmation_payments", "Payments whose status event was emitted, waiting for the CDC stream to confirm"),
+        pending_by_age: int_gauge_vec(&r, "paystream_pending_payments_by_age", "Pending payments in state by time since first seen", &["age"]),
+        oldest_pending_age_seconds: oldest,
+        polls_due: int_gauge(&r, "paystream_polls_due", "Pending payments whose Stripe poll is due now (overdue included)"),
         polls: counter(&r, "paystream_polls_total", "Stripe polls, by outcome", &["outcome"]),
         stripe_request_seconds: histogram(&r, "paystream_stripe_request_duration_seconds", "Stripe request latency", latency.clone()),
         status_events: counter(&r, "paystream_status_events_total", "Status events produced, by status", &["status"]),
@@ -99,6 +113,22 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry: r.clone(),
     }
 });
+
+/// Sets the state gauges from one pass of [`crate::state::Store::stats`].
+pub fn set_state_gauges(s: &crate::state::Stats, now_ms: u64) {
+    let m = &*METRICS;
+    m.pending_payments.set(s.pending as i64);
+    m.awaiting_confirmation.set(s.awaiting_confirmation as i64);
+    m.polls_due.set(s.due_now as i64);
+    for ((age, _), n) in crate::state::AGE_BUCKETS.iter().zip(s.by_age) {
+        m.pending_by_age.with_label_values(&[age]).set(n as i64);
+    }
+    let oldest = s
+        .oldest_pending
+        .as_ref()
+        .map_or(0, |(_, t)| now_ms.saturating_sub(*t));
+    m.oldest_pending_age_seconds.set(oldest as f64 / 1000.0);
+}
 
 /// The registry in Prometheus text format.
 pub fn render() -> String {

@@ -386,5 +386,5 @@ async fn an_unreachable_stripe_is_a_transport_error_not_an_answer() {
         .unwrap()
         .expect("still pending");
     assert!(e.emitted.is_none() && e.failures >= 3, "{e:?}");
-    assert_eq!(e.last_outcome.as_deref(), Some("transport_error"));
+    assert_eq!(e.last_outcome(), Some("transport_error"));
 }

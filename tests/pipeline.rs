@@ -155,9 +155,10 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     assert!(e.emitted.is_none());
     assert!(e.polls >= 2, "the 3DS payment is polled again: {e:?}");
     assert_eq!(e.amount, "25.00");
+    let last = e.history.last().expect("poll history");
     assert_eq!(
-        e.last_outcome.as_deref(),
-        Some("still_pending:requires_action")
+        (last.outcome.as_str(), last.stripe_status.as_deref()),
+        ("still_pending", Some("requires_action"))
     );
     let offsets: i64 = store
         .stored_offsets()

@@ -153,9 +153,8 @@ impl Poller {
                 tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?e.stripe_payment_intent_id, stripe_status, "poll: still pending");
                 self.state.update(&e.id, |x| {
                     x.failures = 0;
-                    x.polls += 1;
+                    x.record_poll(now, "still_pending", Some(&stripe_status));
                     x.next_poll_ms = now + interval_ms;
-                    x.last_outcome = Some(format!("still_pending:{stripe_status}"));
                 })?;
             }
             Ok(Lookup::Final {
@@ -168,7 +167,8 @@ impl Poller {
                 // The CDC stream may have removed it while we asked (someone else finalized the
                 // row): then there is nothing to write back.
                 if self.state.get(&e.id)?.is_none() {
-                    tracing::info!(payment_id = %e.id, "poll: final answer for a payment no longer tracked; not emitted");
+                    tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?e.stripe_payment_intent_id,
+                        stripe_status, "poll: final answer for a payment no longer tracked; not emitted");
                     return Ok(());
                 }
                 let ev = StatusEvent::new(
@@ -188,13 +188,13 @@ impl Poller {
                         tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?ev.stripe_payment_intent_id,
                             status = status.as_str(), stripe_status, reason = ?ev.reason, event_id = %ev.event_id, "status event emitted");
                         self.state.update(&e.id, |x| {
-                            x.polls += 1;
                             x.failures = 0;
-                            x.last_outcome = Some(status.as_str().into());
+                            x.record_poll(now, status.as_str(), Some(&stripe_status));
                             x.emitted = Some(Emitted {
                                 status: status.as_str().into(),
                                 event_id: ev.event_id.clone(),
                                 at_ms: now,
+                                reason: ev.reason.clone(),
                             });
                         })?;
                     }
@@ -203,8 +203,14 @@ impl Poller {
                             .kafka_errors
                             .with_label_values(&["produce_status"])
                             .inc();
-                        tracing::warn!(payment_id = %e.id, error = %err, "status event not produced; will poll again");
-                        self.reschedule_after_failure(e, now, "produce_failed")?;
+                        tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?e.stripe_payment_intent_id,
+                            error = %err, "status event not produced; will poll again");
+                        self.reschedule_after_failure(
+                            e,
+                            now,
+                            "produce_failed",
+                            Some(&stripe_status),
+                        )?;
                     }
                 }
             }
@@ -215,7 +221,7 @@ impl Poller {
                 if matches!(err, LookupError::RateLimited) {
                     self.limiter.cooldown(self.cfg.rate_limit_cooldown);
                 }
-                self.reschedule_after_failure(e, now, err.outcome())?;
+                self.reschedule_after_failure(e, now, err.outcome(), None)?;
             }
         }
         Ok(())
@@ -226,13 +232,13 @@ impl Poller {
         e: &Entry,
         now: u64,
         outcome: &str,
+        stripe_status: Option<&str>,
     ) -> Result<(), StateError> {
         self.state.update(&e.id, |x| {
             x.failures += 1;
-            x.polls += 1;
+            x.record_poll(now, outcome, stripe_status);
             x.next_poll_ms = now
                 + backoff(self.cfg.retry_backoff, x.failures, self.cfg.interval).as_millis() as u64;
-            x.last_outcome = Some(outcome.into());
         })?;
         Ok(())
     }

@@ -10,6 +10,10 @@
 //! - `m\0format` → the layout version.
 //! - `m\0entries` → how many `p\0` entries the last checkpoint left (u64 BE), written in the
 //!   same batch as they are.
+//! - `m\0checkpoint_ms` → wall-clock time of the last checkpoint (u64 BE ms), for `state stats`.
+//!
+//! Entries are JSON so that fields can be added without a layout change: a field added later
+//! carries `#[serde(default)]`, and fields a newer build dropped are ignored when read.
 //!
 //! # Recovery check
 //! sled 0.34 has open reports of stores that come back corrupt after an abrupt stop (for example
@@ -32,6 +36,8 @@
 //! a status event already produced is then produced again with the same deterministic
 //! `event_id`, and the updater's forward-only write makes the duplicate harmless.
 
+pub mod inspect;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
@@ -46,6 +52,10 @@ const D: &[u8] = b"d\0";
 const O: &[u8] = b"o\0";
 const META_FORMAT: &[u8] = b"m\0format";
 const META_ENTRIES: &[u8] = b"m\0entries";
+const META_CHECKPOINT_MS: &[u8] = b"m\0checkpoint_ms";
+/// Polls kept in an entry's history (the newest); `Entry::polls` counts them all. Bounded so a
+/// payment pending for days does not grow without limit.
+pub const HISTORY_LEN: usize = 8;
 /// How many recovery-check problems an error lists (the count covers all).
 const PROBLEMS_SHOWN: usize = 5;
 
@@ -53,6 +63,8 @@ const PROBLEMS_SHOWN: usize = 5;
 /// so the daemon stops rather than run on state it cannot save.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    #[error("no state store at {path} (nothing was ever checkpointed there; check --data-dir)")]
+    Missing { path: String },
     #[error("state store I/O failed at {path}: {source}")]
     Io { path: String, source: sled::Error },
     #[error("state store at {path} has layout version {found:?}, this build reads {FORMAT:?}")]
@@ -77,6 +89,34 @@ pub struct Emitted {
     pub status: String,
     pub event_id: String,
     pub at_ms: u64,
+    /// Why it failed (Stripe's decline code, `canceled`), as sent in the status event.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One poll of Stripe for a payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollRecord {
+    pub at_ms: u64,
+    /// The poll outcome (the `paystream_polls_total` label).
+    pub outcome: String,
+    /// The PaymentIntent's status when Stripe answered.
+    pub stripe_status: Option<String>,
+}
+
+/// Where the last CDC event about a payment came from. With the entry's columns it is the last
+/// row image paystream saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CdcSeen {
+    /// Debezium op: c, r, u.
+    pub op: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub lsn: Option<i64>,
+    /// When the change was made in the database (Debezium `source.ts_ms`).
+    pub source_ts_ms: Option<i64>,
+    /// When paystream applied it.
+    pub seen_ms: u64,
 }
 
 /// One pending payment.
@@ -89,17 +129,42 @@ pub struct Entry {
     pub currency: String,
     pub stripe_payment_intent_id: Option<String>,
     pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
     /// The CDC partition the payment's events arrive on.
     pub partition: i32,
     pub first_seen_ms: u64,
     pub next_poll_ms: u64,
     /// Polls in a row that got no answer (errors); drives the backoff. Reset by any answer.
     pub failures: u32,
+    /// Every poll so far; `history` keeps the newest [`HISTORY_LEN`].
     pub polls: u64,
-    pub last_outcome: Option<String>,
+    #[serde(default)]
+    pub history: Vec<PollRecord>,
+    #[serde(default)]
+    pub last_cdc: Option<CdcSeen>,
     /// Set once the final status was produced: no more polls, waiting for the CDC stream to show
     /// the row non-pending (or deleted) before the entry is dropped.
     pub emitted: Option<Emitted>,
+}
+
+impl Entry {
+    /// Records one poll: counts it and keeps the newest [`HISTORY_LEN`] in the history.
+    pub fn record_poll(&mut self, at_ms: u64, outcome: &str, stripe_status: Option<&str>) {
+        self.polls += 1;
+        if self.history.len() >= HISTORY_LEN {
+            self.history.remove(0);
+        }
+        self.history.push(PollRecord {
+            at_ms,
+            outcome: outcome.to_string(),
+            stripe_status: stripe_status.map(str::to_string),
+        });
+    }
+
+    pub fn last_outcome(&self) -> Option<&str> {
+        self.history.last().map(|p| p.outcome.as_str())
+    }
 }
 
 /// What an event did to state; `as_str` is the metric label.
@@ -122,13 +187,29 @@ impl Applied {
     }
 }
 
-/// Counts for `state stats` and the metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// Age buckets of pending payments (time since paystream first saw them pending): the label of
+/// `paystream_pending_payments_by_age` and the rows of `state stats`, each with its upper bound.
+pub const AGE_BUCKETS: [(&str, u64); 5] = [
+    ("<10m", 600_000),
+    ("10m-1h", 3_600_000),
+    ("1h-6h", 21_600_000),
+    ("6h-24h", 86_400_000),
+    (">=24h", u64::MAX),
+];
+
+/// Counts for `state stats` and the metrics: one pass over state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub pending: u64,
     pub awaiting_confirmation: u64,
+    /// Pending and due at `now` (overdue included).
     pub due_now: u64,
-    pub oldest_first_seen_ms: Option<u64>,
+    /// Pending and due after `now`, within one poll interval.
+    pub due_next_interval: u64,
+    /// The pending payment first seen longest ago: (id, first_seen_ms).
+    pub oldest_pending: Option<(String, u64)>,
+    /// Pending payments per [`AGE_BUCKETS`] entry.
+    pub by_age: [u64; AGE_BUCKETS.len()],
 }
 
 /// The result of one checkpoint: the offsets now durable, to commit to the group.
@@ -165,6 +246,16 @@ fn o_key(topic: &str, partition: i32) -> Vec<u8> {
 }
 
 impl Store {
+    /// Opens a store that must already exist (the inspection CLI: it never creates one).
+    pub fn open_existing(dir: &Path) -> Result<Store, StateError> {
+        if !dir.join("conf").exists() {
+            return Err(StateError::Missing {
+                path: dir.display().to_string(),
+            });
+        }
+        Store::open(dir)
+    }
+
     /// Opens (or creates) the store and runs the recovery check (a full scan).
     pub fn open(dir: &Path) -> Result<Store, StateError> {
         let path = dir.display().to_string();
@@ -388,16 +479,26 @@ impl Store {
         let mut ov = self.overlay.lock().expect("state lock");
         let applied = match (ev.op, &ev.payment) {
             (Op::Create | Op::Read | Op::Update, Some(p)) => match &p.status {
-                Col::Set(s) if s == pending_status => {
-                    self.upsert_pending(&mut ov, p, partition, now_ms, poll_interval_ms)?
-                }
+                Col::Set(s) if s == pending_status => self.upsert_pending(
+                    &mut ov,
+                    ev,
+                    p,
+                    (partition, next_offset - 1),
+                    now_ms,
+                    poll_interval_ms,
+                )?,
                 // Any other status is final in the database: nothing left to watch.
                 Col::Set(_) => self.remove_in(&mut ov, &p.id)?,
                 // Status not carried (TOAST): refresh what we hold, never start tracking.
                 Col::Unknown => match self.get_in(&ov, &p.id)? {
-                    Some(_) => {
-                        self.upsert_pending(&mut ov, p, partition, now_ms, poll_interval_ms)?
-                    }
+                    Some(_) => self.upsert_pending(
+                        &mut ov,
+                        ev,
+                        p,
+                        (partition, next_offset - 1),
+                        now_ms,
+                        poll_interval_ms,
+                    )?,
                     None => Applied::Ignored,
                 },
             },
@@ -445,8 +546,9 @@ impl Store {
     fn upsert_pending(
         &self,
         ov: &mut Overlay,
+        ev: &ChangeEvent,
         p: &Payment,
-        partition: i32,
+        (partition, offset): (i32, i64),
         now_ms: u64,
         poll_interval_ms: u64,
     ) -> Result<Applied, StateError> {
@@ -463,13 +565,15 @@ impl Store {
             currency: String::new(),
             stripe_payment_intent_id: None,
             created_at: None,
+            updated_at: None,
             partition,
             first_seen_ms: now_ms,
             // First poll one interval after the payment was first seen pending.
             next_poll_ms: now_ms + poll_interval_ms,
             failures: 0,
             polls: 0,
-            last_outcome: None,
+            history: Vec::new(),
+            last_cdc: None,
             emitted: None,
         });
         // Only columns the event carries overwrite what we hold (TOAST: the old value stands).
@@ -488,7 +592,18 @@ impl Store {
         if let Col::Set(v) = &p.created_at {
             e.created_at = v.clone()
         }
+        if let Col::Set(v) = &p.updated_at {
+            e.updated_at = v.clone()
+        }
         e.partition = partition;
+        e.last_cdc = Some(CdcSeen {
+            op: ev.op.as_str().to_string(),
+            partition,
+            offset,
+            lsn: ev.source.lsn,
+            source_ts_ms: ev.source.ts_ms,
+            seen_ms: now_ms,
+        });
         ov.entries.insert(p.id.clone(), Some(e));
         Ok(applied)
     }
@@ -616,6 +731,10 @@ impl Store {
             // The count travels in the same batch, so the recovery check can tell a whole
             // checkpoint from a torn one.
             batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
+            batch.insert(
+                META_CHECKPOINT_MS,
+                &crate::clock::wall_ms().to_be_bytes()[..],
+            );
             for ((topic, partition), off) in &ov.offsets {
                 batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
                 cp.offsets.push((topic.clone(), *partition, *off));
@@ -631,43 +750,112 @@ impl Store {
         Ok(cp)
     }
 
-    /// Every entry, including changes not yet checkpointed, in id order.
-    pub fn entries(&self) -> Result<Vec<Entry>, StateError> {
-        let ov = self.overlay.lock().expect("state lock");
-        let mut out: BTreeMap<String, Entry> = BTreeMap::new();
+    /// Calls `f` with every entry, including changes not yet checkpointed, in id order (bytes),
+    /// until `f` returns false. The same order whether the daemon runs or not, so `state export`
+    /// gives the same lines from both.
+    ///
+    /// The overlay is copied first and the lock released, so a scan of a large store never
+    /// stalls the pipeline; a checkpoint during the scan moves entries from the copy to the tree
+    /// and the scan sees each once, as of the copy or newer.
+    pub fn scan(&self, mut f: impl FnMut(Entry) -> bool) -> Result<(), StateError> {
+        let overlay: BTreeMap<String, Option<Entry>> = {
+            let ov = self.overlay.lock().expect("state lock");
+            ov.entries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let mut newer = overlay
+            .iter()
+            .filter_map(|(id, e)| e.as_ref().map(|e| (id, e)))
+            .peekable();
         for kv in self.db.scan_prefix(P) {
-            let (_, v) = kv.map_err(|e| self.io(e))?;
-            let e: Entry = serde_json::from_slice(&v).map_err(|err| StateError::Corrupt {
-                key: "p/*".into(),
-                detail: err.to_string(),
-            })?;
-            out.insert(e.id.clone(), e);
-        }
-        for (id, e) in &ov.entries {
-            match e {
-                Some(e) => out.insert(id.clone(), e.clone()),
-                None => out.remove(id),
-            };
-        }
-        Ok(out.into_values().collect())
-    }
-
-    pub fn stats(&self, now_ms: u64) -> Result<Stats, StateError> {
-        let mut s = Stats::default();
-        for e in self.entries()? {
-            match e.emitted {
-                Some(_) => s.awaiting_confirmation += 1,
-                None => {
-                    s.pending += 1;
-                    s.due_now += u64::from(e.next_poll_ms <= now_ms);
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            let id = String::from_utf8_lossy(&k[P.len()..]).into_owned();
+            // Entries new since the checkpoint sort in before this one.
+            while let Some((_, e)) = newer.next_if(|(nid, _)| nid.as_str() < id.as_str()) {
+                if !f(e.clone()) {
+                    return Ok(());
                 }
             }
-            s.oldest_first_seen_ms = Some(
-                s.oldest_first_seen_ms
-                    .map_or(e.first_seen_ms, |o| o.min(e.first_seen_ms)),
-            );
+            let e = match overlay.get(&id) {
+                Some(None) => continue,
+                Some(Some(_)) => match newer.next() {
+                    Some((_, e)) => e.clone(),
+                    None => continue,
+                },
+                None => serde_json::from_slice(&v).map_err(|err| StateError::Corrupt {
+                    key: id.clone(),
+                    detail: err.to_string(),
+                })?,
+            };
+            if !f(e) {
+                return Ok(());
+            }
         }
+        for (_, e) in newer {
+            if !f(e.clone()) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry, including changes not yet checkpointed, in id order.
+    pub fn entries(&self) -> Result<Vec<Entry>, StateError> {
+        let mut out = Vec::new();
+        self.scan(|e| {
+            out.push(e);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Counts at `now_ms`, for a poll interval of `interval_ms` (one scan).
+    pub fn stats(&self, now_ms: u64, interval_ms: u64) -> Result<Stats, StateError> {
+        let mut s = Stats::default();
+        self.scan(|e| {
+            if e.emitted.is_some() {
+                s.awaiting_confirmation += 1;
+                return true;
+            }
+            s.pending += 1;
+            if e.next_poll_ms <= now_ms {
+                s.due_now += 1;
+            } else if e.next_poll_ms <= now_ms.saturating_add(interval_ms) {
+                s.due_next_interval += 1;
+            }
+            let age = now_ms.saturating_sub(e.first_seen_ms);
+            let bucket = AGE_BUCKETS
+                .iter()
+                .position(|(_, upper)| age < *upper)
+                .unwrap_or(AGE_BUCKETS.len() - 1);
+            s.by_age[bucket] += 1;
+            if s.oldest_pending
+                .as_ref()
+                .is_none_or(|(_, t)| e.first_seen_ms < *t)
+            {
+                s.oldest_pending = Some((e.id, e.first_seen_ms));
+            }
+            true
+        })?;
         Ok(s)
+    }
+
+    /// Wall-clock time of the last checkpoint, if any was written.
+    pub fn last_checkpoint_ms(&self) -> Result<Option<u64>, StateError> {
+        let v = self.db.get(META_CHECKPOINT_MS).map_err(|e| self.io(e))?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// How many entries the last checkpoint left (changes since are not counted).
+    pub fn entry_count(&self) -> u64 {
+        self.overlay.lock().expect("state lock").durable_entries
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
     }
 }
 
@@ -766,6 +954,7 @@ mod tests {
                 status: "succeeded".into(),
                 event_id: "x".into(),
                 at_ms: 1,
+                reason: None,
             })
         })
         .unwrap();
@@ -778,7 +967,7 @@ mod tests {
             .map(|e| e.id)
             .collect();
         assert_eq!(due, vec!["a"], "an emitted payment is not polled again");
-        assert_eq!(s.stats(600).unwrap().awaiting_confirmation, 1);
+        assert_eq!(s.stats(600, 100).unwrap().awaiting_confirmation, 1);
         // A pending-status update keeps the schedule and the emission.
         apply(&s, &create("b", "pending"), None, 3, 700, 100);
         assert!(s.get("b").unwrap().unwrap().emitted.is_some());
@@ -929,5 +1118,104 @@ mod tests {
         assert_eq!(apply(&s, &t, None, 3, 0, 10), Applied::Removed);
         s.checkpoint().unwrap();
         assert!(s.entries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn scans_merge_the_overlay_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for id in ["b", "d", "f"] {
+            apply(&s, &create(id, "pending"), None, 1, 0, 10);
+        }
+        s.checkpoint().unwrap();
+        // Not checkpointed: a new first, middle and last entry, one removal, one change.
+        for id in ["a", "c", "g"] {
+            apply(&s, &create(id, "pending"), None, 2, 0, 10);
+        }
+        apply(&s, &create("d", "succeeded"), None, 3, 0, 10);
+        s.update("f", |e| e.polls = 7).unwrap();
+        let seen: Vec<(String, u64)> = s
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.polls))
+            .collect();
+        let want: Vec<(String, u64)> = [("a", 0), ("b", 0), ("c", 0), ("f", 7), ("g", 0)]
+            .map(|(i, p)| (i.to_string(), p))
+            .to_vec();
+        assert_eq!(seen, want);
+        // The same after the checkpoint, when all of it comes from the tree.
+        s.checkpoint().unwrap();
+        let again: Vec<(String, u64)> = s
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.polls))
+            .collect();
+        assert_eq!(again, want);
+        // A scan stops when told to.
+        let mut n = 0;
+        s.scan(|_| {
+            n += 1;
+            n < 2
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn stats_count_due_times_and_age_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let h = 3_600_000;
+        // First seen at 0, 30 min, 2 h, 10 h, 30 h into a clock read at 30 h; interval 10 min.
+        for (i, seen) in [0, h / 2, 2 * h, 10 * h, 30 * h].into_iter().enumerate() {
+            apply(
+                &s,
+                &create(&format!("p{i}"), "pending"),
+                None,
+                i as i64,
+                seen,
+                600_000,
+            );
+        }
+        s.update("p1", |e| {
+            e.emitted = Some(Emitted {
+                status: "failed".into(),
+                event_id: "e".into(),
+                at_ms: 1,
+                reason: Some("card_declined".into()),
+            })
+        })
+        .unwrap();
+        let st = s.stats(30 * h, 600_000).unwrap();
+        assert_eq!((st.pending, st.awaiting_confirmation), (4, 1));
+        // p0, p2, p3 are overdue; p4 is due 10 min after it was seen, within the next interval.
+        assert_eq!((st.due_now, st.due_next_interval), (3, 1));
+        assert_eq!(
+            st.by_age,
+            [1, 0, 0, 1, 2],
+            "<10m, 10m-1h, 1h-6h, 6h-24h, >=24h"
+        );
+        assert_eq!(st.oldest_pending, Some(("p0".to_string(), 0)));
+    }
+
+    #[test]
+    fn poll_history_keeps_the_newest_and_counts_all() {
+        let mut e = Store::open(tempfile::tempdir().unwrap().path())
+            .map(|s| {
+                apply(&s, &create("a", "pending"), None, 1, 0, 10);
+                s.get("a").unwrap().unwrap()
+            })
+            .unwrap();
+        for i in 0..(HISTORY_LEN as u64 + 3) {
+            e.record_poll(i, "still_pending", Some("processing"));
+        }
+        assert_eq!(e.polls, HISTORY_LEN as u64 + 3);
+        assert_eq!(e.history.len(), HISTORY_LEN);
+        assert_eq!(e.history[0].at_ms, 3);
+        assert_eq!(e.last_outcome(), Some("still_pending"));
+        let c = e.last_cdc.as_ref().unwrap();
+        assert_eq!((c.op.as_str(), c.offset), ("c", 0));
     }
 }

@@ -213,6 +213,7 @@ pub async fn run(
                 Ok(())
             }
         }),
+        None,
     )
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
