@@ -114,6 +114,63 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
+/// Every poll outcome label (`LookupError::outcome` and the final statuses).
+pub const POLL_OUTCOMES: [&str; 10] = [
+    "succeeded",
+    "failed",
+    "still_pending",
+    "not_found",
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "transport_error",
+    "parse_error",
+    "rejected",
+];
+
+/// Creates the daemon's labelled series at 0, so a dashboard or an `increase()` sees a series
+/// before its first event (Prometheus' advice for label values known in advance).
+pub fn init_run_series() {
+    let m = &*METRICS;
+    for o in POLL_OUTCOMES {
+        m.polls.with_label_values(&[o]);
+    }
+    for s in ["succeeded", "failed"] {
+        m.status_events.with_label_values(&[s]);
+    }
+    for k in crate::decode::DecodeErrorKind::ALL {
+        m.dlq_messages.with_label_values(&[k.as_str()]);
+    }
+    m.cdc_events
+        .with_label_values(&["unknown", "dead_lettered"]);
+    for k in [
+        "client",
+        "consume",
+        "commit",
+        "produce_status",
+        "produce_dlq",
+    ] {
+        m.kafka_errors.with_label_values(&[k]);
+    }
+    for (age, _) in crate::state::AGE_BUCKETS {
+        m.pending_by_age.with_label_values(&[age]);
+    }
+}
+
+/// The updater's labelled series at 0 (see [`init_run_series`]).
+pub fn init_updater_series() {
+    let m = &*METRICS;
+    for r in ["updated", "already_final", "unknown_id", "invalid"] {
+        m.updater_rows.with_label_values(&[r]);
+    }
+    for k in ["connect", "apply"] {
+        m.updater_postgres_errors.with_label_values(&[k]);
+    }
+    for k in ["client", "consume", "commit"] {
+        m.kafka_errors.with_label_values(&[k]);
+    }
+}
+
 /// Sets the state gauges from one pass of [`crate::state::Store::stats`].
 pub fn set_state_gauges(s: &crate::state::Stats, now_ms: u64) {
     let m = &*METRICS;

@@ -42,6 +42,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     // One internal stop signal: set by the caller's shutdown or by any part failing.
     let (stop, shutdown) = watch::channel(false);
     let clock = Clock::new();
+    metrics::init_run_series();
     let state = Arc::new(Store::open(&cfg.data_dir)?);
     let health = Arc::new(Health::default());
     health

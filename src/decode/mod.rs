@@ -221,6 +221,16 @@ pub enum DecodeErrorKind {
 }
 
 impl DecodeErrorKind {
+    pub const ALL: [DecodeErrorKind; 7] = [
+        Self::NotUtf8,
+        Self::InvalidJson,
+        Self::UnexpectedShape,
+        Self::UnknownOp,
+        Self::MissingColumn,
+        Self::BadValue,
+        Self::BadDecimal,
+    ];
+
     /// Stable, low-cardinality name: a metric label and the DLQ `reason` header.
     pub fn as_str(self) -> &'static str {
         match self {

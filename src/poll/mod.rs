@@ -150,7 +150,7 @@ impl Poller {
         match res {
             Ok(Lookup::Pending { stripe_status }) => {
                 METRICS.polls.with_label_values(&["still_pending"]).inc();
-                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?e.stripe_payment_intent_id, stripe_status, "poll: still pending");
+                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(), stripe_status, "poll: still pending");
                 self.state.update(&e.id, |x| {
                     x.failures = 0;
                     x.record_poll(now, "still_pending", Some(&stripe_status));
@@ -167,7 +167,7 @@ impl Poller {
                 // The CDC stream may have removed it while we asked (someone else finalized the
                 // row): then there is nothing to write back.
                 if self.state.get(&e.id)?.is_none() {
-                    tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?e.stripe_payment_intent_id,
+                    tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
                         stripe_status, "poll: final answer for a payment no longer tracked; not emitted");
                     return Ok(());
                 }
@@ -185,7 +185,7 @@ impl Poller {
                             .status_events
                             .with_label_values(&[status.as_str()])
                             .inc();
-                        tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?ev.stripe_payment_intent_id,
+                        tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
                             status = status.as_str(), stripe_status, reason = ?ev.reason, event_id = %ev.event_id, "status event emitted");
                         self.state.update(&e.id, |x| {
                             x.failures = 0;
@@ -203,7 +203,7 @@ impl Poller {
                             .kafka_errors
                             .with_label_values(&["produce_status"])
                             .inc();
-                        tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?e.stripe_payment_intent_id,
+                        tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
                             error = %err, "status event not produced; will poll again");
                         self.reschedule_after_failure(
                             e,
@@ -216,7 +216,7 @@ impl Poller {
             }
             Err(err) => {
                 METRICS.polls.with_label_values(&[err.outcome()]).inc();
-                tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ?e.stripe_payment_intent_id,
+                tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
                     outcome = err.outcome(), error = %err, "poll: no answer, kept pending");
                 if matches!(err, LookupError::RateLimited) {
                     self.limiter.cooldown(self.cfg.rate_limit_cooldown);

@@ -270,6 +270,27 @@ impl StripeApi {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_outcome_has_a_series_from_the_start() {
+        let errors = [
+            LookupError::NotFound,
+            LookupError::RateLimited,
+            LookupError::Server(503),
+            LookupError::Timeout,
+            LookupError::Transport(String::new()),
+            LookupError::Parse(String::new()),
+            LookupError::Rejected(401, String::new()),
+        ];
+        let outcomes = errors.iter().map(|e| e.outcome()).chain([
+            FinalStatus::Succeeded.as_str(),
+            FinalStatus::Failed.as_str(),
+            "still_pending",
+        ]);
+        for o in outcomes {
+            assert!(crate::metrics::POLL_OUTCOMES.contains(&o), "{o}");
+        }
+    }
+
     fn pi(status: &str, err: Option<&str>) -> IntentView {
         IntentView {
             id: "pi_1".into(),

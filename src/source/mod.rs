@@ -27,7 +27,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::decode::{decode_key, decode_value, DecodeOptions};
+use crate::decode::{decode_key, decode_value, Col, DecodeOptions};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
 use crate::sink::{DeadLetter, Sink};
@@ -272,14 +272,22 @@ impl Pipeline {
                     .cdc_events
                     .with_label_values(&[ev.op.as_str(), applied.as_str()])
                     .inc();
-                let id = ev
-                    .payment
-                    .as_ref()
-                    .map(|p| p.id.as_str())
-                    .or(key_id.as_deref())
-                    .unwrap_or("");
+                let p = ev.payment.as_ref();
+                let id = p.map(|p| p.id.as_str()).or(key_id.as_deref()).unwrap_or("");
+                // The key and intent as far as this event carries them (a tombstone or a TOASTed
+                // column does not).
+                let idempotency_key = p.and_then(|p| match &p.idempotency_key {
+                    Col::Set(k) => Some(k.as_str()),
+                    Col::Unknown => None,
+                });
+                let intent_id = p.and_then(|p| match &p.stripe_payment_intent_id {
+                    Col::Set(i) => i.as_deref(),
+                    Col::Unknown => None,
+                });
                 tracing::debug!(
                     payment_id = id,
+                    idempotency_key,
+                    intent_id,
                     op = ev.op.as_str(),
                     outcome = applied.as_str(),
                     partition,

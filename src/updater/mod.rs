@@ -199,6 +199,7 @@ pub async fn run(
         .unwrap_or_default();
     let pending = cfg.columns.pending_status.clone();
 
+    crate::metrics::init_updater_series();
     let pg_ok = Arc::new(AtomicBool::new(false));
     let kafka = Arc::new(BrokerWatch::default());
     let (ready_pg, ready_kafka) = (pg_ok.clone(), kafka.clone());
@@ -319,7 +320,7 @@ pub async fn run(
             .observe(started.elapsed().as_secs_f64());
         for (ev, r) in events.iter().zip(&results) {
             METRICS.updater_rows.with_label_values(&[r.as_str()]).inc();
-            tracing::info!(payment_id = %ev.payment_id, idempotency_key = %ev.idempotency_key, intent_id = ?ev.stripe_payment_intent_id,
+            tracing::info!(payment_id = %ev.payment_id, idempotency_key = %ev.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
                 status = %ev.status, event_id = %ev.event_id, result = r.as_str(), "status applied");
         }
         // Committed only now that the transaction is: a crash before this replays the batch,
