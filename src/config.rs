@@ -222,8 +222,8 @@ pub struct RunConfig {
     /// Address of /metrics, /healthz, /readyz and the state API `paystream state` reads.
     #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
-    /// How often the state gauges (pending by age, polls due, oldest age) are recomputed; each
-    /// time is one scan of state.
+    /// How often the state gauges (pending by age, polls due, oldest age) are recomputed, in
+    /// whole seconds; each time is one scan of state.
     #[arg(long, env = "PAYSTREAM_STATE_STATS_INTERVAL", default_value = DEFAULT_STATE_STATS_INTERVAL, value_parser = duration)]
     pub state_stats_interval: Duration,
     #[command(flatten)]
@@ -270,8 +270,14 @@ impl RunConfig {
         if self.checkpoint_interval.is_zero() {
             return Err(bad("--checkpoint-interval", "must be positive"));
         }
-        if self.state_stats_interval < Duration::from_millis(100) {
-            return Err(bad("--state-stats-interval", "must be at least 100ms"));
+        // tokio-cron-scheduler keeps a repeated job's period in whole seconds.
+        if self.state_stats_interval < Duration::from_secs(1)
+            || self.state_stats_interval.subsec_nanos() != 0
+        {
+            return Err(bad(
+                "--state-stats-interval",
+                "must be whole seconds, at least 1s (the job scheduler counts seconds)",
+            ));
         }
         if self.retry_backoff.is_zero() {
             return Err(bad("--retry-backoff", "must be positive"));

@@ -44,6 +44,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let clock = Clock::new();
     metrics::init_run_series();
     let state = Arc::new(Store::open(&cfg.data_dir)?);
+    state.record_poll_interval(cfg.poll_interval.as_millis() as u64)?;
     let health = Arc::new(Health::default());
     health
         .last_checkpoint_ms

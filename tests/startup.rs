@@ -90,6 +90,12 @@ fn bad_configuration_fails_fast_naming_the_field() {
         &["--poll-interval", "at least"],
         5,
     );
+    fails_fast(
+        &with(&base, &["--state-stats-interval", "500ms"]),
+        &[],
+        &["--state-stats-interval", "whole seconds"],
+        5,
+    );
     let no_key: Vec<&str> = with(&base, &[])
         .into_iter()
         .map(|a| if a == STRIPE_SECRET { "" } else { a })

@@ -35,10 +35,10 @@ pub struct StateArgs {
     /// The daemon's admin address (its --metrics-addr), asked first.
     #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
-    /// Poll interval for "due in the next interval" when reading offline (a running daemon
-    /// uses its own).
-    #[arg(long, env = "PAYSTREAM_POLL_INTERVAL", default_value = DEFAULT_POLL_INTERVAL, value_parser = humantime::parse_duration)]
-    pub poll_interval: Duration,
+    /// Poll interval for "due in the next interval" when reading offline; by default the one
+    /// the daemon recorded in the store (a running daemon always uses its own).
+    #[arg(long, env = "PAYSTREAM_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    pub poll_interval: Option<Duration>,
     /// The status value that means "pending" (as for `run`).
     #[arg(long, env = "PAYSTREAM_PENDING_STATUS", default_value = "pending")]
     pub pending_status: String,
@@ -139,7 +139,18 @@ pub async fn run(args: StateArgs) -> Result<(), InspectError> {
             let r: StatsReport = match &source {
                 Source::Live(addr) => get_json(*addr, "/state/stats").await?,
                 Source::Offline(store, dir) => {
-                    inspect::stats(store, dir, wall_ms(), args.poll_interval)?
+                    let interval = match args.poll_interval {
+                        Some(d) => d,
+                        None => store
+                            .recorded_poll_interval()?
+                            .map(Duration::from_millis)
+                            // A store no daemon recorded one in: the daemon's default.
+                            .unwrap_or_else(|| {
+                                humantime::parse_duration(DEFAULT_POLL_INTERVAL)
+                                    .expect("default interval")
+                            }),
+                    };
+                    inspect::stats(store, dir, wall_ms(), interval)?
                 }
             };
             match format {

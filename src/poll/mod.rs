@@ -186,7 +186,7 @@ impl Poller {
                             .with_label_values(&[status.as_str()])
                             .inc();
                         tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
-                            status = status.as_str(), stripe_status, reason = ?ev.reason, event_id = %ev.event_id, "status event emitted");
+                            status = status.as_str(), stripe_status, reason = ev.reason.as_deref(), event_id = %ev.event_id, "status event emitted");
                         self.state.update(&e.id, |x| {
                             x.failures = 0;
                             x.record_poll(now, status.as_str(), Some(&stripe_status));

@@ -11,6 +11,8 @@
 //! - `m\0entries` → how many `p\0` entries the last checkpoint left (u64 BE), written in the
 //!   same batch as they are.
 //! - `m\0checkpoint_ms` → wall-clock time of the last checkpoint (u64 BE ms), for `state stats`.
+//! - `m\0poll_interval_ms` → the poll interval the daemon last ran with (u64 BE ms), so an
+//!   offline `state stats` counts "due in the next interval" as the daemon would.
 //!
 //! Entries are JSON so that fields can be added without a layout change: a field added later
 //! carries `#[serde(default)]`, and fields a newer build dropped are ignored when read.
@@ -53,6 +55,7 @@ const O: &[u8] = b"o\0";
 const META_FORMAT: &[u8] = b"m\0format";
 const META_ENTRIES: &[u8] = b"m\0entries";
 const META_CHECKPOINT_MS: &[u8] = b"m\0checkpoint_ms";
+const META_POLL_INTERVAL_MS: &[u8] = b"m\0poll_interval_ms";
 /// Polls kept in an entry's history (the newest); `Entry::polls` counts them all. Bounded so a
 /// payment pending for days does not grow without limit.
 pub const HISTORY_LEN: usize = 8;
@@ -842,11 +845,29 @@ impl Store {
         Ok(s)
     }
 
-    /// Wall-clock time of the last checkpoint, if any was written.
-    pub fn last_checkpoint_ms(&self) -> Result<Option<u64>, StateError> {
-        let v = self.db.get(META_CHECKPOINT_MS).map_err(|e| self.io(e))?;
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StateError> {
+        let v = self.db.get(key).map_err(|e| self.io(e))?;
         Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map(u64::from_be_bytes))
+    }
+
+    /// Wall-clock time of the last checkpoint, if any was written.
+    pub fn last_checkpoint_ms(&self) -> Result<Option<u64>, StateError> {
+        self.meta_u64(META_CHECKPOINT_MS)
+    }
+
+    /// Records the poll interval the daemon runs with (see the layout), durably.
+    pub fn record_poll_interval(&self, ms: u64) -> Result<(), StateError> {
+        self.db
+            .insert(META_POLL_INTERVAL_MS, &ms.to_be_bytes()[..])
+            .map_err(|e| self.io(e))?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
+    /// The poll interval the daemon last ran with, if it recorded one.
+    pub fn recorded_poll_interval(&self) -> Result<Option<u64>, StateError> {
+        self.meta_u64(META_POLL_INTERVAL_MS)
     }
 
     /// How many entries the last checkpoint left (changes since are not counted).

@@ -458,13 +458,7 @@ pub fn run_args(
     .iter()
     .map(|a| a.to_string())
     .collect();
-    // A flag in `extra` replaces the default above (clap rejects a flag given twice).
-    for pair in extra.chunks(2) {
-        if let Some(i) = args.iter().position(|a| a == pair[0]) {
-            args.drain(i..i + 2);
-        }
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
+    with_extra(&mut args, extra);
     args
 }
 
@@ -486,6 +480,24 @@ pub fn metric(port: u16, name: &str, parts: &[&str]) -> f64 {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One scrape of /metrics, so several values can be read from the same instant.
+pub fn scrape(port: u16) -> String {
+    http_get(port, "/metrics").map(|r| r.1).unwrap_or_default()
+}
+
+/// Sum of the samples of exactly `name` (not of metrics whose names merely start with it) in a
+/// scrape, over the lines containing every one of `parts` (e.g. `outcome="failed"`).
+pub fn sample(text: &str, name: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && parts.iter().all(|p| l.contains(p))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -603,8 +615,19 @@ pub fn updater_args(s: &Stack, status_topic: &str, group: &str, extra: &[&str]) 
     .iter()
     .map(|a| a.to_string())
     .collect();
-    args.extend(extra.iter().map(|a| a.to_string()));
+    with_extra(&mut args, extra);
     args
+}
+
+/// Appends flag/value pairs, each replacing a default flag of the same name (clap rejects a
+/// flag given twice).
+fn with_extra(args: &mut Vec<String>, extra: &[&str]) {
+    for pair in extra.chunks(2) {
+        if let Some(i) = args.iter().position(|a| a == pair[0]) {
+            args.drain(i..i + 2);
+        }
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
 }
 
 /// Inserts a pending row with a chosen id (tests generate events before the rows exist).
