@@ -58,13 +58,7 @@ async fn stripe_errors_back_off_and_never_resolve() {
         &["--retry-backoff", "200ms", "--stripe-timeout", "500ms"],
     );
     let mut daemon = spawn(&args, &logs.path().join("run.log"));
-    publish(
-        &producer(&s.brokers),
-        &t.cdc,
-        Some(&cdc_key(row.id)),
-        Some(&cdc_value("c", &row, false)),
-    )
-    .await;
+    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
 
     let end = Instant::now() + Duration::from_secs(90);
     while metric(port, "paystream_status_events_total", &[]) < 1.0 {
@@ -190,13 +184,7 @@ async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
     let mut daemon = spawn(&args, &logs.join("run.log"));
     let p = producer(&s.brokers);
     for r in rows.iter().chain([&unknown, &unsearchable]) {
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("c", r, false)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "c", r, false).await;
     }
 
     let end = Instant::now() + Duration::from_secs(120);
@@ -367,13 +355,7 @@ async fn an_unreachable_stripe_is_a_transport_error_not_an_answer() {
         ],
     );
     let mut daemon = spawn(&args, &logs.join("run.log"));
-    publish(
-        &producer(&s.brokers),
-        &t.cdc,
-        Some(&cdc_key(row.id)),
-        Some(&cdc_value("c", &row, false)),
-    )
-    .await;
+    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
     wait_for("three refused polls", 60, || async {
         metric(port, "paystream_polls_total", &["transport_error"]) >= 3.0
     })

@@ -134,13 +134,7 @@ async fn metrics_count_what_happened_and_logs_carry_payment_ids() {
     // Three creates (one with schemas on) and one poison message.
     let p = producer(&s.brokers);
     for (i, r) in [&ok, &declined, &three_ds].into_iter().enumerate() {
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("c", r, i == 1)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "c", r, i == 1).await;
     }
     publish(&p, &t.cdc, Some(&cdc_key(1)), Some(b"{not json")).await;
 
@@ -152,13 +146,7 @@ async fn metrics_count_what_happened_and_logs_carry_payment_ids() {
     // Debezium streams the updater's writes back: the two leave state.
     for r in [&ok, &declined] {
         let now = read_payment(&db, r.id).await;
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("u", &now, false)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "u", &now, false).await;
     }
     // Replays the updater must skip: a duplicate of a written status, and an unknown row.
     publish(
@@ -335,22 +323,10 @@ async fn state_commands_answer_the_same_live_and_stopped() {
     }
     let p = producer(&s.brokers);
     for (i, r) in rows.iter().enumerate() {
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("c", r, i % 2 == 0)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "c", r, i % 2 == 0).await;
     }
     // A still-pending update of one row: its last CDC event becomes a `u`.
-    publish(
-        &p,
-        &t.cdc,
-        Some(&cdc_key(rows[3].id)),
-        Some(&cdc_value("u", &rows[3], false)),
-    )
-    .await;
+    publish_row(&p, &t.cdc, "u", &rows[3], false).await;
 
     // An hour between polls: nothing changes state while the commands run.
     let data = tempfile::tempdir().unwrap();
@@ -398,6 +374,7 @@ async fn state_commands_answer_the_same_live_and_stopped() {
                 let (code, out, err) = state_cli(data.path(), port, c);
                 assert_eq!(code, 0, "state {c:?}: {err}");
                 assert!(err.contains(mode), "state {c:?} should say {mode:?}: {err}");
+                assert!(!err.contains("exported"), "progress on a pipe: {err}");
                 out
             })
             .collect()
@@ -494,6 +471,28 @@ async fn state_commands_answer_the_same_live_and_stopped() {
             .collect::<Vec<_>>(),
         ids,
         "export in id order"
+    );
+
+    // Progress goes to stderr only when it is a terminal: not in the runs above (a pipe), but
+    // under a pseudo-terminal (util-linux `script`), with stdout still the export.
+    let cmd = format!(
+        "{} state --data-dir {} export > {}",
+        env!("CARGO_BIN_EXE_paystream"),
+        data.path().display(),
+        data.path().join("export.jsonl").display()
+    );
+    let tty = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(tty.status.success());
+    assert!(
+        String::from_utf8_lossy(&tty.stdout).contains("exported 5 entries"),
+        "{tty:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("export.jsonl")).unwrap(),
+        live[8]
     );
 
     // Not found: exit 1 and a reason.

@@ -96,13 +96,7 @@ async fn broker_outage_under_load_loses_nothing() {
     let p = producer(&s.brokers);
     let mut published = BTreeSet::new();
     for r in load[..300].iter().chain(&stripe_rows[..6]) {
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("c", r, false)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "c", r, false).await;
         published.insert(r.id.to_string());
     }
     drop(p);
@@ -151,13 +145,7 @@ async fn broker_outage_under_load_loses_nothing() {
     let recovered_in = back.elapsed();
     let p = producer(&s.brokers);
     for r in stripe_rows[6..].iter().chain(&load[300..]) {
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("c", r, false)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "c", r, false).await;
         published.insert(r.id.to_string());
     }
 

@@ -74,13 +74,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     // Debezium's creates: two with schemas off, two with schemas on, and one poison message.
     let p = producer(&s.brokers);
     for (i, r) in rows.iter().enumerate() {
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("c", r, i % 2 == 1)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "c", r, i % 2 == 1).await;
     }
     publish(&p, &t.cdc, Some(b"{\"id\":0}"), Some(b"{this is not json")).await;
 
@@ -114,13 +108,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     // Debezium would now stream the updater's writes: publish them, as it would.
     for r in [&ok, &declined, &canceled] {
         let now = read_payment(&db, r.id).await;
-        publish(
-            &p,
-            &t.cdc,
-            Some(&cdc_key(r.id)),
-            Some(&cdc_value("u", &now, false)),
-        )
-        .await;
+        publish_row(&p, &t.cdc, "u", &now, false).await;
     }
     // The restarted daemon drops the three once it has read those updates.
     wait_for("the three CDC updates applied", 90, || async {

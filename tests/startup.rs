@@ -222,13 +222,7 @@ async fn secrets_never_reach_logs_help_errors_or_metrics() {
     let (pi, _) = intent_with_card(&s.stripe, "1200", "4242424242424242");
     let db = pg(&s.pg_url).await;
     let row = insert_payment(&db, &format!("{}-secret", t.run), "12.00", Some(&pi)).await;
-    publish(
-        &producer(&s.brokers),
-        &t.cdc,
-        Some(&cdc_key(row.id)),
-        Some(&cdc_value("c", &row, false)),
-    )
-    .await;
+    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
     wait_for("the payment written by the updater", 60, || async {
         read_payment(&db, row.id).await.status == "succeeded"
     })

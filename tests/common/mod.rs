@@ -278,6 +278,17 @@ pub fn cdc_value(op: &str, r: &Row, with_schema: bool) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap()
 }
 
+/// Publishes Debezium's event for `r` (see [`cdc_value`]), keyed by its id as Debezium keys it.
+pub async fn publish_row(p: &FutureProducer, topic: &str, op: &str, r: &Row, with_schema: bool) {
+    publish(
+        p,
+        topic,
+        Some(&cdc_key(r.id)),
+        Some(&cdc_value(op, r, with_schema)),
+    )
+    .await;
+}
+
 pub fn cdc_key(id: i64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"id": id})).unwrap()
 }
