@@ -1239,4 +1239,23 @@ mod tests {
         let c = e.last_cdc.as_ref().unwrap();
         assert_eq!((c.op.as_str(), c.offset), ("c", 0));
     }
+
+    /// An entry as builds before poll history wrote it (layout 1): still read, its dropped
+    /// field ignored, its new fields defaulted. Upgrades within a layout need no migration.
+    #[test]
+    fn entries_written_by_an_older_build_still_read() {
+        let old = r#"{"id":"7","idempotency_key":"k","amount":"1.00","currency":"usd",
+            "stripe_payment_intent_id":"pi_7","created_at":null,"partition":0,
+            "first_seen_ms":5,"next_poll_ms":9,"failures":0,"polls":3,
+            "last_outcome":"still_pending:processing","emitted":null}"#;
+        let e: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (e.polls, e.history.len(), e.last_cdc.is_none()),
+            (3, 0, true)
+        );
+        assert_eq!(e.updated_at, None);
+        let emitted: Emitted =
+            serde_json::from_str(r#"{"status":"failed","event_id":"x","at_ms":1}"#).unwrap();
+        assert_eq!(emitted.reason, None);
+    }
 }
