@@ -15,18 +15,13 @@ const STRIPE_KEY: &str = "sk_test_paystream";
 
 /// Runs `paystream state <args…>`: (exit code, stdout, stderr).
 fn state_cli(data: &Path, port: u16, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_paystream"))
-        .arg("state")
-        .args(["--data-dir", data.to_str().unwrap()])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("paystream state");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    output(
+        Command::new(env!("CARGO_BIN_EXE_paystream"))
+            .arg("state")
+            .args(["--data-dir", data.to_str().unwrap()])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env_remove("RUST_LOG"),
     )
 }
 

@@ -10,21 +10,16 @@ use common::*;
 
 fn prepare(args: &[&str]) -> (i32, String, String) {
     let port = std::env::var("PAYSTREAM_PG_PORT").unwrap_or_else(|_| "25432".into());
-    let out = Command::new(root().join("scripts/prepare-postgres"))
-        .args(args)
-        .envs([
-            ("PGHOST", "127.0.0.1"),
-            ("PGPORT", port.as_str()),
-            ("PGUSER", "postgres"),
-            ("PGDATABASE", "payments"),
-            ("DEBEZIUM_PASSWORD", "dbz-secret"),
-        ])
-        .output()
-        .expect("scripts/prepare-postgres");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    output(
+        Command::new(root().join("scripts/prepare-postgres"))
+            .args(args)
+            .envs([
+                ("PGHOST", "127.0.0.1"),
+                ("PGPORT", port.as_str()),
+                ("PGUSER", "postgres"),
+                ("PGDATABASE", "payments"),
+                ("DEBEZIUM_PASSWORD", "dbz-secret"),
+            ]),
     )
 }
 

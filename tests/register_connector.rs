@@ -3,6 +3,8 @@
 //! first registration, an update, a rebalance 409, an invalid config, a FAILED task, a missing
 //! plugin, an unreachable Connect, and `--status` / `--delete` / `--dry-run`.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,6 +17,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+
+use common::output;
 
 const PG_CLASS: &str = "io.debezium.connector.postgresql.PostgresConnector";
 
@@ -202,28 +206,25 @@ fn start(sc: Scenario) -> (SocketAddr, Arc<Mutex<Fake>>) {
     (addr, state)
 }
 
-/// Runs the script against `addr`: (exit code, stdout, stderr).
+fn script() -> Command {
+    let mut c = Command::new(common::root().join("scripts/register-connector"));
+    c.env_remove("CONNECT_URL");
+    c
+}
+
+/// Runs the script against `addr` with a password and a topic prefix in its environment.
 fn register(addr: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/register-connector"
-    ))
-    .args([
-        "--connect-url",
-        &format!("http://{addr}"),
-        "--timeout",
-        "10",
-    ])
-    .args(args)
-    .env("DEBEZIUM_PASSWORD", "s3cret-debezium")
-    .env("TOPIC_PREFIX", "shop")
-    .env_remove("CONNECT_URL")
-    .output()
-    .expect("scripts/register-connector");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    output(
+        script()
+            .args([
+                "--connect-url",
+                &format!("http://{addr}"),
+                "--timeout",
+                "10",
+            ])
+            .args(args)
+            .env("DEBEZIUM_PASSWORD", "s3cret-debezium")
+            .env("TOPIC_PREFIX", "shop"),
     )
 }
 
@@ -348,21 +349,18 @@ fn a_missing_plugin_or_an_absent_connect_fail_with_their_own_codes() {
         .local_addr()
         .unwrap();
     let started = std::time::Instant::now();
-    let out = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/register-connector"
-    ))
-    .args([
-        "--connect-url",
-        &format!("http://{nobody}"),
-        "--timeout",
-        "2",
-    ])
-    .env("DEBEZIUM_PASSWORD", "x")
-    .output()
-    .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("did not answer"));
+    let (code, _, err) = output(
+        script()
+            .args([
+                "--connect-url",
+                &format!("http://{nobody}"),
+                "--timeout",
+                "2",
+            ])
+            .env("DEBEZIUM_PASSWORD", "x"),
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("did not answer"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
@@ -398,14 +396,7 @@ fn status_delete_and_dry_run() {
     assert!(cfg["config"]
         .get("value.converter.schemas.enable")
         .is_none());
-    let out = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/register-connector"
-    ))
-    .arg("--dry-run")
-    .env_remove("DEBEZIUM_PASSWORD")
-    .output()
-    .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("DEBEZIUM_PASSWORD"));
+    let (code, _, err) = output(script().arg("--dry-run").env_remove("DEBEZIUM_PASSWORD"));
+    assert_eq!(code, 1);
+    assert!(err.contains("DEBEZIUM_PASSWORD"), "{err}");
 }

@@ -482,17 +482,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Sum of a metric's samples whose line contains every one of `parts`, from /metrics.
+/// [`sample`] of one fresh scrape of `port` (0 when nothing answers).
 pub fn metric(port: u16, name: &str, parts: &[&str]) -> f64 {
-    let out = Command::new("curl")
-        .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sample(&scrape(port), name, parts)
 }
 
 /// One scrape of /metrics, so several values can be read from the same instant.
@@ -511,6 +503,16 @@ pub fn sample(text: &str, name: &str, parts: &[&str]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Runs a command to its end: (exit code, stdout, stderr), the output as text.
+pub fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 pub struct Proc(pub Child);
