@@ -17,7 +17,8 @@ use crate::sink::Sink;
 use crate::source::{self, Health, Pipeline};
 use crate::state::{StateError, Store};
 
-/// Why the daemon stopped with an error. Each says who is at fault.
+/// Why the daemon stopped with an error. Each says who is at fault. A variant wrapping a source
+/// does not repeat it in its own text: the binary prints the whole chain (`{:#}`).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -25,13 +26,13 @@ pub enum RunError {
     /// Local disk: fix it, then restart; state is never run on half-saved.
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("kafka client setup failed: {0}")]
+    #[error("kafka client setup failed")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     KafkaUnreachable(#[from] crate::kafka::Unreachable),
-    #[error("stripe client setup failed: {0}")]
+    #[error("stripe client setup failed")]
     Stripe(#[from] LookupError),
-    #[error("admin endpoint: {0}")]
+    #[error("admin endpoint")]
     Admin(#[from] std::io::Error),
 }
 

@@ -110,7 +110,7 @@ pub enum InspectError {
     Daemon { addr: SocketAddr, detail: String },
     #[error("no payment matching {0:?} in state (a payment leaves state once the CDC stream shows it final)")]
     NotFound(String),
-    #[error("writing output: {0}")]
+    #[error("writing output")]
     Output(#[from] std::io::Error),
 }
 

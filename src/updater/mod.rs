@@ -27,11 +27,11 @@ use crate::sink::StatusEvent;
 pub enum UpdaterError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("kafka client setup failed: {0}")]
+    #[error("kafka client setup failed")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     KafkaUnreachable(#[from] crate::kafka::Unreachable),
-    #[error("admin endpoint: {0}")]
+    #[error("admin endpoint")]
     Admin(#[from] std::io::Error),
     /// The table or columns do not match the configuration: the operator must fix it.
     #[error("payments table check failed: {0}")]
