@@ -473,13 +473,18 @@ pub fn run_args(
     args
 }
 
-/// A loopback port free right now (for --metrics-addr).
+/// A loopback port free right now (for --metrics-addr), picked at random below Linux's
+/// ephemeral range (32768 and up). A port the kernel hands out (`bind :0`) can be taken by any
+/// outgoing connection (librdkafka opens many) before the daemon binds it; CI saw exactly that.
+/// 20000-24999 also stays clear of the dev stack's ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    loop {
+        let p = rand::thread_rng().gen_range(20_000..25_000);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 /// [`sample`] of one fresh scrape of `port` (0 when nothing answers).
