@@ -53,21 +53,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     let start_daemon = |log: &str| spawn(&args, &logs.path().join(log));
     let mut daemon = start_daemon("run-1.log");
     let _updater = spawn(
-        &[
-            "updater",
-            "--brokers",
-            &s.brokers,
-            "--status-topic",
-            &t.status,
-            "--group-id",
-            &format!("{run}-updater"),
-            "--postgres-url",
-            &s.pg_url,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--batch-linger",
-            "50ms",
-        ],
+        &updater_args(s, &t.status, &format!("{run}-updater"), &[]),
         &logs.path().join("updater.log"),
     );
 
