@@ -246,6 +246,17 @@ fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 impl RunConfig {
+    /// The settings that shape state (all `replay --no-poll` uses).
+    pub fn validate_state_settings(&self) -> Result<(), ConfigError> {
+        if self.poll_interval < Duration::from_millis(100) {
+            return Err(bad("--poll-interval", "must be at least 100ms"));
+        }
+        if self.checkpoint_interval.is_zero() {
+            return Err(bad("--checkpoint-interval", "must be positive"));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
         if self
@@ -264,12 +275,7 @@ impl RunConfig {
         if self.stripe_concurrency == 0 {
             return Err(bad("--stripe-concurrency", "must be at least 1"));
         }
-        if self.poll_interval < Duration::from_millis(100) {
-            return Err(bad("--poll-interval", "must be at least 100ms"));
-        }
-        if self.checkpoint_interval.is_zero() {
-            return Err(bad("--checkpoint-interval", "must be positive"));
-        }
+        self.validate_state_settings()?;
         // tokio-cron-scheduler keeps a repeated job's period in whole seconds.
         if self.state_stats_interval < Duration::from_secs(1)
             || self.state_stats_interval.subsec_nanos() != 0

@@ -30,6 +30,8 @@
 //! - [`config`]: every flag, its environment variable and config-file key.
 //! - [`clock`]: time that tests can pause.
 //! - [`run`]: the daemon's wiring and shutdown.
+//! - [`replay`]: the same source path fed from files (state rebuilds, benchmarks), and the
+//!   generator of realistic event files.
 //!
 //! Errors are typed at each boundary and say who is at fault and whether retrying helps;
 //! `anyhow` appears only in the binary.
@@ -41,6 +43,7 @@ pub mod decode;
 pub mod kafka;
 pub mod metrics;
 pub mod poll;
+pub mod replay;
 pub mod run;
 pub mod sink;
 pub mod source;

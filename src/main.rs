@@ -42,11 +42,23 @@ enum Command {
     Run(RunConfig),
     /// Writes status events back to the Postgres master, forward only.
     Updater(UpdaterConfig),
-    /// Decodes Kafka message values (one per line; an empty line or `null` is a tombstone) and
-    /// prints one normalized JSON object per line.
     /// Inspects the state store: through the running daemon if one serves --data-dir, else
     /// directly. Reads the same flags, environment and config file as `run`.
     State(paystream::admin::cli::StateArgs),
+    /// Feeds files of Debezium message values (one per line) through the daemon's
+    /// decode → state → checkpoint path, then prints one JSON summary line. Resumable.
+    Replay(paystream::replay::ReplayArgs),
+    /// Writes a file of realistic Debezium events (for replay and the benchmarks) and prints
+    /// what it holds as one JSON line on stderr.
+    GenEvents {
+        #[command(flatten)]
+        spec: paystream::replay::generate::GenSpec,
+        /// Output file, or - for standard output.
+        #[arg(long, default_value = "-")]
+        out: String,
+    },
+    /// Decodes Kafka message values (one per line; an empty line or `null` is a tombstone) and
+    /// prints one normalized JSON object per line.
     Decode {
         #[command(flatten)]
         decode: DecodeArgs,
@@ -85,13 +97,20 @@ fn preload_config_file() -> anyhow::Result<()> {
                 .find_map(|a| a.strip_prefix("--config=").map(str::to_string))
         })
         .or_else(|| std::env::var("PAYSTREAM_CONFIG").ok());
-    let sub = args
-        .iter()
-        .skip(1)
-        .find(|a| matches!(a.as_str(), "run" | "updater" | "decode" | "state"));
+    let sub = args.iter().skip(1).find(|a| {
+        matches!(
+            a.as_str(),
+            "run" | "updater" | "decode" | "state" | "replay"
+        )
+    });
     if let (Some(path), Some(sub)) = (path, sub) {
-        // `state` inspects what `run` configured: it reads the daemon's file, checked as such.
-        let sub = if sub == "state" { "run" } else { sub };
+        // `state` inspects and `replay` fills what `run` configured: both read the daemon's
+        // file, checked as such.
+        let sub = if matches!(sub.as_str(), "state" | "replay") {
+            "run"
+        } else {
+            sub
+        };
         apply_config_file::<Cli>(std::path::Path::new(&path), sub)?;
     }
     Ok(())
@@ -173,6 +192,25 @@ fn real_main() -> anyhow::Result<()> {
         Command::State(args) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(paystream::admin::cli::run(args))?;
+            Ok(())
+        }
+        Command::Replay(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let sum =
+                rt.block_on(async { paystream::replay::replay(args, shutdown_signal()).await })?;
+            println!("{}", serde_json::to_string(&sum)?);
+            Ok(())
+        }
+        Command::GenEvents { spec, out } => {
+            let sum = if out == "-" {
+                let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+                paystream::replay::generate::generate(&spec, &mut w)?
+            } else {
+                let f = std::fs::File::create(&out).with_context(|| format!("creating {out}"))?;
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                paystream::replay::generate::generate(&spec, &mut w)?
+            };
+            eprintln!("{}", serde_json::to_string(&sum)?);
             Ok(())
         }
         Command::Updater(cfg) => {

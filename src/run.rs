@@ -13,7 +13,7 @@ use crate::metrics::{self, METRICS};
 use crate::poll::ratelimit::RateLimiter;
 use crate::poll::stripe::{LookupError, StripeApi};
 use crate::poll::{Poller, PollerConfig};
-use crate::sink::Sink;
+use crate::sink::{DeadLetters, Sink};
 use crate::source::{self, Health, Pipeline};
 use crate::state::{StateError, Store};
 
@@ -62,7 +62,12 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         tracing::info!(overdue = moved, "spread overdue polls after restart");
     }
     // The offset gauges start from what is durable; checkpoints update the partitions they move.
-    for (_, partition, offset) in state.stored_offsets()? {
+    // Only the CDC topic's: a `replay` into this data dir keeps its own position beside them.
+    for (_, partition, offset) in state
+        .stored_offsets()?
+        .into_iter()
+        .filter(|(t, _, _)| *t == cfg.cdc_topic)
+    {
         METRICS
             .stored_offset
             .with_label_values(&[&partition.to_string()])
@@ -104,22 +109,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
 
-    let key = cfg
-        .stripe_key
-        .as_ref()
-        .map(|k| k.expose().to_string())
-        .unwrap_or_default();
-    let api = Arc::new(StripeApi::new(
-        &cfg.stripe_api_base,
-        &key,
-        cfg.stripe_timeout,
-    )?);
-    let sink = Arc::new(Sink::new(
-        &cfg.kafka.brokers,
-        &cfg.kafka.kafka_options,
-        &cfg.status_topic,
-        &cfg.dlq_topic,
-    )?);
+    let (api, sink) = stripe_and_sink(&cfg)?;
     let consumer = Arc::new(source::consumer(
         &cfg.kafka.brokers,
         &cfg.kafka.kafka_options,
@@ -137,20 +127,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         tracing::warn!(topic = %cfg.cdc_topic, "the CDC topic does not exist yet (Debezium creates it on its first event); waiting for it");
     }
 
-    let poller = Poller::new(
-        state.clone(),
-        api,
-        sink.clone(),
-        Arc::new(RateLimiter::new(cfg.stripe_rps)),
-        clock,
-        PollerConfig {
-            interval: cfg.poll_interval,
-            concurrency: cfg.stripe_concurrency,
-            retry_backoff: cfg.retry_backoff,
-            rate_limit_cooldown: Duration::from_secs(1),
-            shutdown_grace: Duration::from_secs(5),
-        },
-    );
+    let poller = poller(&cfg, state.clone(), api, sink.clone(), clock);
     let poller_task = tokio::spawn(poller.run(shutdown.clone()));
 
     // State gauges (counts, ages, polls due) are a full scan: refreshed by a periodic job, off
@@ -181,12 +158,11 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
 
     let pipeline = Pipeline {
         state: state.clone(),
-        sink,
+        dead_letters: DeadLetters::Kafka(sink),
         decode: cfg.decode.options(),
         pending_status: cfg.decode.columns.pending_status.clone(),
         poll_interval: cfg.poll_interval,
         clock,
-        health: health.clone(),
     };
 
     // The checkpoint loop runs beside the consumer; both stop on shutdown or on a state error.
@@ -230,4 +206,49 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     result?;
     poll_result?;
     Ok(())
+}
+
+/// The Stripe client and the Kafka producer, as `run` configures them.
+pub(crate) fn stripe_and_sink(cfg: &RunConfig) -> Result<(Arc<StripeApi>, Arc<Sink>), RunError> {
+    let key = cfg
+        .stripe_key
+        .as_ref()
+        .map(|k| k.expose().to_string())
+        .unwrap_or_default();
+    let api = Arc::new(StripeApi::new(
+        &cfg.stripe_api_base,
+        &key,
+        cfg.stripe_timeout,
+    )?);
+    let sink = Arc::new(Sink::new(
+        &cfg.kafka.brokers,
+        &cfg.kafka.kafka_options,
+        &cfg.status_topic,
+        &cfg.dlq_topic,
+    )?);
+    Ok((api, sink))
+}
+
+/// The poll scheduler as `run` configures it.
+pub(crate) fn poller(
+    cfg: &RunConfig,
+    state: Arc<Store>,
+    api: Arc<StripeApi>,
+    sink: Arc<Sink>,
+    clock: Clock,
+) -> Poller {
+    Poller::new(
+        state,
+        api,
+        sink,
+        Arc::new(RateLimiter::new(cfg.stripe_rps)),
+        clock,
+        PollerConfig {
+            interval: cfg.poll_interval,
+            concurrency: cfg.stripe_concurrency,
+            retry_backoff: cfg.retry_backoff,
+            rate_limit_cooldown: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(5),
+        },
+    )
 }

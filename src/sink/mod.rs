@@ -92,6 +92,98 @@ pub struct DeadLetter<'a> {
     pub offset: i64,
 }
 
+/// Where undecodable CDC messages go: the dead-letter topic (the daemon) or a JSON-lines file
+/// (`replay`, which reads files and needs no broker).
+pub enum DeadLetters {
+    Kafka(Arc<Sink>),
+    File(DeadLetterFile),
+}
+
+/// A failed dead-letter write: the broker, or the local disk for a file. Retrying helps once
+/// the broker is back or space is freed; until then the source does not move past the message.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error(transparent)]
+    Kafka(#[from] SinkError),
+    #[error("writing dead letter to {path} failed: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl DeadLetters {
+    /// Returns once the dead letter is stored durably (acked by the broker, or written and
+    /// synced to disk): only then may the source's offset pass the message.
+    pub async fn send(&self, d: &DeadLetter<'_>) -> Result<(), DeadLetterError> {
+        match self {
+            DeadLetters::Kafka(sink) => Ok(sink.send_dead_letter(d).await?),
+            DeadLetters::File(f) => f.write(d),
+        }
+    }
+}
+
+/// Dead letters as JSON lines: source position, reason, error, and the message itself (as text
+/// when it is UTF-8, else base64). Opened on the first dead letter, so a clean run leaves none.
+pub struct DeadLetterFile {
+    path: std::path::PathBuf,
+    out: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+impl DeadLetterFile {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        DeadLetterFile {
+            path,
+            out: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn write(&self, d: &DeadLetter<'_>) -> Result<(), DeadLetterError> {
+        use base64::Engine;
+        use std::io::Write;
+        let bytes = |b: Option<&[u8]>| match b.map(std::str::from_utf8) {
+            None => serde_json::Value::Null,
+            Some(Ok(s)) => s.into(),
+            Some(Err(_)) => {
+                serde_json::json!({"base64": base64::engine::general_purpose::STANDARD.encode(b.unwrap_or_default())})
+            }
+        };
+        let mut line = serde_json::to_vec(&serde_json::json!({
+            "topic": d.topic,
+            "partition": d.partition,
+            "offset": d.offset,
+            "reason": d.reason,
+            "error": d.detail,
+            "key": bytes(d.key),
+            "value": bytes(d.payload),
+        }))
+        .expect("json");
+        line.push(b'\n');
+        let err = |source| DeadLetterError::File {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let mut out = self.out.lock().expect("dead letter lock");
+        if out.is_none() {
+            *out = Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .map_err(err)?,
+            );
+        }
+        let f = out.as_mut().expect("opened");
+        // Synced per letter: dead letters are rare, and the offset moves past this message
+        // at the next checkpoint.
+        f.write_all(&line).and_then(|_| f.sync_data()).map_err(err)
+    }
+}
+
 pub struct Sink {
     /// Replaced by a fresh producer when the current one stops delivering (see `send`).
     producer: RwLock<Current>,

@@ -30,8 +30,8 @@ use crate::clock::Clock;
 use crate::decode::{decode_key, decode_value, Col, DecodeOptions};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
-use crate::sink::{DeadLetter, Sink};
-use crate::state::{StateError, Store};
+use crate::sink::{DeadLetter, DeadLetterError, DeadLetters};
+use crate::state::{Applied, StateError, Store};
 
 /// Liveness facts the admin endpoints report.
 #[derive(Default)]
@@ -199,12 +199,20 @@ pub fn consumer(
 /// Settings of the processing loop.
 pub struct Pipeline {
     pub state: Arc<Store>,
-    pub sink: Arc<Sink>,
+    pub dead_letters: DeadLetters,
     pub decode: DecodeOptions,
     pub pending_status: String,
     pub poll_interval: Duration,
     pub clock: Clock,
-    pub health: Arc<Health>,
+}
+
+/// What one message did: its effect on state, or that it went to the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Applied(Applied),
+    DeadLettered,
+    /// Shutdown came while the dead letter could not be stored: the offset did not move.
+    Interrupted,
 }
 
 impl Pipeline {
@@ -250,7 +258,7 @@ impl Pipeline {
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), StateError> {
+    ) -> Result<Handled, StateError> {
         let next = offset + 1;
         match decode_value(payload, &self.decode) {
             Ok(ev) => {
@@ -294,6 +302,7 @@ impl Pipeline {
                     offset,
                     "cdc event"
                 );
+                Ok(Handled::Applied(applied))
             }
             Err(err) => {
                 let dl = DeadLetter {
@@ -309,17 +318,19 @@ impl Pipeline {
                 // retry (the broker is at fault) until it is, or until shutdown.
                 let mut delay = Duration::from_millis(200);
                 loop {
-                    match self.sink.send_dead_letter(&dl).await {
+                    match self.dead_letters.send(&dl).await {
                         Ok(()) => break,
                         Err(e) => {
-                            METRICS
-                                .kafka_errors
-                                .with_label_values(&["produce_dlq"])
-                                .inc();
+                            if matches!(e, DeadLetterError::Kafka(_)) {
+                                METRICS
+                                    .kafka_errors
+                                    .with_label_values(&["produce_dlq"])
+                                    .inc();
+                            }
                             tracing::warn!(error = %e, topic, partition, offset, "dead letter not stored yet; retrying");
                             tokio::select! {
                                 _ = tokio::time::sleep(delay) => {}
-                                _ = shutdown.changed() => return Ok(()),
+                                _ = shutdown.changed() => return Ok(Handled::Interrupted),
                             }
                             delay = (delay * 2).min(Duration::from_secs(10));
                         }
@@ -334,10 +345,10 @@ impl Pipeline {
                     .dlq_messages
                     .with_label_values(&[err.kind.as_str()])
                     .inc();
-                tracing::warn!(topic, partition, offset, reason = err.kind.as_str(), error = %err.detail, "undecodable CDC message sent to the dead-letter topic");
+                tracing::warn!(topic, partition, offset, reason = err.kind.as_str(), error = %err.detail, "undecodable CDC message sent to the dead letters");
+                Ok(Handled::DeadLettered)
             }
         }
-        Ok(())
     }
 }
 
