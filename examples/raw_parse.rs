@@ -43,7 +43,7 @@ fn main() {
     });
     let opts = paystream::decode::DecodeOptions::default();
     let (_, _, decode_s) = pass(&path, |l| {
-        paystream::decode::decode_value(Some(l), &opts).is_ok()
+        paystream::decode::decode_for_state(Some(l), &opts).is_ok()
     });
     println!(
         "{}",

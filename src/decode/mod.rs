@@ -17,6 +17,7 @@
 //! [`DecodeError`] the daemon sends to the dead-letter topic.
 
 pub mod decimal;
+mod fast;
 
 use std::collections::BTreeMap;
 
@@ -332,6 +333,30 @@ pub fn decode_value(
             (top, None)
         };
     decode_payload(&payload, schema.as_ref(), opts)
+}
+
+/// The fast path alone: `None` where it leaves the answer to [`decode_value`]. For the
+/// differential tests and benchmarks; the daemon calls [`decode_for_state`].
+pub fn decode_fast(value: &[u8], opts: &DecodeOptions) -> Option<ChangeEvent> {
+    fast::decode(value, opts)
+}
+
+/// Decodes one Kafka message value for state: the same event as [`decode_value`] without the
+/// normalized rows (`before` and `after` are `None`), which state never reads. Most events
+/// take the fast path (see [`fast`]); every other input, errors included, gets exactly the
+/// general decoder's answer.
+pub fn decode_for_state(
+    value: Option<&[u8]>,
+    opts: &DecodeOptions,
+) -> Result<ChangeEvent, DecodeError> {
+    if let Some(ev) = value.and_then(|v| fast::decode(v, opts)) {
+        return Ok(ev);
+    }
+    decode_value(value, opts).map(|mut ev| {
+        ev.before = None;
+        ev.after = None;
+        ev
+    })
 }
 
 fn decode_payload(
@@ -700,8 +725,18 @@ fn payment_from_row(
     opts: &DecodeOptions,
     full: bool,
 ) -> Result<Payment, DecodeError> {
+    payment_from(|name| row.get(name).cloned(), opts, full)
+}
+
+/// [`payment_from_row`] over any row: `take(name)` gives a column's normalized value once. One
+/// mapping for both decoders (see [`fast`]), so they cannot disagree on it.
+fn payment_from(
+    mut take: impl FnMut(&str) -> Option<Value>,
+    opts: &DecodeOptions,
+    full: bool,
+) -> Result<Payment, DecodeError> {
     let c = &opts.columns;
-    let id = id_string(row.get(&c.id).ok_or_else(|| missing(&c.id))?, &c.id)?;
+    let id = id_string(&take(&c.id).ok_or_else(|| missing(&c.id))?, &c.id)?;
     let mut p = Payment {
         id,
         idempotency_key: Col::Unknown,
@@ -717,27 +752,13 @@ fn payment_from_row(
     }
     let placeholder = opts.unavailable_placeholder.as_str();
     // NOT NULL text columns: required in every full row.
-    let required = |name: &str| -> Result<Col<String>, DecodeError> {
-        match row.get(name) {
+    let mut required = |name: &str| -> Result<Col<String>, DecodeError> {
+        match take(name) {
             None => Err(missing(name)),
             Some(Value::String(s)) if s == placeholder => Ok(Col::Unknown),
-            Some(Value::String(s)) => Ok(Col::Set(s.clone())),
+            Some(Value::String(s)) => Ok(Col::Set(s)),
             // Text only: a number where the status belongs is a broken producer, and reading
             // it as a (non-pending, hence final) status would drop a pending payment.
-            Some(other) => Err(err(
-                DecodeErrorKind::BadValue,
-                format!("column {name:?} must be text, got {other}"),
-            )),
-        }
-    };
-    // Nullable columns, or ones a team's table may not have: absent means unknown.
-    let optional = |name: &str| -> Result<Col<Option<String>>, DecodeError> {
-        match row.get(name) {
-            None => Ok(Col::Unknown),
-            Some(Value::String(s)) if s == placeholder => Ok(Col::Unknown),
-            Some(Value::Null) => Ok(Col::Set(None)),
-            Some(Value::String(s)) => Ok(Col::Set(Some(s.clone()))),
-            Some(Value::Number(n)) => Ok(Col::Set(Some(n.to_string()))),
             Some(other) => Err(err(
                 DecodeErrorKind::BadValue,
                 format!("column {name:?} must be text, got {other}"),
@@ -748,6 +769,20 @@ fn payment_from_row(
     p.amount = required(&c.amount)?;
     p.currency = required(&c.currency)?;
     p.status = required(&c.status)?;
+    // Nullable columns, or ones a team's table may not have: absent means unknown.
+    let mut optional = |name: &str| -> Result<Col<Option<String>>, DecodeError> {
+        match take(name) {
+            None => Ok(Col::Unknown),
+            Some(Value::String(s)) if s == placeholder => Ok(Col::Unknown),
+            Some(Value::Null) => Ok(Col::Set(None)),
+            Some(Value::String(s)) => Ok(Col::Set(Some(s))),
+            Some(Value::Number(n)) => Ok(Col::Set(Some(n.to_string()))),
+            Some(other) => Err(err(
+                DecodeErrorKind::BadValue,
+                format!("column {name:?} must be text, got {other}"),
+            )),
+        }
+    };
     p.stripe_payment_intent_id = optional(&c.stripe_payment_intent_id)?;
     p.created_at = optional(&c.created_at)?;
     p.updated_at = optional(&c.updated_at)?;

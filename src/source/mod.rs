@@ -27,7 +27,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::decode::{decode_key, decode_value, Col, DecodeOptions};
+use crate::decode::{decode_for_state, decode_key, Col, DecodeOptions};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
 use crate::sink::{DeadLetter, DeadLetterError, DeadLetters};
@@ -260,7 +260,7 @@ impl Pipeline {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Handled, StateError> {
         let next = offset + 1;
-        match decode_value(payload, &self.decode) {
+        match decode_for_state(payload, &self.decode) {
             Ok(ev) => {
                 // Only a tombstone needs the key: every other event carries the payment id.
                 let key_id = if ev.payment.is_none() {
