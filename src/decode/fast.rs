@@ -4,8 +4,8 @@
 //! Why a second path: the general decoder ([`super::decode_value`]) builds the whole
 //! normalized row as a JSON map and parses each level of the message again for every field
 //! it reads; at the daemon's rates that was most of its time. This path reads each message
-//! in one borrowed pass per level, keeps no row, and remembers the last Connect schema it saw
-//! (Debezium sends the same one with every message of a table).
+//! in one borrowed pass, keeps no row map and no table name, and remembers the last Connect
+//! schema it saw (Debezium sends the same one with every message of a table).
 //!
 //! Why it cannot disagree with the general decoder: it answers only when it succeeds, and
 //! anything unusual (another op, a duplicate key, a value of an unexpected type, any error)
@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -29,57 +29,89 @@ use super::{
     normalize_col, payment_from, struct_fields, ChangeEvent, DecodeOptions, Op, SourceInfo,
 };
 
-/// The fields of one object level that this path reads, each at most once.
+/// What one object level of a message holds for this path, read in one pass: rows and
+/// `source` are parsed where they stand (rows normalized by the schema seen before them).
 #[derive(Default)]
-struct Envelope<'a> {
+struct Level<'a> {
     keys: usize,
-    before: Option<&'a RawValue>,
-    after: Option<&'a RawValue>,
-    source: Option<&'a RawValue>,
     op: Option<&'a RawValue>,
+    source: Option<Source>,
+    /// `Some(None)`: JSON null.
+    before: Option<Option<Cols<'a>>>,
+    after: Option<Option<Cols<'a>>>,
     schema: Option<&'a RawValue>,
-    payload: Option<&'a RawValue>,
+    /// Parsed only when `schema` came first (as Debezium writes it); else the path gives up.
+    payload: Option<Box<Level<'a>>>,
 }
 
-impl<'de> Deserialize<'de> for Envelope<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Envelope<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut e = Envelope::default();
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
-                    e.keys += 1;
-                    let slot = match k.as_ref() {
-                        "before" => &mut e.before,
-                        "after" => &mut e.after,
-                        "source" => &mut e.source,
-                        "op" => &mut e.op,
-                        "schema" => &mut e.schema,
-                        "payload" => &mut e.payload,
-                        _ => {
-                            m.next_value::<IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    // The general decoder keeps the last of duplicate keys; not worth copying.
-                    if slot.is_some() {
-                        return Err(de::Error::custom("duplicate key"));
-                    }
-                    *slot = Some(m.next_value()?);
+type Cols<'a> = Vec<(Cow<'a, str>, Value)>;
+
+/// Reads one level; `schemas` are the row schemas that apply to its rows.
+struct LevelSeed<'o> {
+    opts: &'o DecodeOptions,
+    schemas: Option<Rc<RowSchemas>>,
+}
+
+impl<'de> DeserializeSeed<'de> for LevelSeed<'_> {
+    type Value = Level<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for LevelSeed<'_> {
+    type Value = Level<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut l = Level::default();
+        let (before_fields, after_fields) = match self.schemas.as_deref() {
+            Some((b, a)) => (b.as_ref(), a.as_ref()),
+            None => (None, None),
+        };
+        // The general decoder keeps the last of duplicate keys; not worth copying.
+        let dup = || de::Error::custom("duplicate key");
+        while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+            l.keys += 1;
+            match k.as_ref() {
+                "op" if l.op.is_none() => l.op = Some(m.next_value()?),
+                "source" if l.source.is_none() => l.source = Some(m.next_value()?),
+                "before" if l.before.is_none() => {
+                    l.before = Some(m.next_value_seed(RowSeed {
+                        opts: self.opts,
+                        fields: before_fields,
+                    })?)
                 }
-                Ok(e)
+                "after" if l.after.is_none() => {
+                    l.after = Some(m.next_value_seed(RowSeed {
+                        opts: self.opts,
+                        fields: after_fields,
+                    })?)
+                }
+                "schema" if l.schema.is_none() => l.schema = Some(m.next_value()?),
+                "payload" if l.payload.is_none() => {
+                    let Some(schema) = l.schema else {
+                        return Err(de::Error::custom("payload before schema"));
+                    };
+                    let seed = LevelSeed {
+                        opts: self.opts,
+                        schemas: Some(row_schemas(schema)),
+                    };
+                    l.payload = Some(Box::new(m.next_value_seed(seed)?));
+                }
+                "op" | "source" | "before" | "after" | "schema" | "payload" => return Err(dup()),
+                _ => {
+                    m.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        d.deserialize_map(V)
+        Ok(l)
     }
 }
 
 /// `source`, read as the general decoder reads it (last duplicate wins there too).
-struct Source(SourceInfo, Option<String>, Option<String>);
+struct Source(SourceInfo);
 
 impl<'de> Deserialize<'de> for Source {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -90,7 +122,7 @@ impl<'de> Deserialize<'de> for Source {
                 f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut s = Source(SourceInfo::default(), None, None);
+                let mut s = Source(SourceInfo::default());
                 // As `raw_str` / `raw_i64` read a value.
                 let text = |v: Value| match v {
                     Value::String(s) => Some(s),
@@ -103,8 +135,6 @@ impl<'de> Deserialize<'de> for Source {
                         "txId" => s.0.tx_id = m.next_value::<Value>()?.as_i64(),
                         "ts_ms" => s.0.ts_ms = m.next_value::<Value>()?.as_i64(),
                         "snapshot" => s.0.snapshot = text(m.next_value()?),
-                        "schema" => s.1 = text(m.next_value()?),
-                        "table" => s.2 = text(m.next_value()?),
                         _ => {
                             m.next_value::<IgnoredAny>()?;
                         }
@@ -117,30 +147,58 @@ impl<'de> Deserialize<'de> for Source {
     }
 }
 
-/// A row's columns as raw text, in message order, no duplicates.
-struct Row<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+/// A row, normalized column by column as [`super::normalize_row`] does; `None` for JSON null.
+struct RowSeed<'f, 'o> {
+    opts: &'o DecodeOptions,
+    fields: Option<&'f BTreeMap<String, Value>>,
+}
 
-impl<'de> Deserialize<'de> for Row<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Row<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object")
+impl<'de> DeserializeSeed<'de> for RowSeed<'_, '_> {
+    type Value = Option<Cols<'de>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RowSeed<'_, '_> {
+    type Value = Option<Cols<'de>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object or null")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut cols: Cols<'de> = Vec::with_capacity(12);
+        while let Some(name) = m.next_key::<Cow<'de, str>>()? {
+            if cols.iter().any(|(n, _)| *n == name) {
+                return Err(de::Error::custom("duplicate column"));
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-                let mut cols: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(12);
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
-                    if cols.iter().any(|(n, _)| *n == k) {
-                        return Err(de::Error::custom("duplicate column"));
-                    }
-                    let v = m.next_value()?;
-                    cols.push((k, v));
-                }
-                Ok(Row(cols))
-            }
+            let raw: &'de RawValue = m.next_value()?;
+            let schema = self.fields.and_then(|f| f.get(name.as_ref()));
+            let text = raw.get();
+            // A plain string (no escapes) in a column nothing converts is itself: the common
+            // case, without parsing it again.
+            let plain = text.len() >= 2
+                && text.starts_with('"')
+                && !text.contains('\\')
+                && name != self.opts.columns.amount.as_str()
+                && !schema
+                    .and_then(|s| s.get("name"))
+                    .and_then(Value::as_str)
+                    .is_some_and(converts_strings);
+            let value = if plain {
+                Value::String(text[1..text.len() - 1].to_string())
+            } else {
+                normalize_col(&name, raw, schema, self.opts)
+                    .map_err(|e| de::Error::custom(e.detail))?
+            };
+            cols.push((name, value));
         }
-        d.deserialize_map(V)
+        Ok(Some(cols))
     }
 }
 
@@ -189,51 +247,22 @@ fn converts_strings(logical: &str) -> bool {
     )
 }
 
-/// A row normalized column by column, as [`super::normalize_row`] does; `None` for JSON null.
-fn row<'a>(
-    raw: Option<&'a RawValue>,
-    fields: Option<&BTreeMap<String, Value>>,
-    opts: &DecodeOptions,
-) -> Option<Option<Vec<(Cow<'a, str>, Value)>>> {
-    let Some(raw) = raw else {
-        return Some(None);
-    };
-    if raw.get().trim() == "null" {
-        return Some(None);
-    }
-    let Row(cols) = serde_json::from_str(raw.get()).ok()?;
-    let mut out = Vec::with_capacity(cols.len());
-    for (name, v) in cols {
-        let schema = fields.and_then(|f| f.get(name.as_ref()));
-        let text = v.get();
-        // A plain string (no escapes) in a column nothing converts is itself: the common case,
-        // without parsing it again.
-        let plain = text.len() >= 2
-            && text.starts_with('"')
-            && !text.contains('\\')
-            && name != opts.columns.amount.as_str()
-            && !schema
-                .and_then(|s| s.get("name"))
-                .and_then(Value::as_str)
-                .is_some_and(converts_strings);
-        let value = if plain {
-            Value::String(text[1..text.len() - 1].to_string())
-        } else {
-            normalize_col(&name, v, schema, opts).ok()?
-        };
-        out.push((name, value));
-    }
-    Some(Some(out))
-}
-
 /// The event without its normalized rows (`before`, `after`), or `None` where the general
 /// decoder must answer.
 pub(super) fn decode(bytes: &[u8], opts: &DecodeOptions) -> Option<ChangeEvent> {
     let text = std::str::from_utf8(bytes).ok()?;
-    let top: Envelope<'_> = serde_json::from_str(text).ok()?;
-    let (p, schema) = match (top.keys, top.schema, top.payload) {
-        (2, Some(schema), Some(payload)) => (serde_json::from_str(payload.get()).ok()?, Some(schema)),
-        _ => (top, None),
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = LevelSeed {
+        opts,
+        schemas: None,
+    }
+    .deserialize(&mut de)
+    .ok()?;
+    de.end().ok()?;
+    // The JSON converter with schemas.enable=true wraps the payload: exactly these two keys.
+    let p = match top.payload {
+        Some(payload) if top.keys == 2 && top.schema.is_some() => *payload,
+        _ => top,
     };
     let op = match p.op?.get() {
         r#""c""# => Op::Create,
@@ -243,25 +272,10 @@ pub(super) fn decode(bytes: &[u8], opts: &DecodeOptions) -> Option<ChangeEvent> 
         _ => return None,
     };
     let mut ev = ChangeEvent::bare(op);
-    if let Some(src) = p.source {
-        let Source(info, sch, tbl) = serde_json::from_str(src.get()).ok()?;
+    if let Some(Source(info)) = p.source {
         ev.source = info;
-        let (sch, tbl) = (sch.unwrap_or_default(), tbl.unwrap_or_default());
-        if !tbl.is_empty() {
-            ev.table = Some(if sch.is_empty() {
-                tbl
-            } else {
-                format!("{sch}.{tbl}")
-            });
-        }
     }
-    let schemas = schema.map(row_schemas);
-    let (before_fields, after_fields) = match schemas.as_deref() {
-        Some((b, a)) => (b.as_ref(), a.as_ref()),
-        None => (None, None),
-    };
-    let before = row(p.before, before_fields, opts)?;
-    let after = row(p.after, after_fields, opts)?;
+    let (before, after) = (p.before.flatten(), p.after.flatten());
     let (mut cols, full) = match op {
         Op::Delete => (before?, false),
         _ => (after?, true),

@@ -341,8 +341,8 @@ pub fn decode_fast(value: &[u8], opts: &DecodeOptions) -> Option<ChangeEvent> {
     fast::decode(value, opts)
 }
 
-/// Decodes one Kafka message value for state: the same event as [`decode_value`] without the
-/// normalized rows (`before` and `after` are `None`), which state never reads. Most events
+/// Decodes one Kafka message value for state: the same event as [`decode_value`] without what
+/// state never reads (`before`, `after` and `table` are `None`). Most events
 /// take the fast path (see [`fast`]); every other input, errors included, gets exactly the
 /// general decoder's answer.
 pub fn decode_for_state(
@@ -355,6 +355,7 @@ pub fn decode_for_state(
     decode_value(value, opts).map(|mut ev| {
         ev.before = None;
         ev.after = None;
+        ev.table = None;
         ev
     })
 }

@@ -42,7 +42,7 @@ pub mod inspect;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -221,19 +221,56 @@ pub struct Checkpoint {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
+fn offsets_list(offsets: &BTreeMap<(String, i32), i64>) -> Vec<(String, i32, i64)> {
+    offsets
+        .iter()
+        .map(|((t, p), o)| (t.clone(), *p, *o))
+        .collect()
+}
+
+type Changes = HashMap<String, Option<Entry>>;
+
 #[derive(Default)]
 struct Overlay {
     /// `None`: removed since the last checkpoint.
-    entries: HashMap<String, Option<Entry>>,
+    entries: Changes,
+    /// The changes a checkpoint in progress is writing: still visible to readers (under
+    /// `entries`, which is newer) until the tree has them.
+    frozen: Option<Arc<Changes>>,
     offsets: BTreeMap<(String, i32), i64>,
     /// How many entries the tree holds after the last checkpoint (`m\0entries`).
     durable_entries: u64,
+    /// Hashes of the ids the tree holds, counted (two ids may share a hash): an id whose hash
+    /// is not here is not in the tree, so a new payment costs no tree lookup. About 20 bytes
+    /// per entry in state.
+    durable_ids: HashMap<u64, u32>,
+}
+
+impl Overlay {
+    /// The newest change for `id` not yet in the tree: `Some(None)` if removed.
+    fn change(&self, id: &str) -> Option<&Option<Entry>> {
+        self.entries
+            .get(id)
+            .or_else(|| self.frozen.as_ref().and_then(|f| f.get(id)))
+    }
+
+    fn maybe_durable(&self, id: &str) -> bool {
+        self.durable_ids.contains_key(&id_hash(id))
+    }
+}
+
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
 }
 
 pub struct Store {
     db: sled::Db,
     path: String,
     overlay: Mutex<Overlay>,
+    /// One checkpoint at a time (the checkpoint loop and a rebalance's revoke may race): the
+    /// tree's entries change only under it, so a checkpoint reads them without the overlay lock.
+    checkpointing: Mutex<()>,
 }
 
 fn p_key(id: &str) -> Vec<u8> {
@@ -309,14 +346,19 @@ impl Store {
             db,
             path,
             overlay: Mutex::new(Overlay::default()),
+            checkpointing: Mutex::new(()),
         };
-        let n = store.verify()?;
-        store.overlay.lock().expect("state lock").durable_entries = n;
+        let (n, ids) = store.verify()?;
+        let mut ov = store.overlay.lock().expect("state lock");
+        ov.durable_entries = n;
+        ov.durable_ids = ids;
+        drop(ov);
         Ok(store)
     }
 
-    /// The recovery check (see the module doc). Returns the number of entries.
-    fn verify(&self) -> Result<u64, StateError> {
+    /// The recovery check (see the module doc). Returns the number of entries and their id
+    /// hashes.
+    fn verify(&self) -> Result<(u64, HashMap<u64, u32>), StateError> {
         let mut problems = Vec::new();
         let mut indexed: HashMap<String, u64> = HashMap::new();
         for kv in self.db.scan_prefix(D) {
@@ -335,10 +377,12 @@ impl Store {
             }
         }
         let mut entries = 0u64;
+        let mut ids: HashMap<u64, u32> = HashMap::new();
         for kv in self.db.scan_prefix(P) {
             let (k, v) = kv.map_err(|e| self.io(e))?;
             entries += 1;
             let id = String::from_utf8_lossy(&k[P.len()..]).into_owned();
+            *ids.entry(id_hash(&id)).or_default() += 1;
             let e: Entry = match serde_json::from_slice(&v) {
                 Ok(e) => e,
                 Err(err) => {
@@ -388,7 +432,7 @@ impl Store {
             }
         }
         if problems.is_empty() {
-            return Ok(entries);
+            return Ok((entries, ids));
         }
         let count = problems.len();
         problems.truncate(PROBLEMS_SHOWN);
@@ -419,9 +463,21 @@ impl Store {
     }
 
     fn get_in(&self, ov: &Overlay, id: &str) -> Result<Option<Entry>, StateError> {
-        match ov.entries.get(id) {
+        match ov.change(id) {
             Some(e) => Ok(e.clone()),
-            None => self.read_durable(id),
+            None if ov.maybe_durable(id) => self.read_durable(id),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `id` is in state (overlay or tree), without reading its entry from the overlay.
+    fn exists_in(&self, ov: &Overlay, id: &str) -> Result<bool, StateError> {
+        match ov.change(id) {
+            Some(e) => Ok(e.is_some()),
+            None if ov.maybe_durable(id) => {
+                Ok(self.db.contains_key(p_key(id)).map_err(|e| self.io(e))?)
+            }
+            None => Ok(false),
         }
     }
 
@@ -515,15 +571,17 @@ impl Store {
             // only, but this clears all payments this instance holds; with scale-out (several
             // instances) others keep theirs until their rows' events arrive.
             (Op::Truncate, _) => {
-                let mut n = 0;
+                let mut ids = std::collections::BTreeSet::new();
                 for kv in self.db.scan_prefix(P) {
                     let (k, _) = kv.map_err(|e| self.io(e))?;
-                    ov.entries
-                        .insert(String::from_utf8_lossy(&k[P.len()..]).into(), None);
-                    n += 1;
+                    ids.insert(String::from_utf8_lossy(&k[P.len()..]).into_owned());
                 }
-                for e in ov.entries.values_mut() {
-                    n += usize::from(e.take().is_some());
+                for changes in ov.frozen.iter().map(|f| f.as_ref()).chain([&ov.entries]) {
+                    ids.extend(changes.keys().cloned());
+                }
+                let mut n = 0;
+                for id in ids {
+                    n += usize::from(self.remove_in(&mut ov, &id)? == Applied::Removed);
                 }
                 if n > 0 {
                     Applied::Removed
@@ -555,76 +613,100 @@ impl Store {
         now_ms: u64,
         poll_interval_ms: u64,
     ) -> Result<Applied, StateError> {
-        let existing = self.get_in(ov, &p.id)?;
-        let applied = if existing.is_some() {
+        // Updated in place when the overlay already holds it (most events of a payment arrive
+        // close together); otherwise brought in from the last checkpoint, or new.
+        let applied = if let Some(Some(_)) = ov.entries.get(&p.id) {
             Applied::Updated
         } else {
-            Applied::Tracked
+            let existing = self.get_in(ov, &p.id)?;
+            let applied = if existing.is_some() {
+                Applied::Updated
+            } else {
+                Applied::Tracked
+            };
+            let e = existing.unwrap_or_else(|| Entry {
+                id: p.id.clone(),
+                idempotency_key: String::new(),
+                amount: String::new(),
+                currency: String::new(),
+                stripe_payment_intent_id: None,
+                created_at: None,
+                updated_at: None,
+                partition,
+                first_seen_ms: now_ms,
+                // First poll one interval after the payment was first seen pending.
+                next_poll_ms: now_ms + poll_interval_ms,
+                failures: 0,
+                polls: 0,
+                history: Vec::new(),
+                last_cdc: None,
+                emitted: None,
+            });
+            ov.entries.insert(p.id.clone(), Some(e));
+            applied
         };
-        let mut e = existing.unwrap_or_else(|| Entry {
-            id: p.id.clone(),
-            idempotency_key: String::new(),
-            amount: String::new(),
-            currency: String::new(),
-            stripe_payment_intent_id: None,
-            created_at: None,
-            updated_at: None,
-            partition,
-            first_seen_ms: now_ms,
-            // First poll one interval after the payment was first seen pending.
-            next_poll_ms: now_ms + poll_interval_ms,
-            failures: 0,
-            polls: 0,
-            history: Vec::new(),
-            last_cdc: None,
-            emitted: None,
-        });
+        let Some(Some(e)) = ov.entries.get_mut(&p.id) else {
+            unreachable!("inserted above")
+        };
         // Only columns the event carries overwrite what we hold (TOAST: the old value stands).
-        if let Col::Set(v) = &p.idempotency_key {
-            e.idempotency_key = v.clone()
-        }
-        if let Col::Set(v) = &p.amount {
-            e.amount = v.clone()
-        }
-        if let Col::Set(v) = &p.currency {
-            e.currency = v.clone()
-        }
-        if let Col::Set(v) = &p.stripe_payment_intent_id {
-            e.stripe_payment_intent_id = v.clone()
-        }
-        if let Col::Set(v) = &p.created_at {
-            e.created_at = v.clone()
-        }
-        if let Col::Set(v) = &p.updated_at {
-            e.updated_at = v.clone()
-        }
+        let set = |to: &mut String, col: &Col<String>| {
+            if let Col::Set(v) = col {
+                to.clone_from(v)
+            }
+        };
+        set(&mut e.idempotency_key, &p.idempotency_key);
+        set(&mut e.amount, &p.amount);
+        set(&mut e.currency, &p.currency);
+        let set = |to: &mut Option<String>, col: &Col<Option<String>>| {
+            if let Col::Set(v) = col {
+                to.clone_from(v)
+            }
+        };
+        set(&mut e.stripe_payment_intent_id, &p.stripe_payment_intent_id);
+        set(&mut e.created_at, &p.created_at);
+        set(&mut e.updated_at, &p.updated_at);
         e.partition = partition;
-        e.last_cdc = Some(CdcSeen {
-            op: ev.op.as_str().to_string(),
+        let cdc = e.last_cdc.get_or_insert_with(|| CdcSeen {
+            op: String::new(),
             partition,
             offset,
-            lsn: ev.source.lsn,
-            source_ts_ms: ev.source.ts_ms,
+            lsn: None,
+            source_ts_ms: None,
             seen_ms: now_ms,
         });
-        ov.entries.insert(p.id.clone(), Some(e));
+        cdc.op.clear();
+        cdc.op.push_str(ev.op.as_str());
+        cdc.partition = partition;
+        cdc.offset = offset;
+        cdc.lsn = ev.source.lsn;
+        cdc.source_ts_ms = ev.source.ts_ms;
+        cdc.seen_ms = now_ms;
         Ok(applied)
     }
 
     fn remove_in(&self, ov: &mut Overlay, id: &str) -> Result<Applied, StateError> {
-        let existed = self.get_in(ov, id)?.is_some();
-        if existed {
-            ov.entries.insert(id.to_string(), None);
-            Ok(Applied::Removed)
-        } else {
-            Ok(Applied::Ignored)
+        if !self.exists_in(ov, id)? {
+            return Ok(Applied::Ignored);
         }
+        let in_frozen = ov.frozen.as_ref().is_some_and(|f| f.contains_key(id));
+        if in_frozen || ov.maybe_durable(id) {
+            // The tree has it, or will once the checkpoint in progress is written.
+            ov.entries.insert(id.to_string(), None);
+        } else {
+            // Created and gone since the last checkpoint: the tree never needs to hear of it.
+            ov.entries.remove(id);
+        }
+        Ok(Applied::Removed)
     }
 
     /// Changes an entry if it is still there (a poll result must never resurrect a payment the
     /// CDC stream removed meanwhile). Returns whether it was there.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut Entry)) -> Result<bool, StateError> {
         let mut ov = self.overlay.lock().expect("state lock");
+        if let Some(Some(e)) = ov.entries.get_mut(id) {
+            f(e);
+            return Ok(true);
+        }
         let Some(mut e) = self.get_in(&ov, id)? else {
             return Ok(false);
         };
@@ -698,59 +780,143 @@ impl Store {
 
     /// [`Store::checkpoint`], calling `before_flush` between the batch write and the flush: the
     /// seam the durability test kills the process at.
+    ///
+    /// Concurrency: the overlay's changes are frozen under the lock (a swap, no copy) and
+    /// written without it, so the pipeline keeps applying events into a fresh overlay while
+    /// the batch is built and applied. Readers see frozen changes until the tree has them.
     pub fn checkpoint_with(&self, before_flush: impl FnOnce()) -> Result<Checkpoint, StateError> {
-        let mut cp = Checkpoint::default();
-        {
-            // Held while the batch is built and applied, so a reader never sees an entry that is
-            // neither in the overlay nor in the tree.
+        let _one = self.checkpointing.lock().expect("checkpoint lock");
+        let (changes, offsets, count, in_tree) = {
             let mut ov = self.overlay.lock().expect("state lock");
             if ov.entries.is_empty() && ov.offsets.is_empty() {
-                return Ok(cp);
+                return Ok(Checkpoint::default());
             }
-            let mut batch = sled::Batch::default();
-            let mut count = ov.durable_entries;
-            for (id, new) in &ov.entries {
-                let old = self.read_durable(id)?;
-                if let Some(old) = &old {
-                    if old.emitted.is_none() {
-                        batch.remove(d_key(old.next_poll_ms, id));
-                    }
+            let changes = Arc::new(std::mem::take(&mut ov.entries));
+            ov.frozen = Some(changes.clone());
+            // Which changed ids the tree may hold: only those need reading below.
+            let in_tree: std::collections::HashSet<String> = changes
+                .keys()
+                .filter(|id| ov.maybe_durable(id))
+                .cloned()
+                .collect();
+            (
+                changes,
+                std::mem::take(&mut ov.offsets),
+                ov.durable_entries,
+                in_tree,
+            )
+        };
+        match self.write_changes(&changes, &offsets, count, &in_tree) {
+            Ok((count, added, removed)) => {
+                let mut ov = self.overlay.lock().expect("state lock");
+                for id in added {
+                    *ov.durable_ids.entry(id_hash(id)).or_default() += 1;
                 }
-                match new {
-                    Some(e) => {
-                        let json = serde_json::to_vec(e).expect("entry serializes");
-                        batch.insert(p_key(id), json);
-                        if e.emitted.is_none() {
-                            batch.insert(d_key(e.next_poll_ms, id), &[][..]);
+                for id in removed {
+                    let h = id_hash(id);
+                    if let Some(n) = ov.durable_ids.get_mut(&h) {
+                        *n -= 1;
+                        if *n == 0 {
+                            ov.durable_ids.remove(&h);
                         }
-                        count += u64::from(old.is_none());
-                    }
-                    None => {
-                        batch.remove(p_key(id));
-                        count -= u64::from(old.is_some());
                     }
                 }
+                ov.durable_entries = count;
+                ov.frozen = None;
             }
-            // The count travels in the same batch, so the recovery check can tell a whole
-            // checkpoint from a torn one.
-            batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
-            batch.insert(
-                META_CHECKPOINT_MS,
-                &crate::clock::wall_ms().to_be_bytes()[..],
-            );
-            for ((topic, partition), off) in &ov.offsets {
-                batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
-                cp.offsets.push((topic.clone(), *partition, *off));
+            Err(e) => {
+                // Nothing was written: the frozen changes go back under the newer ones, so a
+                // later checkpoint (after the disk is fixed) still writes them.
+                let mut ov = self.overlay.lock().expect("state lock");
+                ov.frozen = None;
+                for (id, c) in changes.iter() {
+                    ov.entries.entry(id.clone()).or_insert_with(|| c.clone());
+                }
+                for (k, off) in offsets {
+                    ov.offsets.entry(k).or_insert(off);
+                }
+                return Err(e);
             }
-            self.db.apply_batch(batch).map_err(|e| self.io(e))?;
-            ov.durable_entries = count;
-            ov.entries.clear();
-            ov.offsets.clear();
         }
         before_flush();
         // Durable only from here: callers commit offsets to Kafka after this returns.
         self.db.flush().map_err(|e| self.io(e))?;
-        Ok(cp)
+        Ok(Checkpoint {
+            offsets: offsets_list(&offsets),
+        })
+    }
+
+    /// Applies `changes` and `offsets` to the tree in one batch. Returns the new entry count
+    /// and the ids added to and removed from the tree.
+    fn write_changes<'a>(
+        &self,
+        changes: &'a Changes,
+        offsets: &BTreeMap<(String, i32), i64>,
+        mut count: u64,
+        in_tree: &std::collections::HashSet<String>,
+    ) -> Result<(u64, Vec<&'a str>, Vec<&'a str>), StateError> {
+        let mut batch = sled::Batch::default();
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (id, new) in changes {
+            let old = if in_tree.contains(id) {
+                self.read_due(id)?
+            } else {
+                None
+            };
+            if let Some(Some(due)) = old {
+                batch.remove(d_key(due, id));
+            }
+            match new {
+                Some(e) => {
+                    let json = serde_json::to_vec(e).expect("entry serializes");
+                    batch.insert(p_key(id), json);
+                    if e.emitted.is_none() {
+                        batch.insert(d_key(e.next_poll_ms, id), &[][..]);
+                    }
+                    if old.is_none() {
+                        count += 1;
+                        added.push(id.as_str());
+                    }
+                }
+                None => {
+                    batch.remove(p_key(id));
+                    if old.is_some() {
+                        count -= 1;
+                        removed.push(id.as_str());
+                    }
+                }
+            }
+        }
+        // The count travels in the same batch, so the recovery check can tell a whole
+        // checkpoint from a torn one.
+        batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
+        batch.insert(
+            META_CHECKPOINT_MS,
+            &crate::clock::wall_ms().to_be_bytes()[..],
+        );
+        for ((topic, partition), off) in offsets {
+            batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
+        }
+        self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+        Ok((count, added, removed))
+    }
+
+    /// Whether the tree holds `id`, and if so its due time (`None` once its status was
+    /// emitted): all a checkpoint needs of the old entry, without parsing all of it.
+    fn read_due(&self, id: &str) -> Result<Option<Option<u64>>, StateError> {
+        #[derive(Deserialize)]
+        struct Due {
+            next_poll_ms: u64,
+            emitted: Option<serde::de::IgnoredAny>,
+        }
+        let Some(bytes) = self.db.get(p_key(id)).map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        let d: Due = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            key: id.to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(Some(d.emitted.is_none().then_some(d.next_poll_ms)))
     }
 
     /// Calls `f` with every entry, including changes not yet checkpointed, in id order (bytes),
@@ -763,8 +929,10 @@ impl Store {
     pub fn scan(&self, mut f: impl FnMut(Entry) -> bool) -> Result<(), StateError> {
         let overlay: BTreeMap<String, Option<Entry>> = {
             let ov = self.overlay.lock().expect("state lock");
-            ov.entries
+            ov.frozen
                 .iter()
+                .flat_map(|f| f.iter())
+                .chain(ov.entries.iter())
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         };
