@@ -116,7 +116,7 @@ pub enum InspectError {
 
 enum Source {
     Live(SocketAddr),
-    Offline(Store, PathBuf),
+    Offline(Box<Store>, PathBuf),
 }
 
 /// Runs one `state` command, printing to stdout (and the source line, progress to stderr).
@@ -244,7 +244,7 @@ async fn open(args: &StateArgs) -> Result<Source, InspectError> {
         Err(e) => e.to_string(),
     };
     match Store::open_existing(&dir) {
-        Ok(store) => Ok(Source::Offline(store, dir)),
+        Ok(store) => Ok(Source::Offline(Box::new(store), dir)),
         Err(StateError::Locked { path }) => Err(InspectError::Elsewhere {
             dir: path,
             addr: args.metrics_addr,

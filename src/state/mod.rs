@@ -59,6 +59,9 @@ const META_POLL_INTERVAL_MS: &[u8] = b"m\0poll_interval_ms";
 /// Polls kept in an entry's history (the newest); `Entry::polls` counts them all. Bounded so a
 /// payment pending for days does not grow without limit.
 pub const HISTORY_LEN: usize = 8;
+/// sled's page cache. Its default (1 GiB) would make the daemon's memory grow with state; reads
+/// of state are rare on the hot path (new payments skip the tree, see `Overlay::durable_ids`).
+const SLED_CACHE_BYTES: u64 = 32 << 20;
 /// How many recovery-check problems an error lists (the count covers all).
 const PROBLEMS_SHOWN: usize = 5;
 
@@ -303,7 +306,11 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let db = match sled::Config::new().path(dir).open() {
+        let db = match sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+        {
             Ok(db) => db,
             // sled takes an exclusive file lock and reports a second opener only in the text
             // of an `ErrorKind::Other` (sled 0.34, config.rs).
