@@ -1,0 +1,432 @@
+"""Whole-process benchmarks of paystream (run through scripts/bench, which builds and starts the
+dev stack). Each benchmark runs the release binary as users do and reads what it prints, its
+/metrics and /proc; nothing here is a pass/fail test. Prints one table, writes a JSON file.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/release/paystream")
+RAW = os.path.join(ROOT, "target/release/examples/raw_parse")
+WORK = os.path.join(ROOT, "target/bench")
+BROKERS = os.environ["PAYSTREAM_BROKERS"]
+STRIPE = os.environ["PAYSTREAM_STRIPE_API_BASE"]
+PG_URL = os.environ["PAYSTREAM_POSTGRES_URL"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+# Sizes: (full, quick).
+SIZES = {
+    # payments, share pending: about 1M events, 20,000 pending at the end (the RSS target).
+    "1m": ((205_000, 0.0976), (4_000, 0.1)),
+    # about 5M events, still 20,000 pending: memory must not grow with events seen.
+    "5m": ((1_025_000, 0.0195), (8_000, 0.05)),
+    "pending": (1_000_000, 5_000),
+    "spread": ((10_000, 200), (1_000, 200)),  # pending payments, --stripe-rps
+    "kafka": ((5_000, 20), (500, 4)),  # events/s, seconds
+    "updater": (50_000, 2_000),
+}
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def size(name, quick):
+    full, small = SIZES[name]
+    return small if quick else full
+
+
+def run(args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+def free_port():
+    import random
+    import socket
+
+    while True:
+        port = random.randint(20000, 24999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+def gen(name, payments, pending, extra=()):
+    """A generated event file, cached by its parameters."""
+    os.makedirs(os.path.join(WORK, "files"), exist_ok=True)
+    tag = "-".join([name, str(payments), str(pending), *extra]).replace("--", "")
+    path = os.path.join(WORK, "files", tag + ".jsonl")
+    if not os.path.exists(path):
+        log(f"generating {path}")
+        run([BIN, "gen-events", "--payments", str(payments), "--pending-fraction", str(pending),
+             "--out", path + ".tmp", *extra])
+        os.rename(path + ".tmp", path)
+    return path
+
+
+def replay(path, data_dir, extra=()):
+    shutil.rmtree(data_dir, ignore_errors=True)
+    out = run([BIN, "replay", "--no-poll", "--input", path, "--data-dir", data_dir, *extra]).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def raw_parse(path):
+    return json.loads(run([RAW, path]).stdout.strip().splitlines()[-1])
+
+
+def scrape(port):
+    """/metrics as {series: value}, series as printed (name{labels})."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+
+def total(metrics, name):
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def ready(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def create_topic(name, partitions=1):
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": BROKERS, "broker.address.family": "v4"})
+    for f in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+        f.result(30)
+
+
+class Daemon:
+    """`paystream run` on a data dir, with fresh topics and its own admin port."""
+
+    def __init__(self, data_dir, extra=()):
+        self.tag = uuid.uuid4().hex[:8]
+        self.cdc = f"bench-cdc-{self.tag}"
+        create_topic(self.cdc)
+        self.port = free_port()
+        self.log = open(os.path.join(WORK, f"daemon-{self.tag}.log"), "w")
+        args = [BIN, "run", "--brokers", BROKERS, "--cdc-topic", self.cdc,
+                "--status-topic", f"bench-status-{self.tag}", "--dlq-topic", f"bench-dlq-{self.tag}",
+                "--group-id", f"bench-{self.tag}", "--data-dir", data_dir,
+                "--stripe-api-base", STRIPE, "--stripe-key", "sk_test_paystream_bench",
+                "--metrics-addr", f"127.0.0.1:{self.port}",
+                "--kafka-option", "session.timeout.ms=6000", *extra]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log)
+
+    def wait_ready(self, timeout=120):
+        while time.monotonic() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}; see {self.log.name}")
+            if ready(self.port):
+                return time.monotonic() - self.started
+            time.sleep(0.02)
+        raise RuntimeError(f"daemon not ready in {timeout}s; see {self.log.name}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def bench_replay(label, quick):
+    payments, pending = size(label, quick)
+    path = gen(label, payments, pending)
+    base = raw_parse(path)
+    r = replay(path, os.path.join(WORK, f"state-{label}"))
+    return {
+        "events": r["events"],
+        "bytes_per_event": round(base["bytes"] / base["lines"]),
+        "pending_at_end": r["pending"],
+        "checkpoints": r["checkpoints"],
+        "events_per_s": round(r["events_per_s"]),
+        "peak_rss_mb": round(r["peak_rss_bytes"] / 2**20, 1),
+        "serde_json_value_lines_per_s": round(base["value_lines_per_s"]),
+        "serde_json_ignored_any_lines_per_s": round(base["ignored_any_lines_per_s"]),
+        "decode_only_lines_per_s": round(base["paystream_decode_lines_per_s"]),
+        "ratio_to_value_parse": round(r["events_per_s"] / base["value_lines_per_s"], 2),
+        "ratio_to_ignored_any_parse": round(r["events_per_s"] / base["ignored_any_lines_per_s"], 2),
+        "vs_flink_rocksdb_54k": round(r["events_per_s"] / 54_000, 1),
+        "vs_flink_heap_100k": round(r["events_per_s"] / 100_000, 1),
+    }
+
+
+def pending_state(quick):
+    """A data dir with N pending payments (create + two pending updates each), none due."""
+    n = size("pending", quick)
+    path = gen("pending", n, 1.0)
+    d = os.path.join(WORK, "state-pending")
+    r = replay(path, d)
+    return d, r["pending"]
+
+
+def bench_state_stats(quick):
+    d, n = pending_state(quick)
+    # No daemon serves this dir, so the CLI opens it offline (and says so on stderr).
+    t = time.monotonic()
+    out = run([BIN, "state", "--data-dir", d, "--metrics-addr", f"127.0.0.1:{free_port()}", "stats"])
+    elapsed = time.monotonic() - t
+    return {"pending": n, "seconds": round(elapsed, 2), "output_lines": len(out.stdout.splitlines())}
+
+
+def bench_restart(quick):
+    d, n = pending_state(quick)
+    daemon = Daemon(d)
+    try:
+        to_ready = daemon.wait_ready()
+        # Idle: nothing is due for ten minutes. CPU over 30 s covers two state-gauge scans.
+        time.sleep(2)
+        c0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
+        time.sleep(10 if quick else 30)
+        idle = (cpu_seconds(daemon.proc.pid) - c0) / (time.monotonic() - t0)
+        rss = int(open(f"/proc/{daemon.proc.pid}/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    finally:
+        daemon.stop()
+    return {"pending": n, "start_to_ready_s": round(to_ready, 2),
+            "idle_cpu_cores": round(idle, 3), "rss_mb": round(rss / 2**20, 1)}
+
+
+def bench_spread(quick):
+    n, rps = size("spread", quick)
+    path = gen("spread", n, 1.0)
+    d = os.path.join(WORK, "state-spread")
+    # Polls scheduled 100 ms after replay: all overdue by the time the daemon starts.
+    replay(path, d, ["--poll-interval", "100ms"])
+    time.sleep(1)
+    window = n / rps
+    daemon = Daemon(d, ["--poll-interval", "10m", "--stripe-rps", str(rps),
+                        "--stripe-concurrency", "64", "--retry-backoff", "10m"])
+    try:
+        # Polls start before the daemon is ready (readiness waits for a partition): count from
+        # the first scrape.
+        while True:
+            try:
+                scrape(daemon.port)
+                break
+            except Exception:
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited; see {daemon.log.name}")
+                time.sleep(0.01)
+        counts = []
+        end = time.monotonic() + window + 5
+        while time.monotonic() < end:
+            counts.append(total(scrape(daemon.port), "paystream_polls_total"))
+            time.sleep(1)
+    finally:
+        daemon.stop()
+    per_s = [b - a for a, b in zip(counts, counts[1:])]
+    busy = [x for x in per_s if x > 0]
+    # Whole seconds inside the window (the first and last are partial).
+    inner = busy[1:-1] or busy
+    mean = sum(inner) / max(len(inner), 1)
+    return {"overdue": n, "stripe_rps": rps, "window_s": round(window, 1),
+            "polls": int(counts[-1] - counts[0]) if counts else 0,
+            "mean_per_s": round(mean, 1), "peak_per_s": max(inner, default=0),
+            "peak_over_mean": round(max(inner, default=0) / mean, 2) if mean else None}
+
+
+def bench_kafka_path(quick):
+    from confluent_kafka import Producer
+
+    rate, seconds = size("kafka", quick)
+    lines = []
+    with open(gen("1m", *size("1m", quick))) as f:
+        for line in f:
+            lines.append(line.rstrip("\n").encode())
+            if len(lines) >= rate * seconds:
+                break
+    d = os.path.join(WORK, "state-kafka")
+    shutil.rmtree(d, ignore_errors=True)
+    daemon = Daemon(d)
+    sent = {}
+    seen = []  # (time, durable next offset)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                m = scrape(daemon.port)
+                seen.append((time.monotonic(), m.get('paystream_stored_offset{partition="0"}', 0)))
+            except Exception:
+                pass
+            time.sleep(0.01)
+
+    try:
+        daemon.wait_ready()
+        t = threading.Thread(target=watch)
+        t.start()
+        p = Producer({"bootstrap.servers": BROKERS, "broker.address.family": "v4",
+                      "linger.ms": 1, "acks": "all", "enable.idempotence": True})
+
+        def delivered(err, msg, t0):
+            if err is None:
+                sent[msg.offset()] = t0
+
+        start = time.monotonic()
+        for i, value in enumerate(lines):
+            due = start + i / rate
+            while time.monotonic() < due:
+                p.poll(0)
+                time.sleep(0.0005)
+            t0 = time.monotonic()
+            p.produce(daemon.cdc, value, callback=lambda e, m, t0=t0: delivered(e, m, t0))
+        p.flush(30)
+        produce_s = time.monotonic() - start
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not seen or seen[-1][1] < len(lines)):
+            time.sleep(0.1)
+        stop.set()
+        t.join()
+    finally:
+        daemon.stop()
+    lat = []
+    j = 0
+    for off in sorted(sent):
+        while j < len(seen) and seen[j][1] < off + 1:
+            j += 1
+        if j < len(seen):
+            lat.append(seen[j][0] - sent[off])
+    lat.sort()
+    pct = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else None
+    return {"events": len(lines), "target_rate": rate, "produced_per_s": round(len(lines) / produce_s),
+            "durable": len(lat), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+            "checkpoint_interval_ms": 1000, "metrics_poll_ms": 10}
+
+
+def psql(sql):
+    return run(["psql", PG_URL, "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql],
+               env={**os.environ, "PATH": "/usr/lib/postgresql/15/bin:" + os.environ["PATH"]}).stdout
+
+
+def bench_updater(quick):
+    from confluent_kafka import Producer
+
+    n = size("updater", quick)
+    tag = uuid.uuid4().hex[:8]
+    ids = psql(f"INSERT INTO payments (idempotency_key, amount, currency, stripe_payment_intent_id) "
+               f"SELECT 'bench-{tag}-' || g, 12.34, 'usd', 'pi_bench_{tag}_' || g "
+               f"FROM generate_series(1, {n}) g RETURNING id").split()
+    topic = f"bench-status-{tag}"
+    create_topic(topic)
+    p = Producer({"bootstrap.servers": BROKERS, "broker.address.family": "v4", "linger.ms": 5})
+    for i, pid in enumerate(ids):
+        status = "succeeded" if i % 10 else "failed"
+        p.produce(topic, json.dumps({
+            "event_id": str(uuid.uuid4()), "payment_id": pid, "idempotency_key": f"bench-{tag}-{i + 1}",
+            "stripe_payment_intent_id": f"pi_bench_{tag}_{i + 1}", "status": status,
+            "stripe_status": "succeeded" if status == "succeeded" else "canceled",
+            "reason": None if status == "succeeded" else "canceled",
+            "observed_at": "2026-11-22T00:00:00.000Z", "producer": "paystream"}).encode(), key=pid.encode())
+        if i % 10000 == 0:
+            p.poll(0)
+    p.flush(60)
+    port = free_port()
+    logf = open(os.path.join(WORK, f"updater-{tag}.log"), "w")
+    proc = subprocess.Popen([BIN, "updater", "--brokers", BROKERS, "--status-topic", topic,
+                             "--group-id", f"bench-updater-{tag}", "--postgres-url", PG_URL,
+                             "--metrics-addr", f"127.0.0.1:{port}",
+                             "--kafka-option", "session.timeout.ms=6000"], stdout=logf, stderr=logf)
+    samples = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                done = total(scrape(port), "paystream_updater_rows_total")
+                samples.append((time.monotonic(), done))
+                if done >= n:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        logf.close()
+    first = next((t for t, d in samples if d > 0), None)
+    last = samples[-1] if samples else (None, 0)
+    updated = int(psql(f"SELECT count(*) FROM payments WHERE idempotency_key LIKE 'bench-{tag}-%' "
+                       f"AND status <> 'pending'"))
+    rate = (last[1] / (last[0] - first)) if first and last[0] > first else None
+    return {"events": n, "rows_final": updated, "writes_per_s": round(rate) if rate else None,
+            "seconds_first_to_last": round(last[0] - first, 2) if first else None}
+
+
+BENCHES = {
+    "replay_1m": lambda q: bench_replay("1m", q),
+    "replay_5m": lambda q: bench_replay("5m", q),
+    "state_stats": bench_state_stats,
+    "restart": bench_restart,
+    "spread": bench_spread,
+    "kafka_path": bench_kafka_path,
+    "updater": bench_updater,
+}
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) // 1024
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mb": mem, "kernel": platform.release(),
+            "commit": run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).stdout.strip()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmarks run")
+    ap.add_argument("--only", default="", help="comma-separated: " + ",".join(BENCHES))
+    ap.add_argument("--out", default=os.path.join(WORK, "results.json"))
+    a = ap.parse_args()
+    names = [n for n in a.only.split(",") if n] or list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    os.makedirs(WORK, exist_ok=True)
+    results = {"machine": machine(), "quick": a.quick, "date": time.strftime("%Y-%m-%d")}
+    for name in names:
+        log(f"{name} ...")
+        t = time.monotonic()
+        results[name] = BENCHES[name](a.quick)
+        log(f"{name} done in {time.monotonic() - t:.0f}s: {results[name]}")
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"| benchmark | figure | value |\n|---|---|---|")
+    for name in names:
+        for k, v in results[name].items():
+            print(f"| {name} | {k} | {v} |")
+    print(f"\nmachine: {results['machine']}\nwritten: {a.out}")
+
+
+if __name__ == "__main__":
+    main()
