@@ -74,9 +74,16 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
             .set(offset);
     }
     let interval_ms = cfg.poll_interval.as_millis() as u64;
-    let stats = state.stats(clock.now_ms(), interval_ms)?;
-    metrics::set_state_gauges(&stats, clock.now_ms());
-    tracing::info!(pending = stats.pending, awaiting_confirmation = stats.awaiting_confirmation, data_dir = %cfg.data_dir.display(), "state opened");
+    // The state gauges need a full scan (seconds at a million entries): computed beside the
+    // start, not before it; the periodic job refreshes them after.
+    {
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || match st.stats(clock.now_ms(), interval_ms) {
+            Ok(s) => metrics::set_state_gauges(&s, clock.now_ms()),
+            Err(e) => tracing::error!(error = %e, "state gauges not computed"),
+        });
+    }
+    tracing::info!(entries = state.entry_count(), data_dir = %cfg.data_dir.display(), "state opened");
 
     let ready_health = health.clone();
     let ready_clock = clock;

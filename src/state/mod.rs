@@ -262,6 +262,19 @@ impl Overlay {
     }
 }
 
+/// Records a partition's next offset; allocates the topic's name only the first time.
+fn set_offset(offsets: &mut BTreeMap<(String, i32), i64>, topic: &str, partition: i32, next: i64) {
+    match offsets
+        .iter_mut()
+        .find(|((t, p), _)| *p == partition && t == topic)
+    {
+        Some((_, o)) => *o = next,
+        None => {
+            offsets.insert((topic.to_string(), partition), next);
+        }
+    }
+}
+
 fn id_hash(id: &str) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault};
     BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
@@ -365,7 +378,74 @@ impl Store {
 
     /// The recovery check (see the module doc). Returns the number of entries and their id
     /// hashes.
+    ///
+    /// One streaming pass, in constant memory beyond the id hashes: the due index and the
+    /// pending entries must hold the same (id, due) pairs, compared as a count and a sum of
+    /// their hashes; every entry must be JSON holding its own id; the count must match the last
+    /// checkpoint's. Only when that fails does [`Store::verify_detailed`] run, to name the
+    /// problems. Entries are parsed for the fields the layout's invariants name; a value of a
+    /// wrong type elsewhere in an entry is found when the entry is read (a `Corrupt` error).
     fn verify(&self) -> Result<(u64, HashMap<u64, u32>), StateError> {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            #[serde(borrow)]
+            id: std::borrow::Cow<'a, str>,
+            next_poll_ms: u64,
+            emitted: Option<serde::de::IgnoredAny>,
+        }
+        let pair = |id: &[u8], due: u64| {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one((id, due))
+        };
+        let (mut indexed, mut indexed_sum) = (0u64, 0u64);
+        let mut ok = true;
+        for kv in self.db.scan_prefix(D) {
+            let (k, _) = kv.map_err(|e| self.io(e))?;
+            let Some(due) = k.get(D.len()..D.len() + 8) else {
+                ok = false;
+                break;
+            };
+            let due = u64::from_be_bytes(due.try_into().expect("8 bytes"));
+            indexed += 1;
+            indexed_sum = indexed_sum.wrapping_add(pair(&k[D.len() + 8..], due));
+        }
+        let (mut entries, mut pending, mut pending_sum) = (0u64, 0u64, 0u64);
+        let mut ids: HashMap<u64, u32> = HashMap::new();
+        for kv in self.db.scan_prefix(P) {
+            if !ok {
+                break;
+            }
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            entries += 1;
+            let id = &k[P.len()..];
+            match serde_json::from_slice::<Head>(&v) {
+                Ok(h) if h.id.as_bytes() == id => {
+                    if h.emitted.is_none() {
+                        pending += 1;
+                        pending_sum = pending_sum.wrapping_add(pair(id, h.next_poll_ms));
+                    }
+                    *ids.entry(id_hash(&h.id)).or_default() += 1;
+                }
+                _ => ok = false,
+            }
+        }
+        ok = ok
+            && indexed == pending
+            && indexed_sum == pending_sum
+            && self.meta_u64(META_ENTRIES)? == Some(entries);
+        for kv in self.db.scan_prefix(O) {
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            ok = ok && v.len() == 8 && k.len() >= O.len() + 5;
+        }
+        if ok {
+            return Ok((entries, ids));
+        }
+        self.verify_detailed()
+    }
+
+    /// The recovery check entry by entry, naming each problem (see [`Store::verify`]).
+    fn verify_detailed(&self) -> Result<(u64, HashMap<u64, u32>), StateError> {
         let mut problems = Vec::new();
         let mut indexed: HashMap<String, u64> = HashMap::new();
         for kv in self.db.scan_prefix(D) {
@@ -598,8 +678,7 @@ impl Store {
             }
             _ => Applied::Ignored,
         };
-        ov.offsets
-            .insert((topic.to_string(), partition), next_offset);
+        set_offset(&mut ov.offsets, topic, partition, next_offset);
         Ok(applied)
     }
 
@@ -607,8 +686,7 @@ impl Store {
     /// so it is not read again after a restart.
     pub fn advance_offset(&self, topic: &str, partition: i32, next_offset: i64) {
         let mut ov = self.overlay.lock().expect("state lock");
-        ov.offsets
-            .insert((topic.to_string(), partition), next_offset);
+        set_offset(&mut ov.offsets, topic, partition, next_offset);
     }
 
     fn upsert_pending(
