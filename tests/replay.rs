@@ -64,7 +64,8 @@ fn replay_counts_dead_letters_and_resumes_where_it_stopped() {
     let pending = write_events(&input, 2_000, Some(100));
     let lines = std::fs::read(&input)
         .unwrap()
-        .split(|b| *b == b'\n')
+        .iter()
+        .filter(|b| **b == b'\n')
         .count() as u64;
 
     let s = replay(&input, &data, &[]);
