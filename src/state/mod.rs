@@ -275,9 +275,31 @@ fn set_offset(offsets: &mut BTreeMap<(String, i32), i64>, topic: &str, partition
     }
 }
 
-fn id_hash(id: &str) -> u64 {
+/// A hash that is the same in every process (std's default hasher with fixed keys).
+fn stable_hash(x: impl std::hash::Hash) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id)
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(x)
+}
+
+fn id_hash(id: &str) -> u64 {
+    stable_hash(id)
+}
+
+/// The fields of a stored entry that the layout's invariants name, read without parsing the
+/// rest (the recovery check and checkpoints need no more).
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    next_poll_ms: u64,
+    emitted: Option<serde::de::IgnoredAny>,
+}
+
+impl Head<'_> {
+    /// Its place in the due index: `None` once its status was emitted.
+    fn due(&self) -> Option<u64> {
+        self.emitted.is_none().then_some(self.next_poll_ms)
+    }
 }
 
 pub struct Store {
@@ -386,18 +408,7 @@ impl Store {
     /// problems. Entries are parsed for the fields the layout's invariants name; a value of a
     /// wrong type elsewhere in an entry is found when the entry is read (a `Corrupt` error).
     fn verify(&self) -> Result<(u64, HashMap<u64, u32>), StateError> {
-        #[derive(Deserialize)]
-        struct Head<'a> {
-            #[serde(borrow)]
-            id: std::borrow::Cow<'a, str>,
-            next_poll_ms: u64,
-            emitted: Option<serde::de::IgnoredAny>,
-        }
-        let pair = |id: &[u8], due: u64| {
-            use std::hash::{BuildHasher, BuildHasherDefault};
-            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one((id, due))
-        };
+        let pair = |id: &[u8], due: u64| stable_hash((id, due));
         let (mut indexed, mut indexed_sum) = (0u64, 0u64);
         let mut ok = true;
         for kv in self.db.scan_prefix(D) {
@@ -421,9 +432,9 @@ impl Store {
             let id = &k[P.len()..];
             match serde_json::from_slice::<Head>(&v) {
                 Ok(h) if h.id.as_bytes() == id => {
-                    if h.emitted.is_none() {
+                    if let Some(due) = h.due() {
                         pending += 1;
-                        pending_sum = pending_sum.wrapping_add(pair(id, h.next_poll_ms));
+                        pending_sum = pending_sum.wrapping_add(pair(id, due));
                     }
                     *ids.entry(id_hash(&h.id)).or_default() += 1;
                 }
@@ -751,21 +762,14 @@ impl Store {
         set(&mut e.created_at, &p.created_at);
         set(&mut e.updated_at, &p.updated_at);
         e.partition = partition;
-        let cdc = e.last_cdc.get_or_insert_with(|| CdcSeen {
-            op: String::new(),
+        e.last_cdc = Some(CdcSeen {
+            op: ev.op.as_str().to_string(),
             partition,
             offset,
-            lsn: None,
-            source_ts_ms: None,
+            lsn: ev.source.lsn,
+            source_ts_ms: ev.source.ts_ms,
             seen_ms: now_ms,
         });
-        cdc.op.clear();
-        cdc.op.push_str(ev.op.as_str());
-        cdc.partition = partition;
-        cdc.offset = offset;
-        cdc.lsn = ev.source.lsn;
-        cdc.source_ts_ms = ev.source.ts_ms;
-        cdc.seen_ms = now_ms;
         Ok(applied)
     }
 
@@ -871,25 +875,24 @@ impl Store {
     /// the batch is built and applied. Readers see frozen changes until the tree has them.
     pub fn checkpoint_with(&self, before_flush: impl FnOnce()) -> Result<Checkpoint, StateError> {
         let _one = self.checkpointing.lock().expect("checkpoint lock");
-        let (changes, offsets, count, in_tree) = {
+        let (changes, offsets, count) = {
             let mut ov = self.overlay.lock().expect("state lock");
             if ov.entries.is_empty() && ov.offsets.is_empty() {
                 return Ok(Checkpoint::default());
             }
             let changes = Arc::new(std::mem::take(&mut ov.entries));
             ov.frozen = Some(changes.clone());
-            // Which changed ids the tree may hold: only those need reading below.
-            let in_tree: std::collections::HashSet<String> = changes
+            (changes, std::mem::take(&mut ov.offsets), ov.durable_entries)
+        };
+        // Which changed ids the tree may hold: only those need reading below. The id hashes
+        // change only in checkpoints, which `_one` keeps to one at a time.
+        let in_tree: std::collections::HashSet<&str> = {
+            let ov = self.overlay.lock().expect("state lock");
+            changes
                 .keys()
                 .filter(|id| ov.maybe_durable(id))
-                .cloned()
-                .collect();
-            (
-                changes,
-                std::mem::take(&mut ov.offsets),
-                ov.durable_entries,
-                in_tree,
-            )
+                .map(String::as_str)
+                .collect()
         };
         match self.write_changes(&changes, &offsets, count, &in_tree) {
             Ok((count, added, removed)) => {
@@ -938,12 +941,12 @@ impl Store {
         changes: &'a Changes,
         offsets: &BTreeMap<(String, i32), i64>,
         mut count: u64,
-        in_tree: &std::collections::HashSet<String>,
+        in_tree: &std::collections::HashSet<&str>,
     ) -> Result<(u64, Vec<&'a str>, Vec<&'a str>), StateError> {
         let mut batch = sled::Batch::default();
         let (mut added, mut removed) = (Vec::new(), Vec::new());
         for (id, new) in changes {
-            let old = if in_tree.contains(id) {
+            let old = if in_tree.contains(id.as_str()) {
                 self.read_due(id)?
             } else {
                 None
@@ -989,19 +992,14 @@ impl Store {
     /// Whether the tree holds `id`, and if so its due time (`None` once its status was
     /// emitted): all a checkpoint needs of the old entry, without parsing all of it.
     fn read_due(&self, id: &str) -> Result<Option<Option<u64>>, StateError> {
-        #[derive(Deserialize)]
-        struct Due {
-            next_poll_ms: u64,
-            emitted: Option<serde::de::IgnoredAny>,
-        }
         let Some(bytes) = self.db.get(p_key(id)).map_err(|e| self.io(e))? else {
             return Ok(None);
         };
-        let d: Due = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+        let h: Head = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
             key: id.to_string(),
             detail: e.to_string(),
         })?;
-        Ok(Some(d.emitted.is_none().then_some(d.next_poll_ms)))
+        Ok(Some(h.due()))
     }
 
     /// Calls `f` with every entry, including changes not yet checkpointed, in id order (bytes),
