@@ -26,7 +26,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{
-    normalize_col, payment_from, struct_fields, ChangeEvent, DecodeOptions, Op, SourceInfo,
+    converts_type, normalize_col, payment_from, struct_fields, ChangeEvent, DecodeOptions, Op,
+    SourceInfo,
 };
 
 /// What one object level of a message holds for this path, read in one pass: rows and
@@ -189,7 +190,7 @@ impl<'de> Visitor<'de> for RowSeed<'_, '_> {
                 && !schema
                     .and_then(|s| s.get("name"))
                     .and_then(Value::as_str)
-                    .is_some_and(converts_strings);
+                    .is_some_and(converts_type);
             let value = if plain {
                 Value::String(text[1..text.len() - 1].to_string())
             } else {
@@ -230,21 +231,6 @@ fn row_schemas(raw: &RawValue) -> Rc<RowSchemas> {
         *c = Some((raw.get().to_string(), rows.clone()));
         rows
     })
-}
-
-/// Logical types whose string values the general normalization changes or rejects.
-fn converts_strings(logical: &str) -> bool {
-    matches!(
-        logical,
-        "org.apache.kafka.connect.data.Decimal"
-            | "io.debezium.data.VariableScaleDecimal"
-            | "io.debezium.time.MicroTimestamp"
-            | "io.debezium.time.Timestamp"
-            | "org.apache.kafka.connect.data.Timestamp"
-            | "io.debezium.time.NanoTimestamp"
-            | "io.debezium.time.Date"
-            | "org.apache.kafka.connect.data.Date"
-    )
 }
 
 /// The event without its normalized rows (`before`, `after`), or `None` where the general

@@ -600,6 +600,23 @@ fn rfc3339_from_micros(col: &str, micros: i64, v: &Value) -> Result<Value, Decod
     ))
 }
 
+/// The Connect logical types [`normalize_col`] converts or checks by their schema: only these
+/// reach its match of logical names, so a type handled there is listed here. The fast path
+/// ([`fast`]) keeps a plain string of any other type as it is, relying on the same list.
+fn converts_type(logical: &str) -> bool {
+    matches!(
+        logical,
+        "org.apache.kafka.connect.data.Decimal"
+            | "io.debezium.data.VariableScaleDecimal"
+            | "io.debezium.time.MicroTimestamp"
+            | "io.debezium.time.Timestamp"
+            | "org.apache.kafka.connect.data.Timestamp"
+            | "io.debezium.time.NanoTimestamp"
+            | "io.debezium.time.Date"
+            | "org.apache.kafka.connect.data.Date"
+    )
+}
+
 /// Normalizes one column value to plain JSON, by its Connect schema when there is one.
 fn normalize_col(
     col: &str,
@@ -627,6 +644,7 @@ fn normalize_col(
         .and_then(|s| s.get("type"))
         .and_then(Value::as_str)
         .unwrap_or("");
+    let logical = if converts_type(logical) { logical } else { "" };
     match logical {
         "org.apache.kafka.connect.data.Decimal" => {
             let scale = schema
