@@ -76,13 +76,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let interval_ms = cfg.poll_interval.as_millis() as u64;
     // The state gauges need a full scan (seconds at a million entries): computed beside the
     // start, not before it; the periodic job refreshes them after.
-    {
-        let st = state.clone();
-        tokio::task::spawn_blocking(move || match st.stats(clock.now_ms(), interval_ms) {
-            Ok(s) => metrics::set_state_gauges(&s, clock.now_ms()),
-            Err(e) => tracing::error!(error = %e, "state gauges not computed"),
-        });
-    }
+    tokio::spawn(refresh_state_gauges(state.clone(), clock, interval_ms));
     tracing::info!(entries = state.entry_count(), data_dir = %cfg.data_dir.display(), "state opened");
 
     let ready_health = health.clone();
@@ -146,16 +140,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         let job_clock = clock;
         let job =
             tokio_cron_scheduler::Job::new_repeated_async(cfg.state_stats_interval, move |_, _| {
-                let st = st.clone();
-                Box::pin(async move {
-                    let now = job_clock.now_ms();
-                    let stats = tokio::task::spawn_blocking(move || st.stats(now, interval_ms));
-                    match stats.await {
-                        Ok(Ok(s)) => metrics::set_state_gauges(&s, now),
-                        Ok(Err(e)) => tracing::error!(error = %e, "state gauges not refreshed"),
-                        Err(e) => tracing::error!(error = %e, "state gauges job failed"),
-                    }
-                })
+                Box::pin(refresh_state_gauges(st.clone(), job_clock, interval_ms))
             });
         if let Ok(job) = job {
             let _ = s.add(job).await;
@@ -213,6 +198,16 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     result?;
     poll_result?;
     Ok(())
+}
+
+/// Recomputes the state gauges: one full scan of state, on a blocking thread.
+async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64) {
+    let now = clock.now_ms();
+    match tokio::task::spawn_blocking(move || state.stats(now, interval_ms)).await {
+        Ok(Ok(s)) => metrics::set_state_gauges(&s, now),
+        Ok(Err(e)) => tracing::error!(error = %e, "state gauges not refreshed"),
+        Err(e) => tracing::error!(error = %e, "state gauges job failed"),
+    }
 }
 
 /// The Stripe client and the Kafka producer, as `run` configures them.

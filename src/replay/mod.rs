@@ -187,10 +187,7 @@ pub async fn replay(
                 _ = tick.tick() => {}
                 _ = cp_stop.changed() => return Ok::<u64, StateError>(n),
             }
-            let st = cp_state.clone();
-            tokio::task::spawn_blocking(move || st.checkpoint())
-                .await
-                .expect("checkpoint task")?;
+            checkpoint(&cp_state).await?;
             n += 1;
         }
     });
@@ -217,10 +214,7 @@ pub async fn replay(
     read?;
     sum.applied = sum.tracked + sum.updated + sum.resolved;
     // The last lines read become durable with their positions.
-    let st = state.clone();
-    tokio::task::spawn_blocking(move || st.checkpoint())
-        .await
-        .expect("checkpoint task")?;
+    checkpoint(&state).await?;
     checkpoints_done += 1;
     sum.checkpoints = checkpoints_done;
     sum.pending = state.entry_count();
@@ -231,6 +225,15 @@ pub async fn replay(
         .exists()
         .then(|| dead_letter_path.display().to_string());
     Ok(sum)
+}
+
+/// One checkpoint, on a blocking thread (it writes and syncs the disk).
+async fn checkpoint(state: &Arc<Store>) -> Result<(), StateError> {
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.checkpoint())
+        .await
+        .expect("checkpoint task")?;
+    Ok(())
 }
 
 /// How often (in lines) the reader looks at the shutdown signal and yields to the runtime.
