@@ -321,10 +321,10 @@ pub struct UpdaterConfig {
     /// The payments table, optionally schema-qualified.
     #[arg(long, env = "PAYSTREAM_TABLE", default_value = "payments")]
     pub table: String,
-    /// Most status events written in one transaction.
+    /// Most status events written in one statement (one transaction).
     #[arg(long, env = "PAYSTREAM_BATCH_SIZE", default_value = "500")]
     pub batch_size: usize,
-    /// Longest wait to fill a batch.
+    /// Longest wait to fill a batch, counted from its first event.
     #[arg(long, env = "PAYSTREAM_BATCH_LINGER", default_value = "100ms", value_parser = duration)]
     pub batch_linger: Duration,
     #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_UPDATER_METRICS_ADDR)]

@@ -1,9 +1,10 @@
 //! `paystream updater`: applies status events to the Postgres master, forward only.
 //!
-//! Each batch runs in one transaction of statements of the form
-//! `UPDATE payments SET status = $1, updated_at = now() WHERE id = $2 AND status = 'pending'`:
+//! Each batch is one set-based statement (one implicit transaction), in effect
+//! `UPDATE payments SET status = ev.status, updated_at = now() FROM <batch> ev
+//!  WHERE id = ev.id AND status = 'pending'`:
 //! a row changes only while it is still pending, so duplicates, replays and late events are
-//! harmless. Kafka offsets are committed only after the transaction committed; a crash in
+//! harmless. Kafka offsets are committed only after the statement committed; a crash in
 //! between replays the batch, which changes nothing the second time. Unknown ids and rows
 //! already final are counted, not errors. When Postgres is down the batch is retried with
 //! backoff, offsets held, until it applies.
@@ -89,59 +90,72 @@ async fn build_sql(
     cfg: &UpdaterConfig,
 ) -> Result<Sql, UpdaterError> {
     let c = &cfg.columns;
-    // The id is compared in its own type (cast from the text we carry), so the primary key
-    // index serves the lookup whether the key is bigint, uuid or text.
-    let row = client
-        .query_opt(
-            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            &[&cfg.table, &c.column_id],
-        )
-        .await
-        .map_err(|e| UpdaterError::Schema(e.to_string()))?
-        .ok_or_else(|| UpdaterError::Schema(format!("table {:?} has no column {:?} (--table / --column-id)", cfg.table, c.column_id)))?;
-    let id_type: String = row.get(0);
+    // The id and status are compared in their own types (cast from the text we carry), so the
+    // primary key index serves the lookup whether the key is bigint, uuid or text, and a status
+    // column of an enum type works as well as text.
+    let column_type = |column: &str| {
+        let column = column.to_string();
+        async move {
+            let row = client
+                .query_opt(
+                    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+                    &[&cfg.table, &column],
+                )
+                .await
+                .map_err(|e| UpdaterError::Schema(e.to_string()))?
+                .ok_or_else(|| UpdaterError::Schema(format!("table {:?} has no column {column:?} (--table / --column-*)", cfg.table)))?;
+            Ok::<String, UpdaterError>(row.get(0))
+        }
+    };
+    let id_type = column_type(&c.column_id).await?;
+    let status_type = column_type(&c.column_status).await?;
     let (t, id, status, updated) = (
         quote_ident(&cfg.table),
         quote_ident(&c.column_id),
         quote_ident(&c.column_status),
         quote_ident(&c.column_updated_at),
     );
-    // One round trip per event: the forward-only UPDATE, plus the row's current status to tell
-    // "already final" from "unknown id" when nothing changed.
+    // One statement per batch, set-based: the events arrive as two parallel arrays (id, status)
+    // numbered by their position. Only the first event per id in the batch may write, as if the
+    // events ran one after another: a later one for the same id would find the row final.
+    // A row changes only while it is still pending. Per event the statement answers whether it
+    // wrote and whether the row exists, which tells "already final" from "unknown id"; the
+    // existence check reads the snapshot from before the UPDATE, which is what we want.
     let apply = format!(
-        "WITH upd AS (UPDATE {t} SET {status} = $1, {updated} = now() WHERE {id} = ($2::text)::{id_type} AND {status} = $3 RETURNING 1) \
-         SELECT (SELECT count(*) FROM upd)::int8, (SELECT {status}::text FROM {t} WHERE {id} = ($2::text)::{id_type})"
+        "WITH ev AS ( \
+             SELECT e.ord, (e.id)::{id_type} AS id, (e.status)::{status_type} AS status \
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS e(id, status, ord)), \
+         first AS (SELECT DISTINCT ON (id) ord, id, status FROM ev ORDER BY id, ord), \
+         upd AS ( \
+             UPDATE {t} SET {status} = first.status, {updated} = now() FROM first \
+             WHERE {t}.{id} = first.id AND {t}.{status} = ($3::text)::{status_type} RETURNING first.ord) \
+         SELECT (upd.ord IS NOT NULL), EXISTS (SELECT 1 FROM {t} WHERE {t}.{id} = ev.id) \
+         FROM ev LEFT JOIN upd ON upd.ord = ev.ord ORDER BY ev.ord"
     );
-    client
-        .prepare(&apply)
-        .await
-        .map_err(|e| UpdaterError::Schema(format!("{e} (check --table and --column-*)")))?;
     Ok(Sql { apply })
 }
 
-/// Applies one batch in one transaction. Returns each event's result, in order.
+/// Applies one batch in one statement (so one implicit transaction). Returns each event's
+/// result, in order.
 async fn apply_batch(
-    client: &mut tokio_postgres::Client,
+    client: &tokio_postgres::Client,
     sql: &Sql,
     pending: &str,
     events: &[StatusEvent],
 ) -> Result<Vec<RowResult>, tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    let stmt = tx.prepare(&sql.apply).await?;
-    let mut out = Vec::with_capacity(events.len());
-    for ev in events {
-        let row = tx
-            .query_one(&stmt, &[&ev.status, &ev.payment_id, &pending])
-            .await?;
-        let (updated, current): (i64, Option<String>) = (row.get(0), row.get(1));
-        out.push(match (updated, current) {
-            (1.., _) => RowResult::Updated,
-            (_, None) => RowResult::UnknownId,
-            (_, Some(_)) => RowResult::AlreadyFinal,
-        });
-    }
-    tx.commit().await?;
-    Ok(out)
+    let ids: Vec<&str> = events.iter().map(|e| e.payment_id.as_str()).collect();
+    let statuses: Vec<&str> = events.iter().map(|e| e.status.as_str()).collect();
+    let rows = client
+        .query(&sql.apply, &[&ids, &statuses, &pending])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| match (row.get::<_, bool>(0), row.get::<_, bool>(1)) {
+            (true, _) => RowResult::Updated,
+            (false, false) => RowResult::UnknownId,
+            (false, true) => RowResult::AlreadyFinal,
+        })
+        .collect())
 }
 
 /// Connects; `ok` turns false when the connection ends (readiness), true once connected.
@@ -247,7 +261,7 @@ pub async fn run(
     tracing::info!(topic = %cfg.status_topic, group = %cfg.group_id, "updater consuming");
 
     'outer: loop {
-        // Collect a batch: wait for the first event, then take more until full or linger ends.
+        // Collect a batch: wait for the first event, then take more until full or the linger ends.
         let mut events = Vec::new();
         let mut next_offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let deadline = tokio::time::sleep(cfg.batch_linger);
@@ -267,6 +281,13 @@ pub async fn run(
                     continue;
                 }
             };
+            // The linger counts from a batch's first event: counted from the batch's start, a
+            // quiet spell would use it up and the next batch would close at one event.
+            if next_offsets.is_empty() {
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + cfg.batch_linger);
+            }
             next_offsets.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
             match m.payload().map(serde_json::from_slice::<StatusEvent>) {
                 Some(Ok(ev)) if ev.status == "succeeded" || ev.status == "failed" => {
@@ -289,7 +310,7 @@ pub async fn run(
         let started = tokio::time::Instant::now();
         let mut delay = Duration::from_millis(250);
         let results = loop {
-            match apply_batch(&mut client, &sql, &pending, &events).await {
+            match apply_batch(&client, &sql, &pending, &events).await {
                 Ok(r) => {
                     pg_ok.store(true, Ordering::Relaxed);
                     break r;

@@ -1,0 +1,111 @@
+//! The updater's set-based batch, on real Postgres and the real broker: within one batch the
+//! first event per payment wins (as if the events ran one after another), later ones and rows
+//! already final are counted as already final, unknown ids are counted, and a status column of
+//! an enum type works as well as text.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_writes_the_first_event_per_row_and_only_pending_rows() {
+    let s = stack();
+    let db = pg(&s.pg_url).await;
+    let table = unique("updater_enum_");
+    db.batch_execute(&format!(
+        "DO $$ BEGIN CREATE TYPE paystream_test_status AS ENUM ('pending', 'succeeded', 'failed');
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE {table} (id bigint PRIMARY KEY,
+             status paystream_test_status NOT NULL DEFAULT 'pending',
+             updated_at timestamptz NOT NULL DEFAULT '2000-01-01');
+         INSERT INTO {table} (id, status) VALUES (1, 'pending'), (2, 'pending'), (3, 'succeeded'), (4, 'pending');"
+    ))
+    .await
+    .unwrap();
+    let topic = unique("updater-status-");
+    create_topics(&s.brokers, &[(&topic, 1)]).await;
+    let p = producer(&s.brokers);
+    // All published before the updater starts, so that one batch takes them all.
+    let events = [
+        (1, "succeeded"),
+        (1, "failed"),
+        (2, "failed"),
+        (2, "failed"),
+        (3, "failed"),
+        (99, "succeeded"),
+    ];
+    for (id, status) in events {
+        let key = id.to_string();
+        publish(
+            &p,
+            &topic,
+            Some(key.as_bytes()),
+            Some(&status_event(id, status)),
+        )
+        .await;
+    }
+    let logs = log_dir(&table);
+    let port = free_port();
+    let args = updater_args(
+        s,
+        &topic,
+        &unique("updater-"),
+        &[
+            "--table",
+            &table,
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--batch-linger",
+            "2s",
+        ],
+    );
+    let mut updater = spawn(&args, &logs.join("updater.log"));
+    wait_for("six status events counted", 60, || async {
+        http_get(port, "/metrics")
+            .is_some_and(|(_, m)| sample(&m, "paystream_updater_rows_total", &[]) == 6.0)
+    })
+    .await;
+    let m = scrape(port);
+    assert_eq!(
+        sample(&m, "paystream_updater_batch_duration_seconds_count", &[]),
+        1.0,
+        "the six events must share one batch for this test to mean anything"
+    );
+    assert_eq!(
+        sample(&m, "paystream_updater_rows_total", &["updated"]),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, "paystream_updater_rows_total", &["already_final"]),
+        3.0
+    );
+    assert_eq!(
+        sample(&m, "paystream_updater_rows_total", &["unknown_id"]),
+        1.0
+    );
+    let rows = db
+        .query(
+            &format!("SELECT id, status::text, updated_at > '2000-01-01' FROM {table} ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, String, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "succeeded".into(), true),
+            (2, "failed".into(), true),
+            (3, "succeeded".into(), false),
+            (4, "pending".into(), false),
+        ]
+    );
+    updater.term();
+    assert_no_panic(&logs);
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
