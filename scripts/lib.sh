@@ -8,6 +8,7 @@ PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 # port, so the server cannot start again (seen here in the Postgres outage test).
 PG_PORT="${PAYSTREAM_PG_PORT:-25432}"
 KAFKA_PORT="${PAYSTREAM_KAFKA_PORT:-29092}"
+KAFKA_MEMORY_PORT="${PAYSTREAM_KAFKA_MEMORY_PORT:-29093}"  # scripts/bench only
 STRIPE_PORT="${PAYSTREAM_STRIPE_PORT:-28420}"
 NISSHI_VERSION=0.7.0-pre.2
 NISSHI="$CACHE/nisshi-$NISSHI_VERSION/bin/nisshi"
