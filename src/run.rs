@@ -44,7 +44,13 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let (stop, shutdown) = watch::channel(false);
     let clock = Clock::new();
     metrics::init_run_series();
-    let state = Arc::new(Store::open(&cfg.data_dir)?);
+    // The recovery check (a full scan: about 5 s at a million entries) runs beside the start,
+    // not before it; the checkpoint task waits for it (see `Store::check`).
+    let state = Arc::new(Store::open_unchecked(&cfg.data_dir)?);
+    let check = {
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || st.check())
+    };
     state.record_poll_interval(cfg.poll_interval.as_millis() as u64)?;
     let health = Arc::new(Health::default());
     health
@@ -54,10 +60,10 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     // Polls that fell due while we were down are spread over the time the rate budget needs
     // for them (at most one interval), most overdue first, instead of firing at once.
     let rps = cfg.stripe_rps;
+    // The spread becomes durable at the first checkpoint; a crash before it spreads again.
     let moved = state.spread_overdue(clock.now_ms(), |n| {
         ((n as f64 / rps * 1000.0) as u64).min(cfg.poll_interval.as_millis() as u64)
     })?;
-    state.checkpoint()?;
     if moved > 0 {
         tracing::info!(overdue = moved, "spread overdue polls after restart");
     }
@@ -94,6 +100,9 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
             let age = ready_clock
                 .now_ms()
                 .saturating_sub(ready_health.last_checkpoint_ms.load(Ordering::Relaxed));
+            if age > stale_after && !ready_health.checked.load(Ordering::Relaxed) {
+                return Err(format!("state recovery check still running ({age} ms)"));
+            }
             if age > stale_after {
                 return Err(format!("last checkpoint {age} ms ago"));
             }
@@ -164,6 +173,12 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let mut cp_shutdown = shutdown.clone();
     let every = cfg.checkpoint_interval;
     let checkpoints = tokio::spawn(async move {
+        // First the recovery check: it holds the checkpoint lock, and no checkpoint may write
+        // to a store before it passed. A failed check stops the daemon like a failed
+        // checkpoint. Polls and events go on meanwhile: nothing they do needs the check, and
+        // nothing is durable or committed before it.
+        check.await.expect("recovery check task")?;
+        cp_health.checked.store(true, Ordering::Relaxed);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

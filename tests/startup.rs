@@ -196,6 +196,48 @@ async fn a_data_dir_in_use_by_another_instance_is_refused() {
     assert!(first.term().success(), "the first instance is unharmed");
 }
 
+/// The recovery check runs beside the start (it takes seconds on a big store), but a store that
+/// fails it still stops the daemon with the check's error, and nothing is written to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_store_that_fails_its_recovery_check_stops_the_daemon() {
+    let s = stack();
+    let t = topics(s, "corrupt", 1).await;
+    let data = tempfile::tempdir().unwrap();
+    drop(paystream::state::Store::open(data.path()).unwrap());
+    {
+        // An entry the last checkpoint never counted, and not JSON.
+        let db = sled::open(data.path()).unwrap();
+        db.insert(b"p\0ghost", &b"not json"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    // An event to consume: a checkpoint, had one run, would store its offset.
+    let row = Row {
+        id: 1,
+        idempotency_key: "k-1".into(),
+        amount: "1.00".into(),
+        currency: "usd".into(),
+        status: "pending".into(),
+        intent: None,
+    };
+    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
+    let args = run_args(s, &t, data.path(), free_port(), &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_fast(
+        &args,
+        &[],
+        &["failed its recovery check", "entry ghost does not parse"],
+        30,
+    );
+    let db = sled::open(data.path()).unwrap();
+    assert_eq!(
+        db.scan_prefix(b"o\0").count(),
+        0,
+        "an offset was checkpointed"
+    );
+    let entries: Vec<_> = db.scan_prefix(b"p\0").keys().map(|k| k.unwrap()).collect();
+    assert_eq!(entries, vec![sled::IVec::from(&b"p\0ghost"[..])]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_help_errors_or_metrics() {
     let s = stack();

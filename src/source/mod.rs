@@ -38,6 +38,8 @@ use crate::state::{Applied, StateError, Store};
 pub struct Health {
     pub last_checkpoint_ms: AtomicU64,
     pub assigned: AtomicBool,
+    /// The state store passed its recovery check (run beside the start).
+    pub checked: AtomicBool,
     /// The consumer's view of the brokers (librdkafka statistics).
     pub kafka: BrokerWatch,
 }

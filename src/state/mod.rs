@@ -19,11 +19,15 @@
 //!
 //! # Recovery check
 //! sled 0.34 has open reports of stores that come back corrupt after an abrupt stop (for example
-//! spacejam/sled#1533). Before the daemon runs on a store, [`Store::open`] checks every invariant
-//! the layout promises: each entry parses and sits under its own id, the due index and the
-//! entries match one to one, the entry count is the one the last checkpoint wrote, offsets are
-//! well formed. Any breach stops the start with [`StateError::Inconsistent`] naming the problem,
-//! instead of running on state that may have lost a pending payment.
+//! spacejam/sled#1533). [`Store::check`] checks every invariant the layout promises: each entry
+//! parses and sits under its own id, the due index and the entries match one to one, the entry
+//! count is the one the last checkpoint wrote, offsets are well formed. Any breach is a
+//! [`StateError::Inconsistent`] naming the problem, instead of running on state that may have
+//! lost a pending payment. [`Store::open`] runs it before returning; the daemon opens with
+//! [`Store::open_unchecked`] and runs it beside its start (seconds at a million entries), and
+//! no checkpoint writes to the store until it passed ([`StateError::Unchecked`]), so a failing
+//! check stops the daemon with nothing written and no offset committed. Polls in that window
+//! are harmless: only Stripe's final answers resolve, and the updater only moves rows forward.
 //!
 //! # Why checkpoints are safe
 //! Every change (from the CDC stream or from a poll) goes into an in-memory overlay first.
@@ -80,6 +84,10 @@ pub enum StateError {
     /// Another process (usually another paystream) has the store open; sled allows one.
     #[error("state store at {path} is in use by another process (sled's lock is held): stop the other instance or give this one its own --data-dir")]
     Locked { path: String },
+    /// A checkpoint was asked of a store whose recovery check has not passed (a bug, or a stop
+    /// during a failing check): nothing is written.
+    #[error("state store at {path} has not passed its recovery check; nothing written")]
+    Unchecked { path: String },
     /// The store broke an invariant of its layout: it is not safe to run on.
     #[error("state store at {path} failed its recovery check with {count} problem(s), e.g. {}; not running on it. Move the directory aside and restart to rebuild state from the CDC topic (needs the topic's full history, e.g. log compaction), or restore a backup", problems.join("; "))]
     Inconsistent {
@@ -245,8 +253,9 @@ struct Overlay {
     durable_entries: u64,
     /// Hashes of the ids the tree holds, counted (two ids may share a hash): an id whose hash
     /// is not here is not in the tree, so a new payment costs no tree lookup. About 20 bytes
-    /// per entry in state.
-    durable_ids: HashMap<u64, u32>,
+    /// per entry in state. `None` until the recovery check has counted them: any id may then
+    /// be in the tree.
+    durable_ids: Option<HashMap<u64, u32>>,
 }
 
 impl Overlay {
@@ -258,7 +267,9 @@ impl Overlay {
     }
 
     fn maybe_durable(&self, id: &str) -> bool {
-        self.durable_ids.contains_key(&id_hash(id))
+        self.durable_ids
+            .as_ref()
+            .is_none_or(|ids| ids.contains_key(&id_hash(id)))
     }
 }
 
@@ -336,11 +347,21 @@ impl Store {
 
     /// Opens (or creates) the store and runs the recovery check (a full scan).
     pub fn open(dir: &Path) -> Result<Store, StateError> {
+        let store = Store::open_unchecked(dir)?;
+        store.check()?;
+        Ok(store)
+    }
+
+    /// Opens (or creates) the store without the recovery check, which the caller runs with
+    /// [`Store::check`] (the daemon runs it beside its start: seconds at a million entries).
+    /// Until then the store works, only slower for new payments (every id may be in the tree).
+    pub fn open_unchecked(dir: &Path) -> Result<Store, StateError> {
         let path = dir.display().to_string();
         let io = |source| StateError::Io {
             path: path.clone(),
             source,
         };
+        let started = std::time::Instant::now();
         let db = match sled::Config::new()
             .path(dir)
             .cache_capacity(SLED_CACHE_BYTES)
@@ -390,12 +411,38 @@ impl Store {
             overlay: Mutex::new(Overlay::default()),
             checkpointing: Mutex::new(()),
         };
-        let (n, ids) = store.verify()?;
-        let mut ov = store.overlay.lock().expect("state lock");
-        ov.durable_entries = n;
-        ov.durable_ids = ids;
-        drop(ov);
+        // The count the last checkpoint left; the recovery check confirms it.
+        let entries = store.meta_u64(META_ENTRIES)?.unwrap_or(0);
+        store.overlay.lock().expect("state lock").durable_entries = entries;
+        tracing::debug!(
+            entries,
+            open_ms = started.elapsed().as_millis() as u64,
+            "state store opened"
+        );
         Ok(store)
+    }
+
+    /// The recovery check (see the module doc); on success it also counts the ids the tree
+    /// holds, so new payments skip tree lookups from then on.
+    ///
+    /// Concurrency: it holds the checkpoint lock for the whole scan, so no checkpoint changes
+    /// the tree under it and the ids it counts are exactly the tree's when it ends. Events and
+    /// polls go on meanwhile, into the overlay; they become durable at the first checkpoint
+    /// after the check.
+    pub fn check(&self) -> Result<(), StateError> {
+        let _one = self.checkpointing.lock().expect("checkpoint lock");
+        let started = std::time::Instant::now();
+        let (n, ids) = self.verify()?;
+        let mut ov = self.overlay.lock().expect("state lock");
+        ov.durable_entries = n;
+        ov.durable_ids = Some(ids);
+        drop(ov);
+        tracing::info!(
+            entries = n,
+            check_ms = started.elapsed().as_millis() as u64,
+            "state store passed its recovery check"
+        );
+        Ok(())
     }
 
     /// The recovery check (see the module doc). Returns the number of entries and their id
@@ -877,6 +924,13 @@ impl Store {
         let _one = self.checkpointing.lock().expect("checkpoint lock");
         let (changes, offsets, count) = {
             let mut ov = self.overlay.lock().expect("state lock");
+            // Nothing is written to a store that has not passed its recovery check (the ids
+            // are counted only once it has).
+            if ov.durable_ids.is_none() {
+                return Err(StateError::Unchecked {
+                    path: self.path.clone(),
+                });
+            }
             if ov.entries.is_empty() && ov.offsets.is_empty() {
                 return Ok(Checkpoint::default());
             }
@@ -897,15 +951,17 @@ impl Store {
         match self.write_changes(&changes, &offsets, count, &in_tree) {
             Ok((count, added, removed)) => {
                 let mut ov = self.overlay.lock().expect("state lock");
-                for id in added {
-                    *ov.durable_ids.entry(id_hash(id)).or_default() += 1;
-                }
-                for id in removed {
-                    let h = id_hash(id);
-                    if let Some(n) = ov.durable_ids.get_mut(&h) {
-                        *n -= 1;
-                        if *n == 0 {
-                            ov.durable_ids.remove(&h);
+                if let Some(ids) = ov.durable_ids.as_mut() {
+                    for id in added {
+                        *ids.entry(id_hash(id)).or_default() += 1;
+                    }
+                    for id in removed {
+                        let h = id_hash(id);
+                        if let Some(n) = ids.get_mut(&h) {
+                            *n -= 1;
+                            if *n == 0 {
+                                ids.remove(&h);
+                            }
                         }
                     }
                 }
