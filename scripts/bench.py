@@ -300,6 +300,8 @@ def bench_kafka_path(quick):
                 break
     d = os.path.join(WORK, "state-kafka")
     shutil.rmtree(d, ignore_errors=True)
+    # The dev broker answers a fetch only when its wait ends, not when data arrives (Kafka does
+    # the latter), so librdkafka's default 500 ms wait would be measured as latency.
     daemon = Daemon(d, ["--kafka-option", "fetch.wait.max.ms=50"], brokers=FAST_BROKERS)
     sent = {}
     seen = []  # (time, durable next offset)
