@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory};
 
-use crate::decode::{ColumnNames, DecodeOptions};
+use crate::decode::registry::RegistrySettings;
+use crate::decode::{ColumnNames, DecodeOptions, Format};
 
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_CDC_TOPIC: &str = "payment.public.payments";
@@ -154,6 +155,12 @@ impl ColumnArgs {
 /// Decoding settings (also used by `paystream decode`).
 #[derive(Args, Debug, Clone)]
 pub struct DecodeArgs {
+    /// Which converter wrote the CDC messages: auto tells Confluent Avro (first byte 0x00) from
+    /// JSON per message.
+    #[arg(long, env = "PAYSTREAM_FORMAT", value_enum, default_value = "auto")]
+    pub format: Format,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Scale of Connect Decimal bytes when the connector runs with schemas off.
     #[arg(long, env = "PAYSTREAM_AMOUNT_SCALE", default_value = "2")]
     pub amount_scale: u32,
@@ -164,7 +171,74 @@ pub struct DecodeArgs {
     pub columns: ColumnArgs,
 }
 
+/// The Confluent schema registry, for Avro messages in and out.
+#[derive(Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// Schema registry base URL (http or https); needed for Avro.
+    #[arg(long, env = "PAYSTREAM_SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
+    /// Basic auth for the registry, `user:password` (Confluent's basic.auth.user.info). Never
+    /// logged.
+    #[arg(long, env = "PAYSTREAM_SCHEMA_REGISTRY_AUTH", hide_env_values = true)]
+    pub schema_registry_auth: Option<Secret>,
+    /// Per-request timeout for the registry.
+    #[arg(long, env = "PAYSTREAM_SCHEMA_REGISTRY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub schema_registry_timeout: Duration,
+    /// Attempts per registry request before a message goes to the dead letters.
+    #[arg(long, env = "PAYSTREAM_SCHEMA_REGISTRY_ATTEMPTS", default_value = "4")]
+    pub schema_registry_attempts: u32,
+}
+
+impl RegistryArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(u) = &self.schema_registry_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(bad("--schema-registry-url", "must be an http(s) URL"));
+            }
+        }
+        if self.schema_registry_attempts == 0 {
+            return Err(bad("--schema-registry-attempts", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The registry client's settings, if a URL is set.
+    pub fn settings(&self) -> Option<RegistrySettings> {
+        self.schema_registry_url
+            .as_ref()
+            .map(|url| RegistrySettings {
+                url: url.clone(),
+                auth: self.schema_registry_auth.clone(),
+                timeout: self.schema_registry_timeout,
+                attempts: self.schema_registry_attempts,
+            })
+    }
+}
+
 impl DecodeArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.registry.validate()?;
+        if self.format == Format::Avro && self.registry.schema_registry_url.is_none() {
+            return Err(bad(
+                "--schema-registry-url",
+                "is required with --format avro",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The decoder these settings describe (one registry client, shared).
+    pub fn decoder(&self) -> crate::decode::Decoder {
+        crate::decode::Decoder {
+            opts: self.options(),
+            format: self.format,
+            registry: self
+                .registry
+                .settings()
+                .map(|s| std::sync::Arc::new(crate::decode::registry::Registry::new(s))),
+        }
+    }
+
     pub fn options(&self) -> DecodeOptions {
         DecodeOptions {
             amount_scale: self.amount_scale,
@@ -226,6 +300,15 @@ pub struct RunConfig {
     /// whole seconds; each time is one scan of state.
     #[arg(long, env = "PAYSTREAM_STATE_STATS_INTERVAL", default_value = DEFAULT_STATE_STATS_INTERVAL, value_parser = duration)]
     pub state_stats_interval: Duration,
+    /// Format of the status events: json, or avro (Confluent wire format; the schema is
+    /// registered under `<status-topic>-value` at start).
+    #[arg(
+        long,
+        env = "PAYSTREAM_STATUS_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    pub status_format: crate::sink::StatusFormat,
     #[command(flatten)]
     pub decode: DecodeArgs,
 }
@@ -248,6 +331,7 @@ fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
 impl RunConfig {
     /// The settings that shape state (all `replay --no-poll` uses).
     pub fn validate_state_settings(&self) -> Result<(), ConfigError> {
+        self.decode.validate()?;
         if self.poll_interval < Duration::from_millis(100) {
             return Err(bad("--poll-interval", "must be at least 100ms"));
         }
@@ -259,6 +343,14 @@ impl RunConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
+        if self.status_format == crate::sink::StatusFormat::Avro
+            && self.decode.registry.schema_registry_url.is_none()
+        {
+            return Err(bad(
+                "--schema-registry-url",
+                "is required with --status-format avro",
+            ));
+        }
         if self
             .stripe_key
             .as_ref()
@@ -329,6 +421,9 @@ pub struct UpdaterConfig {
     pub batch_linger: Duration,
     #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_UPDATER_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+    /// For Avro status events (read by their first byte; JSON needs no registry).
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     #[command(flatten)]
     pub columns: ColumnArgs,
 }
@@ -336,6 +431,7 @@ pub struct UpdaterConfig {
 impl UpdaterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
+        self.registry.validate()?;
         if self
             .postgres_url
             .as_ref()

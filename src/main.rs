@@ -1,7 +1,7 @@
 //! The `paystream` binary: parses the CLI, sets up logging, runs a command. `anyhow` lives only
 //! here, at the edge; everything below returns typed errors.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -57,8 +57,9 @@ enum Command {
         #[arg(long, default_value = "-")]
         out: String,
     },
-    /// Decodes Kafka message values (one per line; an empty line or `null` is a tombstone) and
-    /// prints one normalized JSON object per line.
+    /// Decodes Kafka message values and prints one normalized JSON object per input: JSON one per
+    /// line (an empty line or `null` is a tombstone), Confluent Avro as hex per line or as a
+    /// binary file of one message (with --schema-registry-url).
     Decode {
         #[command(flatten)]
         decode: DecodeArgs,
@@ -130,24 +131,55 @@ fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
-fn decode_lines(args: &DecodeArgs, input: &str) -> anyhow::Result<bool> {
-    let opts = args.options();
-    let reader: Box<dyn BufRead> = if input == "-" {
-        Box::new(std::io::stdin().lock())
+/// One input of `paystream decode`: a message value (`None`: a tombstone).
+fn decode_inputs(args: &DecodeArgs, input: &str) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    if input == "-" {
+        std::io::stdin().lock().read_to_end(&mut bytes)?;
     } else {
-        Box::new(std::io::BufReader::new(
-            std::fs::File::open(input).with_context(|| format!("opening {input}"))?,
-        ))
-    };
+        std::fs::File::open(input)
+            .with_context(|| format!("opening {input}"))?
+            .read_to_end(&mut bytes)?;
+    }
+    let avro_ok = args.format != paystream::decode::Format::Json;
+    // A binary file holding one Confluent Avro message (no JSON text starts with 0x00).
+    if avro_ok && bytes.first() == Some(&0) {
+        return Ok(vec![Some(bytes)]);
+    }
+    let text = String::from_utf8(bytes)
+        .context("input is neither UTF-8 lines nor one binary Avro message")?;
+    Ok(text
+        .lines()
+        .map(|line| match line.trim() {
+            "" | "null" => None,
+            // Avro as hex per line: the wire format's 0x00 magic byte shows as a leading "00".
+            t if avro_ok
+                && t.starts_with("00")
+                && t.len() % 2 == 0
+                && t.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Some(
+                    (0..t.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&t[i..i + 2], 16).expect("hex digits"))
+                        .collect(),
+                )
+            }
+            _ => Some(line.as_bytes().to_vec()),
+        })
+        .collect())
+}
+
+fn decode_lines(args: &DecodeArgs, input: &str) -> anyhow::Result<bool> {
+    args.validate()?;
+    let decoder = args.decoder();
+    let inputs = decode_inputs(args, input)?;
+    let rt = tokio::runtime::Runtime::new()?;
     let mut out = std::io::stdout().lock();
     let mut ok = true;
-    for (i, line) in reader.lines().enumerate() {
-        let line = line?;
-        let value = match line.trim() {
-            "" | "null" => None,
-            _ => Some(line.as_bytes()),
-        };
-        let json = match paystream::decode::decode_value(value, &opts) {
+    for (i, value) in inputs.iter().enumerate() {
+        let json = match rt.block_on(decoder.value(value.as_deref())) {
             Ok(ev) => serde_json::to_string(&ev)?,
             Err(e) => {
                 ok = false;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub updater_rows: IntCounterVec,
     pub updater_batch_seconds: Histogram,
     pub updater_postgres_errors: IntCounterVec,
+    /// Failed schema registry requests (each retry counts).
+    pub schema_registry_errors: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -110,6 +112,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         updater_rows: counter(&r, "paystream_updater_rows_total", "Status events applied by the updater, by result (updated, already_final, unknown_id, invalid)", &["result"]),
         updater_batch_seconds: histogram(&r, "paystream_updater_batch_duration_seconds", "Time to apply one batch to Postgres", latency),
         updater_postgres_errors: counter(&r, "paystream_updater_postgres_errors_total", "Postgres errors in the updater, by kind", &["kind"]),
+        schema_registry_errors: int_counter(&r, "paystream_schema_registry_errors_total", "Failed schema registry requests (connection errors, timeouts, 429, 5xx), each attempt counted"),
         registry: r.clone(),
     }
 });

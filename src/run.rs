@@ -13,7 +13,7 @@ use crate::metrics::{self, METRICS};
 use crate::poll::ratelimit::RateLimiter;
 use crate::poll::stripe::{LookupError, StripeApi};
 use crate::poll::{Poller, PollerConfig};
-use crate::sink::{DeadLetters, Sink};
+use crate::sink::{DeadLetters, Sink, StatusEncoding, StatusFormat};
 use crate::source::{self, Health, Pipeline};
 use crate::state::{StateError, Store};
 
@@ -34,6 +34,10 @@ pub enum RunError {
     Stripe(#[from] LookupError),
     #[error("admin endpoint")]
     Admin(#[from] std::io::Error),
+    /// Registering the status schema failed (`--status-format avro`): the registry is down
+    /// (retry helps) or refused the schema (the operator must look).
+    #[error("status schema registration")]
+    Registry(#[from] crate::decode::registry::RegistryError),
 }
 
 /// Runs until `shutdown` turns true (SIGTERM/SIGINT in the binary), then stops fetching, lets
@@ -119,7 +123,8 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
 
-    let (api, sink) = stripe_and_sink(&cfg)?;
+    let decoder = cfg.decode.decoder();
+    let (api, sink) = stripe_and_sink(&cfg, &decoder).await?;
     let consumer = Arc::new(source::consumer(
         &cfg.kafka.brokers,
         &cfg.kafka.kafka_options,
@@ -160,7 +165,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let pipeline = Pipeline {
         state: state.clone(),
         dead_letters: DeadLetters::Kafka(sink),
-        decode: cfg.decode.options(),
+        decoder,
         pending_status: cfg.decode.columns.pending_status.clone(),
         poll_interval: cfg.poll_interval,
         clock,
@@ -226,7 +231,12 @@ async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64)
 }
 
 /// The Stripe client and the Kafka producer, as `run` configures them.
-pub(crate) fn stripe_and_sink(cfg: &RunConfig) -> Result<(Arc<StripeApi>, Arc<Sink>), RunError> {
+/// The Stripe client and the Kafka sink as `run` configures them; with `--status-format avro`
+/// the status schema is registered (or found) first, through the decoder's registry client.
+pub(crate) async fn stripe_and_sink(
+    cfg: &RunConfig,
+    decoder: &crate::decode::Decoder,
+) -> Result<(Arc<StripeApi>, Arc<Sink>), RunError> {
     let key = cfg
         .stripe_key
         .as_ref()
@@ -237,12 +247,21 @@ pub(crate) fn stripe_and_sink(cfg: &RunConfig) -> Result<(Arc<StripeApi>, Arc<Si
         &key,
         cfg.stripe_timeout,
     )?);
-    let sink = Arc::new(Sink::new(
-        &cfg.kafka.brokers,
-        &cfg.kafka.kafka_options,
-        &cfg.status_topic,
-        &cfg.dlq_topic,
-    )?);
+    let encoding = match (cfg.status_format, &decoder.registry) {
+        (StatusFormat::Avro, Some(registry)) => {
+            StatusEncoding::avro(registry, &cfg.status_topic).await?
+        }
+        _ => StatusEncoding::Json,
+    };
+    let sink = Arc::new(
+        Sink::new(
+            &cfg.kafka.brokers,
+            &cfg.kafka.kafka_options,
+            &cfg.status_topic,
+            &cfg.dlq_topic,
+        )?
+        .with_status_encoding(encoding),
+    );
     Ok((api, sink))
 }
 

@@ -16,10 +16,13 @@
 //! Decoding never panics and never guesses past what it can prove: anything else is a
 //! [`DecodeError`] the daemon sends to the dead-letter topic.
 
+pub mod avro;
 pub mod decimal;
 mod fast;
+pub mod registry;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use base64::Engine;
 use serde::Serialize;
@@ -201,8 +204,10 @@ impl ChangeEvent {
     }
 }
 
-/// Why a message could not be decoded. The fault is always the producer's (or the connector
-/// configuration's): retrying the same bytes can never help, so such messages go to the DLQ.
+/// Why a message could not be decoded. The fault is the producer's (or the connector
+/// configuration's): retrying the same bytes cannot help, so such messages go to the DLQ. The
+/// one exception is [`DecodeErrorKind::SchemaRegistryUnavailable`]: the registry's fault, retried
+/// a bounded number of times before the message goes to the DLQ, from where it can be re-driven.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind}: {detail}")]
 pub struct DecodeError {
@@ -219,10 +224,16 @@ pub enum DecodeErrorKind {
     MissingColumn,
     BadValue,
     BadDecimal,
+    /// Not the Confluent wire format, or an Avro body its writer schema cannot read.
+    InvalidAvro,
+    /// The schema id is not in the registry (or no registry is configured).
+    UnknownSchema,
+    /// The registry did not answer within the bounded retries; a re-drive later may succeed.
+    SchemaRegistryUnavailable,
 }
 
 impl DecodeErrorKind {
-    pub const ALL: [DecodeErrorKind; 7] = [
+    pub const ALL: [DecodeErrorKind; 10] = [
         Self::NotUtf8,
         Self::InvalidJson,
         Self::UnexpectedShape,
@@ -230,6 +241,9 @@ impl DecodeErrorKind {
         Self::MissingColumn,
         Self::BadValue,
         Self::BadDecimal,
+        Self::InvalidAvro,
+        Self::UnknownSchema,
+        Self::SchemaRegistryUnavailable,
     ];
 
     /// Stable, low-cardinality name: a metric label and the DLQ `reason` header.
@@ -242,6 +256,9 @@ impl DecodeErrorKind {
             Self::MissingColumn => "missing_column",
             Self::BadValue => "bad_value",
             Self::BadDecimal => "bad_decimal",
+            Self::InvalidAvro => "invalid_avro",
+            Self::UnknownSchema => "unknown_schema",
+            Self::SchemaRegistryUnavailable => "schema_registry_unavailable",
         }
     }
 }
@@ -256,6 +273,97 @@ fn err(kind: DecodeErrorKind, detail: impl Into<String>) -> DecodeError {
     DecodeError {
         kind,
         detail: detail.into(),
+    }
+}
+
+/// Which converter wrote the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Per message: Confluent Avro if the first byte is 0x00 (no JSON text starts so), else JSON.
+    Auto,
+    Json,
+    Avro,
+}
+
+/// Decodes message values and keys in the configured format: JSON directly, Confluent Avro
+/// through the schema registry and then the same normalization (see [`avro`]).
+#[derive(Clone)]
+pub struct Decoder {
+    pub opts: DecodeOptions,
+    pub format: Format,
+    pub registry: Option<Arc<registry::Registry>>,
+}
+
+impl Decoder {
+    /// A JSON-only decoder (tests, tools).
+    pub fn json(opts: DecodeOptions) -> Decoder {
+        Decoder {
+            opts,
+            format: Format::Json,
+            registry: None,
+        }
+    }
+
+    /// The Avro body of `bytes` as JSON-converter bytes, or `None` when `bytes` is JSON.
+    async fn avro_as_json(&self, bytes: &[u8]) -> Result<Option<Vec<u8>>, DecodeError> {
+        let avro = match self.format {
+            Format::Json => false,
+            Format::Avro => true,
+            Format::Auto => bytes.first() == Some(&avro::MAGIC),
+        };
+        if !avro {
+            return Ok(None);
+        }
+        let (id, body) = avro::split_wire(bytes)?;
+        let Some(reg) = &self.registry else {
+            return Err(err(
+                DecodeErrorKind::UnknownSchema,
+                format!("Avro message with schema id {id}, but no --schema-registry-url is set"),
+            ));
+        };
+        let schema = reg.schema(id).await.map_err(|e| match e {
+            registry::RegistryError::Unavailable { .. } => {
+                err(DecodeErrorKind::SchemaRegistryUnavailable, e.to_string())
+            }
+            registry::RegistryError::NotFound { .. } => {
+                err(DecodeErrorKind::UnknownSchema, e.to_string())
+            }
+            registry::RegistryError::Invalid { .. } => {
+                err(DecodeErrorKind::UnknownSchema, e.to_string())
+            }
+        })?;
+        avro::to_connect_json(body, &schema).map(Some)
+    }
+
+    /// [`decode_value`] in the configured format.
+    pub async fn value(&self, value: Option<&[u8]>) -> Result<ChangeEvent, DecodeError> {
+        match value {
+            Some(v) => match self.avro_as_json(v).await? {
+                Some(json) => decode_value(Some(&json), &self.opts),
+                None => decode_value(Some(v), &self.opts),
+            },
+            None => decode_value(None, &self.opts),
+        }
+    }
+
+    /// [`decode_for_state`] in the configured format.
+    pub async fn for_state(&self, value: Option<&[u8]>) -> Result<ChangeEvent, DecodeError> {
+        match value {
+            Some(v) => match self.avro_as_json(v).await? {
+                Some(json) => decode_for_state(Some(&json), &self.opts),
+                None => decode_for_state(Some(v), &self.opts),
+            },
+            None => decode_for_state(None, &self.opts),
+        }
+    }
+
+    /// [`decode_key`] in the configured format.
+    pub async fn key(&self, key: &[u8]) -> Result<String, DecodeError> {
+        match self.avro_as_json(key).await? {
+            Some(json) => decode_key(&json, &self.opts),
+            None => decode_key(key, &self.opts),
+        }
     }
 }
 

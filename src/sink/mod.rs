@@ -73,6 +73,101 @@ impl StatusEvent {
     }
 }
 
+/// The status event's Avro schema (the `.avsc` beside the JSON Schema).
+pub const STATUS_AVSC: &str = include_str!("../../schemas/payment-status-update.avsc");
+
+/// How status events are written: `--status-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusFormat {
+    Json,
+    /// Confluent wire format, the schema registered under `<status-topic>-value`.
+    Avro,
+}
+
+/// The status events' encoding, resolved at start.
+pub enum StatusEncoding {
+    Json,
+    Avro {
+        id: u32,
+        schema: apache_avro::Schema,
+    },
+}
+
+impl StatusEncoding {
+    /// Registers (or finds) the Avro schema under the TopicNameStrategy subject.
+    pub async fn avro(
+        registry: &crate::decode::registry::Registry,
+        status_topic: &str,
+    ) -> Result<StatusEncoding, crate::decode::registry::RegistryError> {
+        let id = registry
+            .register(&format!("{status_topic}-value"), STATUS_AVSC)
+            .await?;
+        let schema = apache_avro::Schema::parse_str(STATUS_AVSC).expect("the .avsc parses");
+        tracing::info!(schema_id = id, subject = %format!("{status_topic}-value"), "status schema registered");
+        Ok(StatusEncoding::Avro { id, schema })
+    }
+
+    fn encode(&self, ev: &StatusEvent) -> (Vec<u8>, &'static str) {
+        match self {
+            StatusEncoding::Json => (
+                serde_json::to_vec(ev).expect("status event serializes"),
+                "application/json",
+            ),
+            StatusEncoding::Avro { id, schema } => {
+                // The unit test below proves every event fits the schema.
+                let datum = apache_avro::to_value(ev)
+                    .and_then(|v| v.resolve(schema))
+                    .and_then(|v| apache_avro::to_avro_datum(schema, v))
+                    .expect("status events fit their Avro schema");
+                let mut out = Vec::with_capacity(5 + datum.len());
+                out.push(crate::decode::avro::MAGIC);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&datum);
+                (out, "application/vnd.confluent.avro")
+            }
+        }
+    }
+}
+
+/// Why a status event could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusDecodeError {
+    /// The bytes are not a status event: the producer's fault; no retry helps.
+    #[error("{0}")]
+    Invalid(String),
+    /// The registry did not answer: its fault; a retry helps, and the event must wait for it.
+    #[error(transparent)]
+    RegistryUnavailable(crate::decode::registry::RegistryError),
+}
+
+/// Reads a status event in either format (the updater): Confluent Avro by its first byte,
+/// otherwise JSON.
+pub async fn decode_status(
+    bytes: &[u8],
+    registry: Option<&crate::decode::registry::Registry>,
+) -> Result<StatusEvent, StatusDecodeError> {
+    use StatusDecodeError::Invalid;
+    if bytes.first() != Some(&crate::decode::avro::MAGIC) {
+        return serde_json::from_slice(bytes).map_err(|e| Invalid(e.to_string()));
+    }
+    let (id, body) = crate::decode::avro::split_wire(bytes).map_err(|e| Invalid(e.to_string()))?;
+    let registry = registry.ok_or_else(|| {
+        Invalid(format!(
+            "Avro status event (schema id {id}) but no --schema-registry-url is set"
+        ))
+    })?;
+    let schema = registry.schema(id).await.map_err(|e| match e {
+        crate::decode::registry::RegistryError::Unavailable { .. } => {
+            StatusDecodeError::RegistryUnavailable(e)
+        }
+        other => Invalid(other.to_string()),
+    })?;
+    let mut reader = body;
+    let v = apache_avro::from_avro_datum(&schema.avro, &mut reader, None)
+        .map_err(|e| Invalid(format!("Avro datum: {e}")))?;
+    apache_avro::from_value(&v).map_err(|e| Invalid(format!("Avro datum: {e}")))
+}
+
 /// A failed write to Kafka. The broker (or the network to it) is at fault; retrying helps.
 #[derive(Debug, thiserror::Error)]
 #[error("producing to {topic} failed: {source}")]
@@ -192,6 +287,7 @@ pub struct Sink {
     failures: AtomicU32,
     status_topic: String,
     dlq_topic: String,
+    encoding: StatusEncoding,
 }
 
 struct Current {
@@ -232,12 +328,19 @@ impl Sink {
             failures: AtomicU32::new(0),
             status_topic: status_topic.into(),
             dlq_topic: dlq_topic.into(),
+            encoding: StatusEncoding::Json,
         })
+    }
+
+    /// Writes status events in `encoding` from now on (the default is JSON).
+    pub fn with_status_encoding(mut self, encoding: StatusEncoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// Produces a status event keyed by payment id and waits for the broker's ack.
     pub async fn send_status(&self, ev: &StatusEvent) -> Result<(), SinkError> {
-        let payload = serde_json::to_vec(ev).expect("status event serializes");
+        let (payload, content_type) = self.encoding.encode(ev);
         let headers = OwnedHeaders::new()
             .insert(Header {
                 key: "event_id",
@@ -245,7 +348,7 @@ impl Sink {
             })
             .insert(Header {
                 key: "content-type",
-                value: Some("application/json".as_bytes()),
+                value: Some(content_type.as_bytes()),
             });
         let rec = FutureRecord::to(&self.status_topic)
             .key(&ev.payment_id)

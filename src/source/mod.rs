@@ -27,7 +27,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::decode::{decode_for_state, decode_key, Col, DecodeOptions};
+use crate::decode::{Col, Decoder};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
 use crate::sink::{DeadLetter, DeadLetterError, DeadLetters};
@@ -202,7 +202,7 @@ pub fn consumer(
 pub struct Pipeline {
     pub state: Arc<Store>,
     pub dead_letters: DeadLetters,
-    pub decode: DecodeOptions,
+    pub decoder: Decoder,
     pub pending_status: String,
     pub poll_interval: Duration,
     pub clock: Clock,
@@ -262,13 +262,12 @@ impl Pipeline {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Handled, StateError> {
         let next = offset + 1;
-        match decode_for_state(payload, &self.decode) {
+        match self.decoder.for_state(payload).await {
             Ok(ev) => {
                 // Only a tombstone needs the key: every other event carries the payment id.
-                let key_id = if ev.payment.is_none() {
-                    key.and_then(|k| decode_key(k, &self.decode).ok())
-                } else {
-                    None
+                let key_id = match (&ev.payment, key) {
+                    (None, Some(k)) => self.decoder.key(k).await.ok(),
+                    _ => None,
                 };
                 let applied = self.state.apply_event(
                     &ev,

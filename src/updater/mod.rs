@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use crate::config::UpdaterConfig;
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
-use crate::sink::StatusEvent;
+use crate::sink::{decode_status, StatusDecodeError, StatusEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdaterError {
@@ -212,6 +212,10 @@ pub async fn run(
         .map(|u| u.expose().to_string())
         .unwrap_or_default();
     let pending = cfg.columns.pending_status.clone();
+    let registry = cfg
+        .registry
+        .settings()
+        .map(|s| Arc::new(crate::decode::registry::Registry::new(s)));
 
     crate::metrics::init_updater_series();
     let pg_ok = Arc::new(AtomicBool::new(false));
@@ -289,7 +293,24 @@ pub async fn run(
                     .reset(tokio::time::Instant::now() + cfg.batch_linger);
             }
             next_offsets.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
-            match m.payload().map(serde_json::from_slice::<StatusEvent>) {
+            let decoded = match m.payload() {
+                Some(bytes) => Some(loop {
+                    // A registry outage must not skip an event: wait for the registry (the
+                    // offsets are held meanwhile). Only new schema ids need it; ids are cached.
+                    match decode_status(bytes, registry.as_deref()).await {
+                        Err(StatusDecodeError::RegistryUnavailable(e)) => {
+                            tracing::warn!(error = %e, "status event waits for the schema registry");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = shutdown.changed() => break 'outer,
+                            }
+                        }
+                        other => break other,
+                    }
+                }),
+                None => None,
+            };
+            match decoded {
                 Some(Ok(ev)) if ev.status == "succeeded" || ev.status == "failed" => {
                     events.push(ev)
                 }
