@@ -280,3 +280,144 @@ async fn basic_auth_is_sent() {
         .await
         .unwrap();
 }
+
+/// Avro in and Avro out through the real broker: the daemon reads Debezium's Avro, polls the
+/// emulator, writes an Avro status event under a registered schema, the updater reads it and
+/// writes Postgres; an Avro message with an unknown schema id goes to the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_with_avro_in_and_avro_out() {
+    let s = stack();
+    let reg = RegistryDouble::start().await;
+    let t = topics(s, "avro", 1).await;
+    let logs = log_dir(&t.run);
+    let v1 = reg.register(&format!("{}-value", t.cdc), V1);
+    let key_id = reg.register(&format!("{}-key", t.cdc), KEY);
+
+    let (pi_ok, st) = intent_with_card(&s.stripe, "4999", "4242424242424242");
+    assert_eq!(st, "succeeded");
+    let db = pg(&s.pg_url).await;
+    let ok = insert_payment(&db, &format!("{}-ok", t.run), "49.99", Some(&pi_ok)).await;
+
+    let p = producer(&s.brokers);
+    publish(
+        &p,
+        &t.cdc,
+        Some(&avro_key(key_id, ok.id)),
+        Some(&avro_value(V1, v1, "c", &ok, None)),
+    )
+    .await;
+    let unknown = avro_value(V1, 4242, "c", &row(1, "1.00", None), None);
+    publish(&p, &t.cdc, Some(&avro_key(key_id, 1)), Some(&unknown)).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let registry = ["--schema-registry-url", reg.url.as_str()];
+    let mut extra = vec!["--format", "avro", "--status-format", "avro"];
+    extra.extend(registry);
+    let mut daemon = spawn(
+        &run_args(s, &t, data.path(), port, &extra),
+        &logs.join("run.log"),
+    );
+    let mut updater = spawn(
+        &updater_args(s, &t.status, &format!("{}-updater", t.run), &registry),
+        &logs.join("updater.log"),
+    );
+    wait_for("the status written to Postgres", 90, || async {
+        read_payment(&db, ok.id).await.status == "succeeded"
+    })
+    .await;
+
+    // The status event is Avro, written with the schema registered under <topic>-value.
+    let (status_id, status_schema) = reg
+        .latest(&format!("{}-value", t.status))
+        .expect("status schema registered");
+    let records = tokio::task::spawn_blocking({
+        let (b, topic) = (s.brokers.clone(), t.status.clone());
+        move || read_all(&b, &topic)
+    })
+    .await
+    .unwrap();
+    assert_eq!(records.len(), 1, "one status event");
+    let value = records[0].1.as_deref().unwrap();
+    assert_eq!(
+        &value[..5],
+        &[&[0u8][..], &status_id.to_be_bytes()].concat()[..]
+    );
+    let schema = Schema::parse_str(&status_schema).unwrap();
+    let ev: paystream::sink::StatusEvent = apache_avro::from_value(
+        &apache_avro::from_avro_datum(&schema, &mut &value[5..], None).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (ev.payment_id.as_str(), ev.status.as_str()),
+        (ok.id.to_string().as_str(), "succeeded")
+    );
+    assert_eq!(ev.stripe_payment_intent_id.as_deref(), Some(pi_ok.as_str()));
+
+    // The unknown schema id went to the dead letters, with the reason.
+    let dlq = tokio::task::spawn_blocking({
+        let (b, topic) = (s.brokers.clone(), t.dlq.clone());
+        move || read_all(&b, &topic)
+    })
+    .await
+    .unwrap();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(
+        dlq[0].1.as_deref(),
+        Some(&unknown[..]),
+        "the message, unchanged"
+    );
+    let reason = dlq[0].2.iter().find(|(k, _)| k == "paystream.reason");
+    assert_eq!(reason.map(|(_, v)| v.as_str()), Some("unknown_schema"));
+    assert_eq!(
+        metric(port, "paystream_dlq_messages_total", &["unknown_schema"]),
+        1.0
+    );
+    assert!(daemon.term().success());
+    assert!(updater.term().success());
+    assert_no_panic(&logs);
+}
+
+/// `paystream decode` reads Avro as hex per line and as a binary file of one message, and
+/// prints what it prints for the same payment in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decode_command_reads_avro_hex_lines_and_binary_files() {
+    let reg = RegistryDouble::start().await;
+    let v1 = reg.register("paysvc.public.payments-value", V1);
+    let r = row(21, "1234567.89", Some("pi_21"));
+    let dir = tempfile::tempdir().unwrap();
+    let avro = avro_value(V1, v1, "c", &r, None);
+    let hex: String = avro.iter().map(|b| format!("{b:02x}")).collect();
+    let (hex_file, bin_file, json_file) = (
+        dir.path().join("hex.txt"),
+        dir.path().join("one.avro"),
+        dir.path().join("json.txt"),
+    );
+    std::fs::write(&hex_file, format!("{hex}\n{hex}\n")).unwrap();
+    std::fs::write(&bin_file, &avro).unwrap();
+    std::fs::write(&json_file, cdc_value("c", &r, true)).unwrap();
+    let url = reg.url.clone();
+    let decode = move |file: std::path::PathBuf| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                output(
+                    std::process::Command::new(env!("CARGO_BIN_EXE_paystream"))
+                        .args(["decode", "--schema-registry-url", &url])
+                        .arg(file),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (code, json_out, err) = decode(json_file).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, hex_out, err) = decode(hex_file).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(hex_out, format!("{json_out}{json_out}"));
+    let (code, bin_out, err) = decode(bin_file).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(bin_out, json_out);
+    assert!(json_out.contains("\"1234567.89\""), "{json_out}");
+}

@@ -101,6 +101,28 @@ fn bad_configuration_fails_fast_naming_the_field() {
         &["--state-stats-interval", "whole seconds"],
         5,
     );
+    // Avro without a registry, and a registry URL that is not http(s).
+    fails_fast(
+        &with(&base, &["--format", "avro"]),
+        &[],
+        &["--schema-registry-url", "required with --format avro"],
+        5,
+    );
+    fails_fast(
+        &with(&base, &["--status-format", "avro"]),
+        &[],
+        &[
+            "--schema-registry-url",
+            "required with --status-format avro",
+        ],
+        5,
+    );
+    fails_fast(
+        &with(&base, &["--schema-registry-url", "registry:8081"]),
+        &[],
+        &["--schema-registry-url", "http(s) URL"],
+        5,
+    );
     // The admin address taken by another process.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
