@@ -110,6 +110,14 @@ fn wire(id: u32, datum: Vec<u8>) -> Vec<u8> {
     out
 }
 
+/// Every record of `topic` (librdkafka blocks: off the runtime).
+async fn read_topic(brokers: &str, topic: &str) -> Vec<Record> {
+    let (b, t) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || read_all(&b, &t))
+        .await
+        .unwrap()
+}
+
 fn row(id: i64, amount: &str, intent: Option<&str>) -> Row {
     Row {
         id,
@@ -331,12 +339,7 @@ async fn pipeline_with_avro_in_and_avro_out() {
     let (status_id, status_schema) = reg
         .latest(&format!("{}-value", t.status))
         .expect("status schema registered");
-    let records = tokio::task::spawn_blocking({
-        let (b, topic) = (s.brokers.clone(), t.status.clone());
-        move || read_all(&b, &topic)
-    })
-    .await
-    .unwrap();
+    let records = read_topic(&s.brokers, &t.status).await;
     assert_eq!(records.len(), 1, "one status event");
     let value = records[0].1.as_deref().unwrap();
     assert_eq!(
@@ -355,12 +358,7 @@ async fn pipeline_with_avro_in_and_avro_out() {
     assert_eq!(ev.stripe_payment_intent_id.as_deref(), Some(pi_ok.as_str()));
 
     // The unknown schema id went to the dead letters, with the reason.
-    let dlq = tokio::task::spawn_blocking({
-        let (b, topic) = (s.brokers.clone(), t.dlq.clone());
-        move || read_all(&b, &topic)
-    })
-    .await
-    .unwrap();
+    let dlq = read_topic(&s.brokers, &t.dlq).await;
     assert_eq!(dlq.len(), 1, "{dlq:?}");
     assert_eq!(
         dlq[0].1.as_deref(),

@@ -311,6 +311,49 @@ mod tests {
         assert_eq!(f[1]["optional"], true);
     }
 
+    /// A NUMERIC column without precision (VariableScaleDecimal, a record of scale + bytes) and
+    /// an Avro enum, through the whole Avro path to the normalized row.
+    #[test]
+    fn variable_scale_decimals_and_enums_normalize_like_json() {
+        let s = WriterSchema::parse(
+            r#"{"type":"record","name":"Envelope","namespace":"p.public.payments","fields":[
+                {"name":"after","type":["null",{"type":"record","name":"Value","fields":[
+                  {"name":"id","type":"long"},
+                  {"name":"idempotency_key","type":"string"},
+                  {"name":"amount","type":{"type":"record","name":"VariableScaleDecimal","namespace":"io.debezium.data",
+                    "fields":[{"name":"scale","type":"int"},{"name":"value","type":"bytes"}],
+                    "connect.name":"io.debezium.data.VariableScaleDecimal"}},
+                  {"name":"currency","type":"string"},
+                  {"name":"status","type":{"type":"enum","name":"status","symbols":["pending","succeeded"]}}]}],"default":null},
+                {"name":"op","type":"string"}]}"#,
+        )
+        .unwrap();
+        let row = Avro::Record(vec![
+            ("id".into(), Avro::Long(5)),
+            ("idempotency_key".into(), Avro::String("k".into())),
+            (
+                "amount".into(),
+                Avro::Record(vec![
+                    ("scale".into(), Avro::Int(2)),
+                    ("value".into(), Avro::Bytes(vec![0x07, 0x5b, 0xcd, 0x15])),
+                ]),
+            ),
+            ("currency".into(), Avro::String("usd".into())),
+            ("status".into(), Avro::Enum(0, "pending".into())),
+        ]);
+        let v = Avro::Record(vec![
+            ("after".into(), Avro::Union(1, Box::new(row))),
+            ("op".into(), Avro::String("c".into())),
+        ]);
+        let body = apache_avro::to_avro_datum(&s.avro, v).unwrap();
+        let json = to_connect_json(&body, &s).unwrap();
+        let ev = super::super::decode_value(Some(&json), &Default::default()).unwrap();
+        let p = ev.payment.unwrap();
+        assert_eq!(p.amount, super::super::Col::Set("1234567.89".into()));
+        assert_eq!(p.status, super::super::Col::Set("pending".into()));
+        assert_eq!(p.id, "5");
+    }
+
     #[test]
     fn decimals_become_the_same_base64_bytes_as_in_json() {
         let d = Avro::Decimal(apache_avro::Decimal::from(vec![0x13, 0x87]));

@@ -326,44 +326,42 @@ impl Decoder {
             registry::RegistryError::Unavailable { .. } => {
                 err(DecodeErrorKind::SchemaRegistryUnavailable, e.to_string())
             }
-            registry::RegistryError::NotFound { .. } => {
-                err(DecodeErrorKind::UnknownSchema, e.to_string())
-            }
-            registry::RegistryError::Invalid { .. } => {
+            registry::RegistryError::NotFound { .. } | registry::RegistryError::Invalid { .. } => {
                 err(DecodeErrorKind::UnknownSchema, e.to_string())
             }
         })?;
         avro::to_connect_json(body, &schema).map(Some)
     }
 
+    /// Runs a JSON decoder on `bytes`, after turning Avro into the JSON converter's form.
+    async fn in_format<T>(
+        &self,
+        bytes: Option<&[u8]>,
+        json: impl Fn(Option<&[u8]>, &DecodeOptions) -> Result<T, DecodeError>,
+    ) -> Result<T, DecodeError> {
+        match bytes {
+            Some(b) => match self.avro_as_json(b).await? {
+                Some(converted) => json(Some(&converted), &self.opts),
+                None => json(Some(b), &self.opts),
+            },
+            None => json(None, &self.opts),
+        }
+    }
+
     /// [`decode_value`] in the configured format.
     pub async fn value(&self, value: Option<&[u8]>) -> Result<ChangeEvent, DecodeError> {
-        match value {
-            Some(v) => match self.avro_as_json(v).await? {
-                Some(json) => decode_value(Some(&json), &self.opts),
-                None => decode_value(Some(v), &self.opts),
-            },
-            None => decode_value(None, &self.opts),
-        }
+        self.in_format(value, decode_value).await
     }
 
     /// [`decode_for_state`] in the configured format.
     pub async fn for_state(&self, value: Option<&[u8]>) -> Result<ChangeEvent, DecodeError> {
-        match value {
-            Some(v) => match self.avro_as_json(v).await? {
-                Some(json) => decode_for_state(Some(&json), &self.opts),
-                None => decode_for_state(Some(v), &self.opts),
-            },
-            None => decode_for_state(None, &self.opts),
-        }
+        self.in_format(value, decode_for_state).await
     }
 
     /// [`decode_key`] in the configured format.
     pub async fn key(&self, key: &[u8]) -> Result<String, DecodeError> {
-        match self.avro_as_json(key).await? {
-            Some(json) => decode_key(&json, &self.opts),
-            None => decode_key(key, &self.opts),
-        }
+        self.in_format(Some(key), |k, opts| decode_key(k.expect("a key"), opts))
+            .await
     }
 }
 
