@@ -202,16 +202,16 @@ impl RegistryArgs {
         Ok(())
     }
 
-    /// The registry client's settings, if a URL is set.
-    pub fn settings(&self) -> Option<RegistrySettings> {
-        self.schema_registry_url
-            .as_ref()
-            .map(|url| RegistrySettings {
+    /// The registry client, if a URL is set (one per process part that needs it).
+    pub fn client(&self) -> Option<std::sync::Arc<crate::decode::registry::Registry>> {
+        self.schema_registry_url.as_ref().map(|url| {
+            std::sync::Arc::new(crate::decode::registry::Registry::new(RegistrySettings {
                 url: url.clone(),
                 auth: self.schema_registry_auth.clone(),
                 timeout: self.schema_registry_timeout,
                 attempts: self.schema_registry_attempts,
-            })
+            }))
+        })
     }
 }
 
@@ -232,10 +232,7 @@ impl DecodeArgs {
         crate::decode::Decoder {
             opts: self.options(),
             format: self.format,
-            registry: self
-                .registry
-                .settings()
-                .map(|s| std::sync::Arc::new(crate::decode::registry::Registry::new(s))),
+            registry: self.registry.client(),
         }
     }
 

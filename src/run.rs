@@ -104,11 +104,12 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
             let age = ready_clock
                 .now_ms()
                 .saturating_sub(ready_health.last_checkpoint_ms.load(Ordering::Relaxed));
-            if age > stale_after && !ready_health.checked.load(Ordering::Relaxed) {
-                return Err(format!("state recovery check still running ({age} ms)"));
-            }
             if age > stale_after {
-                return Err(format!("last checkpoint {age} ms ago"));
+                return Err(if ready_health.checked.load(Ordering::Relaxed) {
+                    format!("last checkpoint {age} ms ago")
+                } else {
+                    format!("state recovery check still running ({age} ms)")
+                });
             }
             Ok(())
         }),
@@ -230,7 +231,6 @@ async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64)
     }
 }
 
-/// The Stripe client and the Kafka producer, as `run` configures them.
 /// The Stripe client and the Kafka sink as `run` configures them; with `--status-format avro`
 /// the status schema is registered (or found) first, through the decoder's registry client.
 pub(crate) async fn stripe_and_sink(

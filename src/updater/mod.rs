@@ -212,10 +212,7 @@ pub async fn run(
         .map(|u| u.expose().to_string())
         .unwrap_or_default();
     let pending = cfg.columns.pending_status.clone();
-    let registry = cfg
-        .registry
-        .settings()
-        .map(|s| Arc::new(crate::decode::registry::Registry::new(s)));
+    let registry = cfg.registry.client();
 
     crate::metrics::init_updater_series();
     let pg_ok = Arc::new(AtomicBool::new(false));
