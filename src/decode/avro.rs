@@ -68,6 +68,14 @@ pub fn split_wire(bytes: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
 /// Decodes an Avro body with its writer schema into the JSON-converter form
 /// `{"schema": …, "payload": …}`, as bytes for [`super::decode_value`] / [`super::decode_key`].
 pub fn to_connect_json(body: &[u8], schema: &WriterSchema) -> Result<Vec<u8>, DecodeError> {
+    let datum = read_datum(body, schema)?;
+    let doc = json!({"schema": schema.connect, "payload": to_json(&datum)?});
+    Ok(serde_json::to_vec(&doc).expect("JSON values serialize"))
+}
+
+/// Reads one Avro body with its writer schema; bytes left over mean a wrong schema or a
+/// damaged message.
+pub fn read_datum(body: &[u8], schema: &WriterSchema) -> Result<Avro, DecodeError> {
     let mut reader = body;
     let datum = apache_avro::from_avro_datum(&schema.avro, &mut reader, None)
         .map_err(|e| err(DecodeErrorKind::InvalidAvro, format!("Avro datum: {e}")))?;
@@ -77,8 +85,7 @@ pub fn to_connect_json(body: &[u8], schema: &WriterSchema) -> Result<Vec<u8>, De
             format!("{} bytes left after the Avro datum", reader.len()),
         ));
     }
-    let doc = json!({"schema": schema.connect, "payload": to_json(&datum)?});
-    Ok(serde_json::to_vec(&doc).expect("JSON values serialize"))
+    Ok(datum)
 }
 
 /// An Avro datum as the Connect JSON converter writes the same value: bytes and decimals as

@@ -99,11 +99,10 @@ impl StatusEncoding {
         registry: &crate::decode::registry::Registry,
         status_topic: &str,
     ) -> Result<StatusEncoding, crate::decode::registry::RegistryError> {
-        let id = registry
-            .register(&format!("{status_topic}-value"), STATUS_AVSC)
-            .await?;
+        let subject = format!("{status_topic}-value");
+        let id = registry.register(&subject, STATUS_AVSC).await?;
         let schema = apache_avro::Schema::parse_str(STATUS_AVSC).expect("the .avsc parses");
-        tracing::info!(schema_id = id, subject = %format!("{status_topic}-value"), "status schema registered");
+        tracing::info!(schema_id = id, %subject, "status schema registered");
         Ok(StatusEncoding::Avro { id, schema })
     }
 
@@ -162,9 +161,7 @@ pub async fn decode_status(
         }
         other => Invalid(other.to_string()),
     })?;
-    let mut reader = body;
-    let v = apache_avro::from_avro_datum(&schema.avro, &mut reader, None)
-        .map_err(|e| Invalid(format!("Avro datum: {e}")))?;
+    let v = crate::decode::avro::read_datum(body, &schema).map_err(|e| Invalid(e.to_string()))?;
     apache_avro::from_value(&v).map_err(|e| Invalid(format!("Avro datum: {e}")))
 }
 
