@@ -306,6 +306,12 @@ pub struct RunConfig {
         default_value = "json"
     )]
     pub status_format: crate::sink::StatusFormat,
+    /// Scale-out: copy state changes to the compacted topic `<group-id>-state-changelog` at
+    /// each checkpoint, restore a newly assigned partition from it when another instance
+    /// wrote it last, and act on a partition only under a fresh group lease. Required when
+    /// more than one instance shares the group id (README "Scaling out").
+    #[arg(long, env = "PAYSTREAM_CHANGELOG")]
+    pub changelog: bool,
     #[command(flatten)]
     pub decode: DecodeArgs,
 }
@@ -376,6 +382,17 @@ impl RunConfig {
         }
         if self.retry_backoff.is_zero() {
             return Err(bad("--retry-backoff", "must be positive"));
+        }
+        if self.changelog {
+            // The lease (half the session) must be renewed several times over, or polls and
+            // checkpoints would stall between renewals.
+            let session = crate::source::handoff::session_timeout(&self.kafka.kafka_options);
+            if self.checkpoint_interval * 4 > session {
+                return Err(bad(
+                    "--checkpoint-interval",
+                    format!("must be at most a quarter of session.timeout.ms ({session:?}) with --changelog: each checkpoint renews the group lease"),
+                ));
+            }
         }
         if !(self.stripe_api_base.starts_with("http://")
             || self.stripe_api_base.starts_with("https://"))

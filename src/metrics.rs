@@ -40,6 +40,18 @@ pub struct Metrics {
     pub updater_postgres_errors: IntCounterVec,
     /// Failed schema registry requests (each retry counts).
     pub schema_registry_errors: IntCounter,
+    /// Scale-out: records written to the state changelog (entries, tombstones, markers).
+    pub changelog_records: IntCounter,
+    /// Scale-out: changelog records read by restores.
+    pub changelog_restored: IntCounter,
+    pub changelog_restore_seconds: Histogram,
+    /// Scale-out: partitions taken over, by how (current, adopted, restored).
+    pub partition_takeovers: IntCounterVec,
+    /// Polls not made and answers not acted on because the partition is not owned or the
+    /// group lease lapsed, by stage (poll, answer).
+    pub polls_fenced: IntCounterVec,
+    /// Group lease renewals (generation-checked offset commits) by result (ok, failed).
+    pub lease_renewals: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -113,6 +125,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         updater_batch_seconds: histogram(&r, "paystream_updater_batch_duration_seconds", "Time to apply one batch to Postgres", latency),
         updater_postgres_errors: counter(&r, "paystream_updater_postgres_errors_total", "Postgres errors in the updater, by kind", &["kind"]),
         schema_registry_errors: int_counter(&r, "paystream_schema_registry_errors_total", "Failed schema registry requests (connection errors, timeouts, 429, 5xx), each attempt counted"),
+        changelog_records: int_counter(&r, "paystream_changelog_records_total", "Records written to the state changelog (entries, tombstones, offset markers)"),
+        changelog_restored: int_counter(&r, "paystream_changelog_restored_records_total", "State changelog records read to restore partitions"),
+        changelog_restore_seconds: histogram(&r, "paystream_changelog_restore_duration_seconds", "Time to restore one partition from the state changelog", vec![0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]),
+        partition_takeovers: counter(&r, "paystream_partition_takeovers_total", "CDC partitions taken over on assignment, by how (current, adopted, restored)", &["how"]),
+        polls_fenced: counter(&r, "paystream_polls_fenced_total", "Polls withheld or answers dropped because the partition is not owned or the group lease lapsed, by stage", &["stage"]),
+        lease_renewals: counter(&r, "paystream_group_lease_renewals_total", "Group lease renewals (generation-checked offset commits), by result", &["result"]),
         registry: r.clone(),
     }
 });
@@ -152,11 +170,15 @@ pub fn init_run_series() {
         "commit",
         "produce_status",
         "produce_dlq",
+        "changelog",
     ] {
         m.kafka_errors.with_label_values(&[k]);
     }
     for (age, _) in crate::state::AGE_BUCKETS {
         m.pending_by_age.with_label_values(&[age]);
+    }
+    for s in ["poll", "answer"] {
+        m.polls_fenced.with_label_values(&[s]);
     }
 }
 

@@ -14,6 +14,7 @@ use crate::poll::ratelimit::RateLimiter;
 use crate::poll::stripe::{LookupError, StripeApi};
 use crate::poll::{Poller, PollerConfig};
 use crate::sink::{DeadLetters, Sink, StatusEncoding, StatusFormat};
+use crate::source::handoff::{self, Ownership};
 use crate::source::{self, Health, Pipeline};
 use crate::state::{StateError, Store};
 
@@ -126,13 +127,36 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
 
     let decoder = cfg.decode.decoder();
     let (api, sink) = stripe_and_sink(&cfg, &decoder).await?;
+    // Scale-out: a lease on the group and the state changelog; alone: whatever is assigned.
+    let ownership = Arc::new(if cfg.changelog {
+        Ownership::leased(clock, handoff::session_timeout(&cfg.kafka.kafka_options))
+    } else {
+        Ownership::unleased(clock)
+    });
+    let changelog = if cfg.changelog {
+        let log = handoff::Changelog::new(
+            &cfg.kafka.brokers,
+            &cfg.kafka.kafka_options,
+            &cfg.group_id,
+            &cfg.cdc_topic,
+            ownership.clone(),
+        )?;
+        tracing::info!(topic = log.topic(), "scale-out: state changelog on");
+        Some(Arc::new(log))
+    } else {
+        None
+    };
     let consumer = Arc::new(source::consumer(
         &cfg.kafka.brokers,
         &cfg.kafka.kafka_options,
         &cfg.group_id,
         &cfg.cdc_topic,
-        state.clone(),
-        health.clone(),
+        source::ConsumerParts {
+            state: state.clone(),
+            health: health.clone(),
+            ownership: ownership.clone(),
+            changelog,
+        },
     )?);
     if !crate::kafka::probe_brokers(
         consumer.as_ref(),
@@ -143,7 +167,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         tracing::warn!(topic = %cfg.cdc_topic, "the CDC topic does not exist yet (Debezium creates it on its first event); waiting for it");
     }
 
-    let poller = poller(&cfg, state.clone(), api, sink.clone(), clock);
+    let poller = poller(&cfg, state.clone(), api, sink.clone(), clock, ownership);
     let poller_task = tokio::spawn(poller.run(shutdown.clone()));
 
     // State gauges (counts, ages, polls due) are a full scan: refreshed by a periodic job, off
@@ -192,7 +216,16 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
                 _ = tick.tick() => {}
                 _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
             }
-            source::checkpoint_and_commit(&cp_state, &cp_consumer, &cp_health, &clock).await?;
+            match source::checkpoint_and_commit(&cp_state, &cp_consumer, &cp_health, &clock).await {
+                Ok(()) => {}
+                // The changelog's broker (or the lease) failed: nothing was written; the
+                // changes wait in memory for the next tick. Readiness turns stale meanwhile.
+                Err(e) if e.is_retryable() => {
+                    METRICS.kafka_errors.with_label_values(&["changelog"]).inc();
+                    tracing::warn!(error = %e, "checkpoint not written; retrying");
+                }
+                Err(e) => return Err(e),
+            }
         }
     });
 
@@ -208,8 +241,14 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     }
     let poll_result = poller_task.await.expect("poller task");
     if result.is_ok() && poll_result.is_ok() {
-        source::checkpoint_and_commit(&state, &consumer, &health, &clock).await?;
-        tracing::info!("final checkpoint written");
+        match source::checkpoint_and_commit(&state, &consumer, &health, &clock).await {
+            Ok(()) => tracing::info!("final checkpoint written"),
+            // Not lost: the changes since the last checkpoint are replayed from the CDC topic.
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "final checkpoint not written; the next start replays since the last one")
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     if let Some(mut s) = sched {
         let _ = s.shutdown().await;
@@ -272,6 +311,7 @@ pub(crate) fn poller(
     api: Arc<StripeApi>,
     sink: Arc<Sink>,
     clock: Clock,
+    ownership: Arc<Ownership>,
 ) -> Poller {
     Poller::new(
         state,
@@ -286,5 +326,6 @@ pub(crate) fn poller(
             rate_limit_cooldown: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
         },
+        ownership,
     )
 }

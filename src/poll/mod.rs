@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use crate::clock::Clock;
 use crate::metrics::METRICS;
 use crate::sink::{Sink, StatusEvent};
+use crate::source::handoff::Ownership;
 use crate::state::{Emitted, Entry, StateError, Store};
 use ratelimit::RateLimiter;
 use stripe::{Lookup, LookupError, StripeApi};
@@ -47,6 +48,8 @@ pub struct Poller {
     clock: Clock,
     cfg: PollerConfig,
     in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Which partitions this instance acts on (see `source::handoff`).
+    ownership: Arc<Ownership>,
 }
 
 /// How long the loop sleeps when nothing is due or every slot is busy.
@@ -68,6 +71,7 @@ impl Poller {
         limiter: Arc<RateLimiter>,
         clock: Clock,
         cfg: PollerConfig,
+        ownership: Arc<Ownership>,
     ) -> Self {
         Poller {
             state,
@@ -77,6 +81,7 @@ impl Poller {
             clock,
             cfg,
             in_flight: Arc::default(),
+            ownership,
         }
     }
 
@@ -90,10 +95,16 @@ impl Poller {
                 done.expect("poll task panicked")?;
             }
             let free = slots.available_permits();
-            let due = if free > 0 {
+            // Nothing is polled before a partition is assigned (and taken over).
+            let due = if free > 0 && this.ownership.owns_any() {
                 let in_flight = this.in_flight.lock().expect("in-flight lock").clone();
-                this.state
-                    .due(this.clock.now_ms(), free, |id| in_flight.contains(id))?
+                let own = &this.ownership;
+                this.state.due(
+                    this.clock.now_ms(),
+                    free,
+                    |id| in_flight.contains(id),
+                    |p| own.may_act(p),
+                )?
             } else {
                 Vec::new()
             };
@@ -137,6 +148,14 @@ impl Poller {
 
     async fn poll_one(&self, e: &Entry) -> Result<(), StateError> {
         self.limiter.acquire().await;
+        // Checked again after the rate budget's wait, and again once Stripe answered: a
+        // revoke or a lapsed lease in between means another instance may own the payment now.
+        // A revoke waits for polls under way (the guard counts this one).
+        let Some(guard) = self.ownership.begin_poll(e.partition) else {
+            METRICS.polls_fenced.with_label_values(&["poll"]).inc();
+            tracing::debug!(payment_id = %e.id, partition = e.partition, "poll withheld: partition not owned or group lease lapsed");
+            return Ok(());
+        };
         let started = tokio::time::Instant::now();
         let res = self
             .api
@@ -147,6 +166,12 @@ impl Poller {
             .observe(started.elapsed().as_secs_f64());
         let now = self.clock.now_ms();
         let interval_ms = self.cfg.interval.as_millis() as u64;
+        if !guard.may_finish() {
+            // Neither recorded nor emitted: the owner polls it on its own schedule.
+            METRICS.polls_fenced.with_label_values(&["answer"]).inc();
+            tracing::info!(payment_id = %e.id, partition = e.partition, "Stripe answer dropped: partition not owned or group lease lapsed");
+            return Ok(());
+        }
         match res {
             Ok(Lookup::Pending { stripe_status }) => {
                 METRICS.polls.with_label_values(&["still_pending"]).inc();

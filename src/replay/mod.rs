@@ -170,7 +170,8 @@ pub async fn replay(
     } else {
         state.record_poll_interval(cfg.poll_interval.as_millis() as u64)?;
         let (api, sink) = crate::run::stripe_and_sink(cfg, &decoder).await?;
-        let p = crate::run::poller(cfg, state.clone(), api, sink, clock);
+        let own = Arc::new(crate::source::handoff::Ownership::all(clock));
+        let p = crate::run::poller(cfg, state.clone(), api, sink, clock, own);
         Some(tokio::spawn(p.run(stopped.clone())))
     };
 

@@ -462,7 +462,7 @@ impl Sink {
 
 /// Consumer-only settings from `--kafka-option` are not passed to the producer (librdkafka
 /// would warn on each).
-fn is_producer_key(k: &str) -> bool {
+pub(crate) fn is_producer_key(k: &str) -> bool {
     !matches!(
         k,
         "session.timeout.ms"

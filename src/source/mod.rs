@@ -15,8 +15,10 @@
 //! A crash anywhere replays at most the messages since the last checkpoint, and applying a
 //! Debezium event twice yields the same state (upsert / remove by id).
 
+pub mod handoff;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -31,7 +33,8 @@ use crate::decode::{Col, Decoder};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
 use crate::sink::{DeadLetter, DeadLetterError, DeadLetters};
-use crate::state::{Applied, StateError, Store};
+use crate::state::{Applied, ChangeLog, Checkpoint, StateError, Store};
+use handoff::{Changelog, HandoffError, Ownership};
 
 /// Liveness facts the admin endpoints report.
 #[derive(Default)]
@@ -47,6 +50,15 @@ pub struct Health {
 pub struct SourceContext {
     state: Arc<Store>,
     health: Arc<Health>,
+    ownership: Arc<Ownership>,
+    /// Scale-out's state changelog (`--changelog`).
+    changelog: Option<Arc<Changelog>>,
+    cdc_topic: String,
+    /// A partition whose state could not be taken over: the daemon stops on it (the group
+    /// then gives the partition to another member, or to this one after its restart).
+    takeover_failed: Mutex<Option<HandoffError>>,
+    /// The changelog topic was checked or created (once per process).
+    changelog_ready: AtomicBool,
 }
 
 impl ClientContext for SourceContext {
@@ -71,12 +83,107 @@ impl ClientContext for SourceContext {
     }
 }
 
+/// How long a revoke waits for polls of the revoked partitions under way.
+const POLL_DRAIN: Duration = Duration::from_secs(5);
+
+/// Attempts at taking one partition over before the daemon gives up on it and stops.
+const TAKEOVER_ATTEMPTS: u32 = 5;
+
 impl SourceContext {
     /// Publishes how many partitions this instance now owns (metric and readiness).
     fn record_assignment(&self, consumer: &BaseConsumer<Self>) {
         let n = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         METRICS.partitions_assigned.set(n as i64);
         self.health.assigned.store(n > 0, Ordering::Relaxed);
+    }
+
+    /// One checkpoint, through the changelog when there is one. Blocking.
+    pub fn checkpoint(&self) -> Result<Checkpoint, StateError> {
+        self.state.checkpoint_logged(
+            self.changelog.as_deref().map(|c| c as &dyn ChangeLog),
+            || {},
+        )
+    }
+
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.ownership
+    }
+
+    /// The takeover failure that must stop the daemon, if any.
+    pub fn take_failure(&self) -> Option<HandoffError> {
+        self.takeover_failed.lock().expect("takeover lock").take()
+    }
+
+    /// Makes the state of newly assigned `parts` current (scale-out) and drops local
+    /// partitions the assignment does not include. Returns the partitions taken over.
+    fn take_over(&self, consumer: &BaseConsumer<Self>, parts: &[i32]) -> Vec<i32> {
+        let Some(log) = &self.changelog else {
+            return parts.to_vec();
+        };
+        // The assignment just came from the coordinator: this member is current.
+        self.ownership.renew(crate::clock::Clock::new().now_ms());
+        if !self.changelog_ready.load(Ordering::Relaxed) {
+            let n = consumer
+                .fetch_metadata(Some(&self.cdc_topic), Duration::from_secs(30))
+                .ok()
+                .and_then(|md| {
+                    md.topics()
+                        .iter()
+                        .find(|t| t.name() == self.cdc_topic)
+                        .map(|t| t.partitions().len() as i32)
+                })
+                .unwrap_or(0)
+                .max(parts.iter().max().map_or(0, |m| m + 1));
+            match log.ensure_topic(n) {
+                Ok(()) => self.changelog_ready.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::error!(error = %e, "state changelog topic not ready");
+                    *self.takeover_failed.lock().expect("takeover lock") = Some(e);
+                    return Vec::new();
+                }
+            }
+        }
+        let mut taken = Vec::new();
+        for &p in parts {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match log.take_over(&self.state, p) {
+                    Ok(how) => {
+                        tracing::info!(partition = p, how = how.as_str(), "partition taken over");
+                        taken.push(p);
+                        break;
+                    }
+                    Err(e) if attempt < TAKEOVER_ATTEMPTS => {
+                        tracing::warn!(partition = p, attempt, error = %e, "partition takeover failed; retrying");
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "partition takeover failed; stopping");
+                        *self.takeover_failed.lock().expect("takeover lock") = Some(e);
+                        return taken;
+                    }
+                }
+            }
+        }
+        // Local partitions nobody assigned to us: their changelog has them, their owner acts.
+        let keep: std::collections::HashSet<i32> = self
+            .ownership
+            .acting()
+            .into_iter()
+            .chain(parts.iter().copied())
+            .collect();
+        match self.state.local_partitions(&self.cdc_topic) {
+            Ok(local) => {
+                for p in local.into_iter().filter(|p| !keep.contains(p)) {
+                    if let Err(e) = log.evict(&self.state, p) {
+                        tracing::warn!(partition = p, error = %e, "evicting a partition owned elsewhere failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list local partitions"),
+        }
+        taken
     }
 }
 
@@ -87,20 +194,48 @@ impl ConsumerContext for SourceContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        // librdkafka serves rebalances inside `recv`, on a runtime worker, and this one blocks
+        // (checkpoint, commits, restores, waiting for polls under way): hand the worker's other
+        // tasks (those polls among them) to another worker meanwhile.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| self.on_rebalance(consumer, err, tpl))
+        } else {
+            self.on_rebalance(consumer, err, tpl)
+        }
+    }
+}
+
+impl SourceContext {
+    fn on_rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
         let cooperative = matches!(
             consumer.rebalance_protocol(),
             rdkafka::consumer::RebalanceProtocol::Cooperative
         );
+        let cdc: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.cdc_topic)
+            .map(|e| e.partition())
+            .collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let parts: Vec<(String, i32)> = tpl
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_string(), e.partition()))
-                    .collect();
-                for (topic, partition) in &parts {
+                // State first: nothing of a partition is read or polled before it is current.
+                let taken = self.take_over(consumer, &cdc);
+                let mut assign = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    let (topic, partition) = (e.topic(), e.partition());
+                    if topic == self.cdc_topic && !taken.contains(&partition) {
+                        continue;
+                    }
                     // Resume where durable state ends, not where the group's commit says.
-                    let offset = match self.state.stored_offset(topic, *partition) {
+                    let offset = match self.state.stored_offset(topic, partition) {
                         Ok(Some(o)) => Offset::Offset(o),
                         Ok(None) => Offset::Beginning,
                         Err(e) => {
@@ -110,13 +245,14 @@ impl ConsumerContext for SourceContext {
                             Offset::Beginning
                         }
                     };
-                    let _ = tpl.set_partition_offset(topic, *partition, offset);
+                    let _ = assign.add_partition_offset(topic, partition, offset);
                     tracing::info!(topic, partition, offset = ?offset, "partition assigned");
                 }
+                self.ownership.acquire(&taken);
                 let r = if cooperative {
-                    consumer.incremental_assign(tpl)
+                    consumer.incremental_assign(&assign)
                 } else {
-                    consumer.assign(tpl)
+                    consumer.assign(&assign)
                 };
                 if let Err(e) = r {
                     tracing::error!(error = %e, "assign failed");
@@ -124,11 +260,27 @@ impl ConsumerContext for SourceContext {
                 self.record_assignment(consumer);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // Make everything read from these partitions durable before another member may
-                // take them (it resumes from the group's commit or its own state).
-                match self.state.checkpoint() {
-                    Ok(cp) => commit(consumer, &owned_offsets(&cp.offsets, tpl), CommitMode::Sync),
-                    Err(e) => tracing::error!(error = %e, "checkpoint on revoke failed"),
+                if consumer.assignment_lost() {
+                    // The coordinator gave them away already (missed session): another member
+                    // may own them now, so nothing more is done or written for them here.
+                    self.ownership.release(&cdc);
+                    tracing::warn!(partitions = ?cdc, "partitions lost (session expired); released without a checkpoint");
+                } else {
+                    // No more polls for them; then everything read from them becomes durable
+                    // (and logged) before another member may take them.
+                    self.ownership.stop_acting(&cdc);
+                    // Polls under way finish first (bounded: a Stripe call has its timeout), so
+                    // their answers are logged here and the next owner does not ask again.
+                    if !self.ownership.wait_idle(&cdc, POLL_DRAIN) {
+                        tracing::warn!(partitions = ?cdc, "polls still under way at revoke; their answers are dropped");
+                    }
+                    match self.checkpoint() {
+                        Ok(cp) => {
+                            commit(consumer, &owned_offsets(&cp.offsets, tpl), CommitMode::Sync)
+                        }
+                        Err(e) => tracing::error!(error = %e, "checkpoint on revoke failed"),
+                    }
+                    self.ownership.release(&cdc);
                 }
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -174,17 +326,27 @@ fn commit<C: ConsumerContext, K: Consumer<C>>(
 
 pub type CdcConsumer = StreamConsumer<SourceContext>;
 
+/// What the CDC consumer works with besides its Kafka settings.
+pub struct ConsumerParts {
+    pub state: Arc<Store>,
+    pub health: Arc<Health>,
+    pub ownership: Arc<Ownership>,
+    pub changelog: Option<Arc<Changelog>>,
+}
+
 pub fn consumer(
     brokers: &str,
     extra: &[(String, String)],
     group_id: &str,
     topic: &str,
-    state: Arc<Store>,
-    health: Arc<Health>,
+    parts: ConsumerParts,
 ) -> Result<CdcConsumer, KafkaError> {
     let mut c = client_config(brokers, &[]);
     c.set("client.id", "paystream-source")
         .set("group.id", group_id)
+        // A rebalance moves only the partitions that must move; the others keep being read
+        // and polled throughout (`--kafka-option` may choose another assignor).
+        .set("partition.assignment.strategy", "cooperative-sticky")
         // Offsets come from sled; the group's are written only after durable checkpoints.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -193,7 +355,15 @@ pub fn consumer(
     for (k, v) in extra {
         c.set(k, v);
     }
-    let consumer: CdcConsumer = c.create_with_context(SourceContext { state, health })?;
+    let consumer: CdcConsumer = c.create_with_context(SourceContext {
+        state: parts.state,
+        health: parts.health,
+        ownership: parts.ownership,
+        changelog: parts.changelog,
+        cdc_topic: topic.into(),
+        takeover_failed: Mutex::new(None),
+        changelog_ready: AtomicBool::new(false),
+    })?;
     consumer.subscribe(&[topic])?;
     Ok(consumer)
 }
@@ -225,10 +395,19 @@ impl Pipeline {
         consumer: &CdcConsumer,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), StateError> {
+        // Rebalances run inside `recv` (librdkafka serves them from the consumer's queue),
+        // between two messages; a failed takeover is picked up here.
+        let mut watch_takeover = tokio::time::interval(Duration::from_millis(500));
         loop {
             let msg = tokio::select! {
                 _ = shutdown.changed() => return Ok(()),
                 m = consumer.recv() => m,
+                _ = watch_takeover.tick() => {
+                    if let Some(e) = consumer.context().take_failure() {
+                        return Err(StateError::Takeover(e.to_string()));
+                    }
+                    continue;
+                }
             };
             match msg {
                 Ok(m) => {
@@ -354,15 +533,24 @@ impl Pipeline {
 }
 
 /// One checkpoint followed by the commit of its offsets for the partitions still owned.
+///
+/// With a group lease (scale-out), the lease is renewed first: a synchronous commit of every
+/// owned partition's durable offset, which the coordinator accepts only from a current member
+/// of the current generation. A lapsed lease makes the changelog refuse the checkpoint
+/// (retried on the next tick), so a zombie writes nothing.
 pub async fn checkpoint_and_commit(
     state: &Arc<Store>,
-    consumer: &CdcConsumer,
+    consumer: &Arc<CdcConsumer>,
     health: &Health,
     clock: &Clock,
 ) -> Result<(), StateError> {
+    let ownership = consumer.context().ownership().clone();
+    if ownership.is_leased() && ownership.owns_any() {
+        renew_lease(state, consumer, &ownership, clock).await;
+    }
     let started = tokio::time::Instant::now();
-    let st = state.clone();
-    let cp = tokio::task::spawn_blocking(move || st.checkpoint())
+    let c = consumer.clone();
+    let cp = tokio::task::spawn_blocking(move || c.context().checkpoint())
         .await
         .expect("checkpoint task")?;
     METRICS
@@ -382,8 +570,40 @@ pub async fn checkpoint_and_commit(
             let tpl = owned_offsets(&cp.offsets, &owned);
             // Drop librdkafka's list before any later use of the consumer (see notes on hangs).
             drop(owned);
-            commit(consumer, &tpl, CommitMode::Async);
+            commit(consumer.as_ref(), &tpl, CommitMode::Async);
         }
     }
     Ok(())
+}
+
+/// Renews the group lease: commits each owned partition's durable offset synchronously (0
+/// when none is durable yet: nothing was read from it, and its resume point comes from state,
+/// never from the group).
+async fn renew_lease(
+    state: &Arc<Store>,
+    consumer: &Arc<CdcConsumer>,
+    ownership: &Ownership,
+    clock: &Clock,
+) {
+    let topic = consumer.context().cdc_topic.clone();
+    let mut tpl = TopicPartitionList::new();
+    for p in ownership.acting() {
+        let off = state.stored_offset(&topic, p).ok().flatten().unwrap_or(0);
+        let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(off));
+    }
+    let sent = clock.now_ms();
+    let c = consumer.clone();
+    let r = tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
+        .await
+        .expect("lease task");
+    match r {
+        Ok(()) => {
+            ownership.renew(sent);
+            METRICS.lease_renewals.with_label_values(&["ok"]).inc();
+        }
+        Err(e) => {
+            METRICS.lease_renewals.with_label_values(&["failed"]).inc();
+            tracing::warn!(error = %e, "group lease not renewed (offset commit refused or failed); polls and changelog writes wait for it");
+        }
+    }
 }

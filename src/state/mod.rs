@@ -7,6 +7,10 @@
 //!   from `d\0` to `d\0<now>`. Only entries still to be polled are indexed (not those whose
 //!   status event was already emitted).
 //! - `o\0<topic>\0<partition: i32 BE>` → the next offset to read (i64 BE).
+//! - `c\0<partition: i32 BE>` → the next offset of the CDC partition's state changelog that
+//!   this store has seen (i64 BE): written with the entries it logged (scale-out only, see
+//!   [`changelog`]). Equal to the changelog's end: the local entries of that partition are
+//!   current. Absent: this store never logged that partition.
 //! - `m\0format` → the layout version.
 //! - `m\0entries` → how many `p\0` entries the last checkpoint left (u64 BE), written in the
 //!   same batch as they are.
@@ -42,6 +46,7 @@
 //! a status event already produced is then produced again with the same deterministic
 //! `event_id`, and the updater's forward-only write makes the duplicate harmless.
 
+pub mod changelog;
 pub mod inspect;
 
 use std::collections::{BTreeMap, HashMap};
@@ -56,6 +61,7 @@ const FORMAT: &[u8] = b"1";
 const P: &[u8] = b"p\0";
 const D: &[u8] = b"d\0";
 const O: &[u8] = b"o\0";
+const C: &[u8] = b"c\0";
 const META_FORMAT: &[u8] = b"m\0format";
 const META_ENTRIES: &[u8] = b"m\0entries";
 const META_CHECKPOINT_MS: &[u8] = b"m\0checkpoint_ms";
@@ -88,6 +94,15 @@ pub enum StateError {
     /// during a failing check): nothing is written.
     #[error("state store at {path} has not passed its recovery check; nothing written")]
     Unchecked { path: String },
+    /// The state changelog did not take a checkpoint's changes: the broker is at fault and a
+    /// later checkpoint retries (nothing was written to the tree either).
+    #[error(transparent)]
+    Changelog(#[from] changelog::LogError),
+    /// A newly assigned partition's state could not be made current (scale-out): its
+    /// changelog is unreachable or unreadable. The daemon stops; the group gives the partition
+    /// to another member, or back to this one after a restart.
+    #[error("partition takeover failed: {0}")]
+    Takeover(String),
     /// The store broke an invariant of its layout: it is not safe to run on.
     #[error("state store at {path} failed its recovery check with {count} problem(s), e.g. {}; not running on it. Move the directory aside and restart to rebuild state from the CDC topic (needs the topic's full history, e.g. log compaction), or restore a backup", problems.join("; "))]
     Inconsistent {
@@ -95,6 +110,14 @@ pub enum StateError {
         count: usize,
         problems: Vec<String>,
     },
+}
+
+impl StateError {
+    /// Whether a later attempt may succeed without anyone fixing the disk: only the
+    /// changelog's broker errors.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StateError::Changelog(_))
+    }
 }
 
 /// The status paystream decided and emitted for a payment.
@@ -232,11 +255,47 @@ pub struct Checkpoint {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
-fn offsets_list(offsets: &BTreeMap<(String, i32), i64>) -> Vec<(String, i32, i64)> {
-    offsets
-        .iter()
-        .map(|((t, p), o)| (t.clone(), *p, *o))
-        .collect()
+/// A change a checkpoint writes: id, partition, the new entry with its JSON (`None`: removed).
+type Kept<'a> = (&'a str, i32, Option<(&'a Entry, Vec<u8>)>);
+
+/// What [`Store::write_changes`] wrote.
+struct Written<'a> {
+    count: u64,
+    added: Vec<&'a str>,
+    removed: Vec<&'a str>,
+    offsets: Vec<(String, i32, i64)>,
+}
+
+/// What a checkpoint hands the state changelog: the changes of the partitions it logs, and
+/// the CDC topic's next offsets for them.
+pub struct LogBatch<'a> {
+    /// (CDC partition, payment id, the entry's JSON; `None`: removed).
+    pub records: Vec<(i32, &'a str, Option<&'a [u8]>)>,
+    /// (CDC partition, next offset to read).
+    pub offsets: Vec<(i32, i64)>,
+}
+
+/// Where checkpoints copy state changes before the tree has them: the state changelog of
+/// scale-out ([`changelog`]; the Kafka side is `source::handoff`).
+pub trait ChangeLog: Sync {
+    /// The CDC topic whose offsets the log carries.
+    fn cdc_topic(&self) -> &str;
+    /// Whether this instance logs `partition` (it owns it).
+    fn logs(&self, partition: i32) -> bool;
+    /// Writes the batch and waits until the broker acked all of it. Returns each partition's
+    /// next changelog offset after the records written.
+    fn write(&self, batch: &LogBatch<'_>) -> Result<Vec<(i32, i64)>, changelog::LogError>;
+}
+
+/// Drops one count of `id` from the durable id hashes.
+fn forget_id(ids: &mut HashMap<u64, u32>, id: &str) {
+    let h = id_hash(id);
+    if let Some(n) = ids.get_mut(&h) {
+        *n -= 1;
+        if *n == 0 {
+            ids.remove(&h);
+        }
+    }
 }
 
 type Changes = HashMap<String, Option<Entry>>;
@@ -304,6 +363,8 @@ struct Head<'a> {
     id: std::borrow::Cow<'a, str>,
     next_poll_ms: u64,
     emitted: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    partition: i32,
 }
 
 impl Head<'_> {
@@ -328,6 +389,10 @@ fn p_key(id: &str) -> Vec<u8> {
 
 fn d_key(due_ms: u64, id: &str) -> Vec<u8> {
     [D, &due_ms.to_be_bytes(), id.as_bytes()].concat()
+}
+
+fn c_key(partition: i32) -> Vec<u8> {
+    [C, &partition.to_be_bytes()[..]].concat()
 }
 
 fn o_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -665,6 +730,162 @@ impl Store {
         Ok(out)
     }
 
+    /// The next changelog offset this store has seen for a CDC partition (see the layout).
+    pub fn log_position(&self, partition: i32) -> Result<Option<i64>, StateError> {
+        let v = self.db.get(c_key(partition)).map_err(|e| self.io(e))?;
+        Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// The CDC partitions of `topic` this store holds anything of: a stored offset or a
+    /// changelog position.
+    pub fn local_partitions(&self, topic: &str) -> Result<Vec<i32>, StateError> {
+        let mut out: std::collections::BTreeSet<i32> = self
+            .stored_offsets()?
+            .into_iter()
+            .filter(|(t, _, _)| t == topic)
+            .map(|(_, p, _)| p)
+            .collect();
+        for kv in self.db.scan_prefix(C) {
+            let (k, _) = kv.map_err(|e| self.io(e))?;
+            if let Ok(p) = <[u8; 4]>::try_from(&k[C.len()..]) {
+                out.insert(i32::from_be_bytes(p));
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Replaces everything this store holds of CDC partition `partition` of `topic` (its
+    /// entries, including changes not yet checkpointed, its stored offset and its changelog
+    /// position) with what was restored from the changelog, in one atomic batch, flushed.
+    /// With nothing restored it is an eviction.
+    ///
+    /// Concurrency: under the checkpoint lock, so no checkpoint writes the partition's old
+    /// entries back after they were dropped. The caller does not own the partition meanwhile,
+    /// so no event or poll changes its entries.
+    pub fn replace_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        restored: &changelog::Restored,
+    ) -> Result<(), StateError> {
+        let _one = self.checkpointing.lock().expect("checkpoint lock");
+        if self
+            .overlay
+            .lock()
+            .expect("state lock")
+            .durable_ids
+            .is_none()
+        {
+            return Err(StateError::Unchecked {
+                path: self.path.clone(),
+            });
+        }
+        let mut batch = sled::Batch::default();
+        let mut count = self.overlay.lock().expect("state lock").durable_entries;
+        let (mut dropped, mut added) = (Vec::new(), Vec::new());
+        let mut evicted = std::collections::HashSet::new();
+        for kv in self.db.scan_prefix(P) {
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            let h: Head = serde_json::from_slice(&v).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(&k[P.len()..]).into(),
+                detail: e.to_string(),
+            })?;
+            if h.partition != partition {
+                continue;
+            }
+            batch.remove(&k);
+            if let Some(due) = h.due() {
+                batch.remove(d_key(due, &h.id));
+            }
+            count -= 1;
+            evicted.insert(h.id.to_string());
+        }
+        for (id, json) in &restored.entries {
+            let h: Head = serde_json::from_slice(json).map_err(|e| StateError::Corrupt {
+                key: format!("changelog record {id}"),
+                detail: e.to_string(),
+            })?;
+            if evicted.remove(id.as_str()) {
+                count += 1;
+            } else {
+                // Held under another partition (its key moved): replaced, counted once.
+                match self.read_head(id)? {
+                    Some((_, old_due)) => {
+                        if let Some(due) = old_due {
+                            batch.remove(d_key(due, id));
+                        }
+                    }
+                    None => {
+                        count += 1;
+                        added.push(id.as_str());
+                    }
+                }
+            }
+            batch.insert(p_key(id), json.as_slice());
+            if let Some(due) = h.due() {
+                batch.insert(d_key(due, id), &[][..]);
+            }
+        }
+        // Evicted ids that were restored again stayed in the tree: only the rest are gone.
+        dropped.extend(evicted.iter().map(String::as_str));
+        batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
+        match restored.next_offset {
+            Some(o) => batch.insert(o_key(topic, partition), &o.to_be_bytes()[..]),
+            None => batch.remove(o_key(topic, partition)),
+        }
+        match restored.log_position {
+            Some(o) => batch.insert(c_key(partition), &o.to_be_bytes()[..]),
+            None => batch.remove(c_key(partition)),
+        }
+        self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        let mut ov = self.overlay.lock().expect("state lock");
+        if let Some(ids) = ov.durable_ids.as_mut() {
+            for id in &added {
+                *ids.entry(id_hash(id)).or_default() += 1;
+            }
+            for id in &dropped {
+                forget_id(ids, id);
+            }
+        }
+        ov.durable_entries = count;
+        // The overlay's changes of the partition are older than what was restored (or belong
+        // to the owner that wrote the changelog): the tree's copy stands.
+        ov.entries.retain(|id, c| match c {
+            Some(e) => e.partition != partition && !restored.entries.contains_key(id),
+            None => !evicted.contains(id.as_str()) && !restored.entries.contains_key(id),
+        });
+        ov.offsets
+            .retain(|(t, p), _| !(t == topic && *p == partition));
+        Ok(())
+    }
+
+    /// Marks every entry of `partition` changed, so the next checkpoint logs all of them:
+    /// state built before this store ever logged the partition (an upgrade, a `replay`)
+    /// enters an empty changelog. Returns how many entries.
+    pub fn adopt_partition(&self, partition: i32) -> Result<usize, StateError> {
+        let _one = self.checkpointing.lock().expect("checkpoint lock");
+        let mut n = 0;
+        for kv in self.db.scan_prefix(P) {
+            let (k, v) = kv.map_err(|e| self.io(e))?;
+            let id = String::from_utf8_lossy(&k[P.len()..]).into_owned();
+            let e: Entry = serde_json::from_slice(&v).map_err(|err| StateError::Corrupt {
+                key: id.clone(),
+                detail: err.to_string(),
+            })?;
+            if e.partition != partition {
+                continue;
+            }
+            let mut ov = self.overlay.lock().expect("state lock");
+            if let std::collections::hash_map::Entry::Vacant(slot) = ov.entries.entry(id) {
+                slot.insert(Some(e));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Applies one decoded CDC event and records `next_offset` for its partition in the same
     /// overlay, so both reach disk in the same checkpoint.
     ///
@@ -857,11 +1078,14 @@ impl Store {
     /// The index reflects the last checkpoint; each candidate is checked against the current
     /// entry, so a stale index row is skipped and a poll fires at most one checkpoint interval
     /// late, never twice.
+    ///
+    /// Entries of partitions `owns` rejects are skipped too: another instance polls them.
     pub fn due(
         &self,
         now_ms: u64,
         limit: usize,
         skip: impl Fn(&str) -> bool,
+        owns: impl Fn(i32) -> bool,
     ) -> Result<Vec<Entry>, StateError> {
         let end = d_key(now_ms.saturating_add(1), "");
         let mut out = Vec::new();
@@ -875,7 +1099,7 @@ impl Store {
                 continue;
             }
             if let Some(e) = self.get(&id)? {
-                if e.emitted.is_none() && e.next_poll_ms <= now_ms {
+                if e.emitted.is_none() && e.next_poll_ms <= now_ms && owns(e.partition) {
                     out.push(e);
                 }
             }
@@ -892,7 +1116,7 @@ impl Store {
         window_ms: impl Fn(usize) -> u64,
     ) -> Result<usize, StateError> {
         let ids: Vec<String> = self
-            .due(now_ms, usize::MAX, |_| false)?
+            .due(now_ms, usize::MAX, |_| false, |_| true)?
             .into_iter()
             .map(|e| e.id)
             .collect();
@@ -921,6 +1145,20 @@ impl Store {
     /// written without it, so the pipeline keeps applying events into a fresh overlay while
     /// the batch is built and applied. Readers see frozen changes until the tree has them.
     pub fn checkpoint_with(&self, before_flush: impl FnOnce()) -> Result<Checkpoint, StateError> {
+        self.checkpoint_logged(None, before_flush)
+    }
+
+    /// [`Store::checkpoint_with`], writing the changes to `log` (the state changelog, see
+    /// [`changelog`]) before the tree: the broker has acked them before sled holds them, so
+    /// local state is never ahead of the changelog, and the changelog's next offsets enter
+    /// the tree in the same batch as the entries. With a log, changes and CDC offsets of
+    /// partitions it does not log (this instance no longer owns them) are dropped: their new
+    /// owner restored them from the changelog and applies the CDC events itself.
+    pub fn checkpoint_logged(
+        &self,
+        log: Option<&dyn ChangeLog>,
+        before_flush: impl FnOnce(),
+    ) -> Result<Checkpoint, StateError> {
         let _one = self.checkpointing.lock().expect("checkpoint lock");
         let (changes, offsets, count) = {
             let mut ov = self.overlay.lock().expect("state lock");
@@ -948,29 +1186,31 @@ impl Store {
                 .map(String::as_str)
                 .collect()
         };
-        match self.write_changes(&changes, &offsets, count, &in_tree) {
-            Ok((count, added, removed)) => {
+        match self.write_changes(&changes, &offsets, count, &in_tree, log) {
+            Ok(written) => {
                 let mut ov = self.overlay.lock().expect("state lock");
                 if let Some(ids) = ov.durable_ids.as_mut() {
-                    for id in added {
+                    for id in &written.added {
                         *ids.entry(id_hash(id)).or_default() += 1;
                     }
-                    for id in removed {
-                        let h = id_hash(id);
-                        if let Some(n) = ids.get_mut(&h) {
-                            *n -= 1;
-                            if *n == 0 {
-                                ids.remove(&h);
-                            }
-                        }
+                    for id in &written.removed {
+                        forget_id(ids, id);
                     }
                 }
-                ov.durable_entries = count;
+                ov.durable_entries = written.count;
                 ov.frozen = None;
+                drop(ov);
+                before_flush();
+                // Durable only from here: callers commit offsets to Kafka after this returns.
+                self.db.flush().map_err(|e| self.io(e))?;
+                Ok(Checkpoint {
+                    offsets: written.offsets,
+                })
             }
             Err(e) => {
-                // Nothing was written: the frozen changes go back under the newer ones, so a
-                // later checkpoint (after the disk is fixed) still writes them.
+                // Nothing was written to the tree: the frozen changes go back under the newer
+                // ones, so a later checkpoint (after the disk or the broker is back) still
+                // writes them.
                 let mut ov = self.overlay.lock().expect("state lock");
                 ov.frozen = None;
                 for (id, c) in changes.iter() {
@@ -979,54 +1219,92 @@ impl Store {
                 for (k, off) in offsets {
                     ov.offsets.entry(k).or_insert(off);
                 }
-                return Err(e);
+                Err(e)
             }
         }
-        before_flush();
-        // Durable only from here: callers commit offsets to Kafka after this returns.
-        self.db.flush().map_err(|e| self.io(e))?;
-        Ok(Checkpoint {
-            offsets: offsets_list(&offsets),
-        })
     }
 
-    /// Applies `changes` and `offsets` to the tree in one batch. Returns the new entry count
-    /// and the ids added to and removed from the tree.
+    /// Applies `changes` and `offsets` to the tree in one batch, after writing them to `log`
+    /// if there is one. Returns the new entry count, the ids added to and removed from the
+    /// tree, and the offsets written.
     fn write_changes<'a>(
         &self,
         changes: &'a Changes,
         offsets: &BTreeMap<(String, i32), i64>,
         mut count: u64,
         in_tree: &std::collections::HashSet<&str>,
-    ) -> Result<(u64, Vec<&'a str>, Vec<&'a str>), StateError> {
-        let mut batch = sled::Batch::default();
-        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        log: Option<&dyn ChangeLog>,
+    ) -> Result<Written<'a>, StateError> {
+        // What the tree holds of each changed id: (partition, due), due `None` once emitted.
+        let mut old: HashMap<&str, (i32, Option<u64>)> = HashMap::new();
+        for id in in_tree {
+            if let Some(h) = self.read_head(id)? {
+                old.insert(id, h);
+            }
+        }
+        // Each change with its partition and its new JSON, serialized once for the changelog
+        // and the tree. A removal of an id the tree never held needs no record at all.
+        let mut kept: Vec<Kept<'a>> = Vec::new();
         for (id, new) in changes {
-            let old = if in_tree.contains(id.as_str()) {
-                self.read_due(id)?
-            } else {
-                None
+            let partition = match (new, old.get(id.as_str())) {
+                (Some(e), _) => e.partition,
+                (None, Some((p, _))) => *p,
+                (None, None) => continue,
             };
+            if log.is_some_and(|l| !l.logs(partition)) {
+                continue;
+            }
+            let new = new
+                .as_ref()
+                .map(|e| (e, serde_json::to_vec(e).expect("entry serializes")));
+            kept.push((id.as_str(), partition, new));
+        }
+        let offsets: Vec<(String, i32, i64)> = offsets
+            .iter()
+            .filter(|((t, p), _)| log.is_none_or(|l| t != l.cdc_topic() || l.logs(*p)))
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect();
+        let mut batch = sled::Batch::default();
+        if let Some(log) = log {
+            let records = kept
+                .iter()
+                .map(|(id, p, new)| (*p, *id, new.as_ref().map(|(_, j)| j.as_slice())))
+                .collect();
+            let cdc_offsets = offsets
+                .iter()
+                .filter(|(t, _, _)| t == log.cdc_topic())
+                .map(|(_, p, o)| (*p, *o))
+                .collect();
+            let positions = log.write(&LogBatch {
+                records,
+                offsets: cdc_offsets,
+            })?;
+            for (p, next) in positions {
+                batch.insert(c_key(p), &next.to_be_bytes()[..]);
+            }
+        }
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (id, _, new) in kept {
+            let old = old.get(id).map(|(_, due)| *due);
             if let Some(Some(due)) = old {
                 batch.remove(d_key(due, id));
             }
             match new {
-                Some(e) => {
-                    let json = serde_json::to_vec(e).expect("entry serializes");
+                Some((e, json)) => {
                     batch.insert(p_key(id), json);
                     if e.emitted.is_none() {
                         batch.insert(d_key(e.next_poll_ms, id), &[][..]);
                     }
                     if old.is_none() {
                         count += 1;
-                        added.push(id.as_str());
+                        added.push(id);
                     }
                 }
                 None => {
                     batch.remove(p_key(id));
                     if old.is_some() {
                         count -= 1;
-                        removed.push(id.as_str());
+                        removed.push(id);
                     }
                 }
             }
@@ -1038,16 +1316,21 @@ impl Store {
             META_CHECKPOINT_MS,
             &crate::clock::wall_ms().to_be_bytes()[..],
         );
-        for ((topic, partition), off) in offsets {
+        for (topic, partition, off) in &offsets {
             batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
         }
         self.db.apply_batch(batch).map_err(|e| self.io(e))?;
-        Ok((count, added, removed))
+        Ok(Written {
+            count,
+            added,
+            removed,
+            offsets,
+        })
     }
 
-    /// Whether the tree holds `id`, and if so its due time (`None` once its status was
-    /// emitted): all a checkpoint needs of the old entry, without parsing all of it.
-    fn read_due(&self, id: &str) -> Result<Option<Option<u64>>, StateError> {
+    /// Whether the tree holds `id`, and if so its partition and due time (`None` once its
+    /// status was emitted): all a checkpoint needs of the old entry, without parsing all of it.
+    fn read_head(&self, id: &str) -> Result<Option<(i32, Option<u64>)>, StateError> {
         let Some(bytes) = self.db.get(p_key(id)).map_err(|e| self.io(e))? else {
             return Ok(None);
         };
@@ -1055,7 +1338,7 @@ impl Store {
             key: id.to_string(),
             detail: e.to_string(),
         })?;
-        Ok(Some(h.due()))
+        Ok(Some((h.partition, h.due())))
     }
 
     /// Calls `f` with every entry, including changes not yet checkpointed, in id order (bytes),
@@ -1256,7 +1539,10 @@ mod tests {
         assert_eq!(apply(&s, &tomb, Some("c"), 5, 0, 10), Applied::Ignored);
         s.checkpoint().unwrap();
         assert!(s.entries().unwrap().is_empty());
-        assert_eq!(s.due(u64::MAX - 1, 10, |_| false).unwrap(), vec![]);
+        assert_eq!(
+            s.due(u64::MAX - 1, 10, |_| false, |_| true).unwrap(),
+            vec![]
+        );
         assert_eq!(s.stored_offset("t", 0).unwrap(), Some(5));
     }
 
@@ -1267,9 +1553,9 @@ mod tests {
         apply(&s, &create("a", "pending"), None, 1, 0, 100);
         apply(&s, &create("b", "pending"), None, 2, 50, 100);
         s.checkpoint().unwrap();
-        assert!(s.due(99, 10, |_| false).unwrap().is_empty());
+        assert!(s.due(99, 10, |_| false, |_| true).unwrap().is_empty());
         let due: Vec<_> = s
-            .due(160, 10, |_| false)
+            .due(160, 10, |_| false, |_| true)
             .unwrap()
             .into_iter()
             .map(|e| e.id)
@@ -1286,10 +1572,10 @@ mod tests {
             })
         })
         .unwrap();
-        assert!(s.due(160, 10, |_| false).unwrap().is_empty());
+        assert!(s.due(160, 10, |_| false, |_| true).unwrap().is_empty());
         s.checkpoint().unwrap();
         let due: Vec<_> = s
-            .due(600, 10, |_| false)
+            .due(600, 10, |_| false, |_| true)
             .unwrap()
             .into_iter()
             .map(|e| e.id)
@@ -1312,9 +1598,9 @@ mod tests {
         assert_eq!(s.spread_overdue(1000, |n| n as u64 * 10).unwrap(), 100);
         s.checkpoint().unwrap();
         // 100 over a 1000 ms window: ten per 100 ms, never all at once.
-        assert_eq!(s.due(1000, 1000, |_| false).unwrap().len(), 1);
-        assert_eq!(s.due(1099, 1000, |_| false).unwrap().len(), 10);
-        assert_eq!(s.due(1999, 1000, |_| false).unwrap().len(), 100);
+        assert_eq!(s.due(1000, 1000, |_| false, |_| true).unwrap().len(), 1);
+        assert_eq!(s.due(1099, 1000, |_| false, |_| true).unwrap().len(), 10);
+        assert_eq!(s.due(1999, 1000, |_| false, |_| true).unwrap().len(), 100);
     }
 
     /// Runs `open` until it stops failing on sled's file lock (at most 5 s). Within one process
@@ -1564,5 +1850,180 @@ mod tests {
         let emitted: Emitted =
             serde_json::from_str(r#"{"status":"failed","event_id":"x","at_ms":1}"#).unwrap();
         assert_eq!(emitted.reason, None);
+    }
+
+    /// A changelog that logs the partitions in `owned` and keeps what it was handed.
+    struct Recorded {
+        owned: Vec<i32>,
+        fail: bool,
+        records: Mutex<Vec<(i32, String, bool)>>,
+        markers: Mutex<Vec<(i32, i64)>>,
+    }
+
+    impl ChangeLog for Recorded {
+        fn cdc_topic(&self) -> &str {
+            "t"
+        }
+        fn logs(&self, partition: i32) -> bool {
+            self.owned.contains(&partition)
+        }
+        fn write(&self, b: &LogBatch<'_>) -> Result<Vec<(i32, i64)>, changelog::LogError> {
+            if self.fail {
+                return Err(changelog::LogError {
+                    topic: "log".into(),
+                    detail: "down".into(),
+                });
+            }
+            let mut r = self.records.lock().unwrap();
+            for (p, id, v) in &b.records {
+                r.push((*p, id.to_string(), v.is_some()));
+            }
+            self.markers.lock().unwrap().extend(&b.offsets);
+            // Like the broker: a next offset for each partition written to.
+            let mut ps: Vec<i32> = b.records.iter().map(|r| r.0).collect();
+            ps.extend(b.offsets.iter().map(|(p, _)| *p));
+            ps.sort_unstable();
+            ps.dedup();
+            Ok(ps.into_iter().map(|p| (p, 100 + p as i64)).collect())
+        }
+    }
+
+    fn log(owned: &[i32], fail: bool) -> Recorded {
+        Recorded {
+            owned: owned.to_vec(),
+            fail,
+            records: Mutex::default(),
+            markers: Mutex::default(),
+        }
+    }
+
+    fn apply_on(s: &Store, id: &str, status: &str, partition: i32, offset: i64) {
+        s.apply_event(
+            &create(id, status),
+            None,
+            ("t", partition, offset),
+            1000,
+            600,
+            "pending",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_logged_checkpoint_logs_owned_partitions_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        apply_on(&s, "a", "pending", 0, 1);
+        apply_on(&s, "b", "pending", 1, 1);
+        let l = log(&[0], false);
+        let cp = s.checkpoint_logged(Some(&l), || {}).unwrap();
+        assert_eq!(cp.offsets, vec![("t".to_string(), 0, 1)]);
+        assert_eq!(*l.records.lock().unwrap(), vec![(0, "a".to_string(), true)]);
+        assert_eq!(*l.markers.lock().unwrap(), vec![(0, 1)]);
+        assert_eq!(s.log_position(0).unwrap(), Some(100));
+        assert_eq!(s.log_position(1).unwrap(), None);
+        // Partition 1 is someone else's: neither in the tree nor in the overlay any more.
+        assert!(s.get("b").unwrap().is_none());
+        assert!(s.get("a").unwrap().is_some());
+
+        // A removal is logged on the partition the tree holds the entry under.
+        apply_on(&s, "a", "succeeded", 0, 2);
+        s.checkpoint_logged(Some(&l), || {}).unwrap();
+        assert_eq!(l.records.lock().unwrap()[1], (0, "a".to_string(), false));
+        drop(s);
+        let s = reopen(dir.path()).unwrap();
+        assert_eq!(s.entry_count(), 0);
+        assert_eq!(s.stored_offset("t", 0).unwrap(), Some(2));
+    }
+
+    #[test]
+    fn a_failed_changelog_write_writes_nothing_and_keeps_the_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        apply_on(&s, "a", "pending", 0, 1);
+        let e = s
+            .checkpoint_logged(Some(&log(&[0], true)), || {})
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(s.stored_offset("t", 0).unwrap(), None);
+        assert_eq!(s.entry_count(), 0);
+        // The next checkpoint, with the broker back, writes them.
+        let l = log(&[0], false);
+        s.checkpoint_logged(Some(&l), || {}).unwrap();
+        assert_eq!(l.records.lock().unwrap().len(), 1);
+        assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
+        assert_eq!(s.entry_count(), 1);
+    }
+
+    #[test]
+    fn replacing_a_partition_swaps_its_entries_offsets_and_position_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for (id, p) in [("a", 0), ("b", 1), ("c", 1)] {
+            apply_on(&s, id, "pending", p, 5);
+        }
+        s.checkpoint().unwrap();
+        // Not yet checkpointed: dropped with its partition.
+        apply_on(&s, "d", "pending", 1, 6);
+        let entry = |id: &str| {
+            let mut e = s.get("b").unwrap().unwrap();
+            e.id = id.into();
+            e.next_poll_ms = 42;
+            serde_json::to_vec(&e).unwrap()
+        };
+        let restored = changelog::Restored {
+            entries: [("c".to_string(), entry("c")), ("e".to_string(), entry("e"))]
+                .into_iter()
+                .collect(),
+            next_offset: Some(9),
+            log_position: Some(77),
+            records: 5,
+        };
+        s.replace_partition("t", 1, &restored).unwrap();
+        let ids: Vec<String> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["a", "c", "e"]);
+        assert_eq!(s.get("c").unwrap().unwrap().next_poll_ms, 42);
+        assert_eq!(s.stored_offset("t", 1).unwrap(), Some(9));
+        assert_eq!(s.stored_offset("t", 0).unwrap(), Some(5));
+        assert_eq!(s.log_position(1).unwrap(), Some(77));
+        assert_eq!(s.local_partitions("t").unwrap(), vec![0, 1]);
+        let due: Vec<String> = s
+            .due(1_000_000, 10, |_| false, |p| p == 1)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(due, ["c", "e"]);
+        // Evicting leaves nothing of the partition; the recovery check agrees with the counts.
+        s.replace_partition("t", 1, &changelog::Restored::default())
+            .unwrap();
+        assert_eq!(s.local_partitions("t").unwrap(), vec![0]);
+        drop(s);
+        let s = reopen(dir.path()).unwrap();
+        assert_eq!(s.entry_count(), 1);
+        assert_eq!(s.entries().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn adopting_a_partition_logs_all_its_entries_at_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for (id, p) in [("a", 0), ("b", 1), ("c", 1)] {
+            apply_on(&s, id, "pending", p, 5);
+        }
+        s.checkpoint().unwrap();
+        assert_eq!(s.adopt_partition(1).unwrap(), 2);
+        let l = log(&[1], false);
+        s.checkpoint_logged(Some(&l), || {}).unwrap();
+        let ids: Vec<String> = l
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.1.clone())
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.contains(&"b".to_string()) && ids.contains(&"c".to_string()));
+        assert_eq!(s.log_position(1).unwrap(), Some(101));
     }
 }
