@@ -364,9 +364,10 @@ impl Changelog {
     /// Creates the changelog topic if it is missing: compacted, as many partitions as the CDC
     /// topic. Blocking.
     pub fn ensure_topic(&self, partitions: i32) -> Result<(), HandoffError> {
+        // Asked through a consumer: a producer's metadata request would create the topic
+        // with the broker's default partition count.
         let md = self
-            .producer
-            .client()
+            .reader()?
             .fetch_metadata(Some(&self.topic), self.timeout)
             .map_err(|e| self.kafka(e))?;
         let have = md

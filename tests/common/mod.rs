@@ -82,7 +82,7 @@ pub fn stripe_post(base: &str, path: &str, form: &[(&str, &str)]) -> serde_json:
         .unwrap_or_else(|e| panic!("{path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn card_pm(base: &str, number: &str) -> String {
+pub fn card_pm(base: &str, number: &str) -> String {
     let pm = stripe_post(
         base,
         "/v1/payment_methods",
