@@ -386,3 +386,95 @@ async fn instances_share_partitions_and_hand_state_over() {
     }
     assert_no_panic(&logs);
 }
+
+fn signal(p: &Proc, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig}");
+}
+
+/// A zombie: an instance paused (SIGSTOP) past its session timeout while its partitions move
+/// and Stripe settles every payment, then resumed with overdue polls in its local state. Its
+/// group lease has lapsed, so it neither asks Stripe nor emits until the group gives it
+/// partitions again: every payment gets exactly one status event, from the live owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_instance_that_lost_its_partitions_emits_nothing() {
+    let s = stack();
+    let t = topics(s, "zombie", 2).await;
+    let logs = log_dir(&t.run);
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("logs: {}", logs.display());
+    let base: i64 =
+        t.run.trim_start_matches("zombie").parse::<i64>().unwrap() % 1_000_000 * 1_000_000;
+    let p = producer(&s.brokers);
+    let mut intents = Vec::new();
+    for i in 0..10 {
+        let pi = pending_intent(&s.stripe, &(700 + i).to_string());
+        let r = Row {
+            id: base + i,
+            idempotency_key: format!("{}-{i}", t.run),
+            amount: "7.00".into(),
+            currency: "usd".into(),
+            status: "pending".into(),
+            intent: Some(pi.clone()),
+        };
+        publish_row(&p, &t.cdc, "c", &r, false).await;
+        intents.push(pi);
+    }
+    let a = Instance::start(s, &t, "a", dir.path(), &logs);
+    wait_for("a holds all ten", 60, || async {
+        a.assigned() == 2.0 && metric(a.port, "paystream_cdc_events_total", &[]) >= 10.0
+    })
+    .await;
+    let b = Instance::start(s, &t, "b", dir.path(), &logs);
+    let two = [&a, &b];
+    wait_for("one partition each", 60, || async {
+        two.iter().all(|i| i.assigned() == 1.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs_f64(INTERVAL)).await;
+
+    // Paused past the session timeout: b takes both partitions, Stripe settles everything,
+    // b emits every status.
+    signal(a.proc.as_ref().unwrap(), "-STOP");
+    wait_for("b owns both", 60, || async { b.assigned() == 2.0 }).await;
+    for pi in &intents {
+        stripe_post(&s.stripe, &format!("/v1/payment_intents/{pi}/cancel"), &[]);
+    }
+    wait_for("b emitted all ten", 60, || async {
+        metric(b.port, "paystream_status_events_total", &[]) >= 10.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs_f64(INTERVAL)).await;
+    signal(a.proc.as_ref().unwrap(), "-CONT");
+    wait_for("a back in the group", 60, || async {
+        two.iter().all(|i| i.assigned() == 1.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs_f64(2.0 * INTERVAL)).await;
+
+    let mut per_payment: BTreeMap<String, usize> = BTreeMap::new();
+    for (k, _, _) in read_all(&s.brokers, &t.status) {
+        *per_payment
+            .entry(String::from_utf8(k.unwrap()).unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(per_payment.len(), 10, "{per_payment:?}");
+    assert!(
+        per_payment.values().all(|n| *n == 1),
+        "the zombie emitted: {per_payment:?}"
+    );
+    assert_eq!(metric(a.port, "paystream_status_events_total", &[]), 0.0);
+    let fenced = metric(a.port, "paystream_polls_fenced_total", &[]);
+    eprintln!("the zombie's polls withheld by its lapsed lease: {fenced}");
+    for mut i in [a, b] {
+        assert!(
+            i.proc.as_mut().unwrap().term().success(),
+            "{} stops cleanly",
+            i.name
+        );
+    }
+    assert_no_panic(&logs);
+}

@@ -230,6 +230,11 @@ impl Ownership {
         }
     }
 
+    /// The lease, renewed now (an assignment just came from the coordinator).
+    pub fn renew_now(&self) {
+        self.renew(self.clock.now_ms());
+    }
+
     /// Takes `partitions` on (after their state is in place).
     pub fn acquire(&self, partitions: &[i32]) {
         self.logging
@@ -660,5 +665,50 @@ impl ChangeLog for Changelog {
             .changelog_records
             .inc_by(batch.records.len() as u64 + markers.len() as u64);
         Ok(positions.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_acted_on_once_the_lease_lapses() {
+        let clock = Clock::new();
+        let own = Ownership::leased(clock, Duration::from_secs(6));
+        own.acquire(&[0, 1]);
+        // Assigned, but no lease yet.
+        assert!(!own.may_act(0));
+        own.renew_now();
+        assert!(own.may_act(0) && own.may_act(1) && !own.may_act(2));
+        let guard = own.begin_poll(0).expect("owned and leased");
+        // Half the session later, with no renewal: a paused (zombie) instance wakes here.
+        tokio::time::advance(Duration::from_millis(3_001)).await;
+        assert!(!own.may_act(0));
+        assert!(own.begin_poll(1).is_none());
+        assert!(!guard.may_finish(), "an answer that arrives now is dropped");
+        own.renew(clock.now_ms());
+        assert!(own.may_act(0) && guard.may_finish());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoke_waits_for_polls_under_way_and_lets_them_finish() {
+        let own = Ownership::unleased(Clock::new());
+        own.acquire(&[3]);
+        let guard = own.begin_poll(3).unwrap();
+        own.stop_acting(&[3]);
+        assert!(
+            own.begin_poll(3).is_none(),
+            "no new poll once the revoke began"
+        );
+        assert!(
+            guard.may_finish(),
+            "the poll under way still records its answer"
+        );
+        assert!(!own.wait_idle(&[3], Duration::from_millis(30)));
+        drop(guard);
+        assert!(own.wait_idle(&[3], Duration::from_millis(30)));
+        own.release(&[3]);
+        assert!(!own.may_act(3));
     }
 }

@@ -121,7 +121,7 @@ impl SourceContext {
             return parts.to_vec();
         };
         // The assignment just came from the coordinator: this member is current.
-        self.ownership.renew(crate::clock::Clock::new().now_ms());
+        self.ownership.renew_now();
         if !self.changelog_ready.load(Ordering::Relaxed) {
             let n = consumer
                 .fetch_metadata(Some(&self.cdc_topic), Duration::from_secs(30))
