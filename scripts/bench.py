@@ -37,6 +37,7 @@ SIZES = {
     "spread": ((10_000, 200), (1_000, 200)),  # pending payments, --stripe-rps
     "kafka": ((10_000, 20), (500, 4)),  # events/s, seconds
     "updater": (200_000, 2_000),
+    "restore": (100_000, 2_000),  # pending payments in the changelog
 }
 
 
@@ -135,10 +136,12 @@ def create_topic(name, brokers, partitions=1):
 class Daemon:
     """`paystream run` on a data dir, with fresh topics and its own admin port."""
 
-    def __init__(self, data_dir, extra=(), brokers=BROKERS):
-        self.tag = uuid.uuid4().hex[:8]
+    def __init__(self, data_dir, extra=(), brokers=BROKERS, tag=None):
+        """With `tag`, joins that daemon's topics and group instead of making new ones."""
+        self.tag = tag or uuid.uuid4().hex[:8]
         self.cdc = f"bench-cdc-{self.tag}"
-        create_topic(self.cdc, brokers)
+        if tag is None:
+            create_topic(self.cdc, brokers)
         self.port = free_port()
         self.log = open(os.path.join(WORK, f"daemon-{self.tag}.log"), "w")
         args = [BIN, "run", "--brokers", brokers, "--cdc-topic", self.cdc,
@@ -362,6 +365,53 @@ def bench_kafka_path(quick):
             "checkpoint_interval_ms": 1000, "checkpoint_mean_ms": cp_ms, "metrics_poll_ms": 10, "broker": broker_kind()}
 
 
+def bench_restore(quick):
+    """State hand-off: one instance with --changelog builds state from the CDC topic and stops;
+    a second one, on an empty data dir in the same group, restores it from the changelog. The
+    dev (sqlite) broker: the memory one reports wrong watermarks, and restore reads up to them."""
+    from confluent_kafka import Producer
+
+    n = size("restore", quick)
+    path = gen("restore", n, 1.0)
+    scale_out = ["--changelog", "--poll-interval", "1h"]
+    for d in ("state-restore-a", "state-restore-b"):
+        shutil.rmtree(os.path.join(WORK, d), ignore_errors=True)
+    a = Daemon(os.path.join(WORK, "state-restore-a"), scale_out)
+    try:
+        a.wait_ready()
+        p = Producer({"bootstrap.servers": BROKERS, "broker.address.family": "v4", "linger.ms": 5})
+        events = 0
+        with open(path) as f:
+            for line in f:
+                while True:
+                    try:
+                        p.produce(a.cdc, line.rstrip("\n").encode())
+                        break
+                    except BufferError:
+                        p.poll(0.05)
+                events += 1
+        p.flush(120)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if scrape(a.port).get('paystream_stored_offset{partition="0"}', 0) >= events:
+                break
+            time.sleep(0.5)
+        logged = total(scrape(a.port), "paystream_changelog_records_total")
+    finally:
+        a.stop()
+    b = Daemon(os.path.join(WORK, "state-restore-b"), scale_out, tag=a.tag)
+    try:
+        b.wait_ready(until=lambda port: total(scrape(port), 'paystream_partition_takeovers_total{how="restored"}') >= 1)
+        m = scrape(b.port)
+        records = total(m, "paystream_changelog_restored_records_total")
+        secs = m.get("paystream_changelog_restore_duration_seconds_sum", 0)
+    finally:
+        b.stop()
+    return {"events": events, "changelog_records_written": int(logged), "restored_records": int(records),
+            "restore_s": round(secs, 2), "restored_records_per_s": round(records / secs) if secs else None,
+            "broker": "sqlite"}
+
+
 def broker_kind():
     return "memory" if FAST_BROKERS != BROKERS else "sqlite"
 
@@ -432,6 +482,7 @@ BENCHES = {
     "spread": bench_spread,
     "kafka_path": bench_kafka_path,
     "updater": bench_updater,
+    "restore": bench_restore,
 }
 
 
