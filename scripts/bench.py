@@ -401,7 +401,13 @@ def bench_restore(quick):
         a.stop()
     b = Daemon(os.path.join(WORK, "state-restore-b"), scale_out, tag=a.tag)
     try:
-        b.wait_ready(until=lambda port: total(scrape(port), 'paystream_partition_takeovers_total{how="restored"}') >= 1)
+        def restored(port):
+            try:
+                return total(scrape(port), 'paystream_partition_takeovers_total{how="restored"}') >= 1
+            except OSError:
+                return False
+
+        b.wait_ready(until=restored)
         m = scrape(b.port)
         records = total(m, "paystream_changelog_restored_records_total")
         secs = m.get("paystream_changelog_restore_duration_seconds_sum", 0)

@@ -167,6 +167,8 @@ impl SourceContext {
             }
         }
         // Local partitions nobody assigned to us: their changelog has them, their owner acts.
+        // Only those this store logged: state it never logged (from before `--changelog`) is
+        // nowhere else, so it stays until the partition comes back and is adopted.
         let keep: std::collections::HashSet<i32> = self
             .ownership
             .acting()
@@ -175,7 +177,8 @@ impl SourceContext {
             .collect();
         match self.state.local_partitions(&self.cdc_topic) {
             Ok(local) => {
-                for p in local.into_iter().filter(|p| !keep.contains(p)) {
+                let logged = |p: &i32| matches!(self.state.log_position(*p), Ok(Some(_)));
+                for p in local.into_iter().filter(|p| !keep.contains(p) && logged(p)) {
                     if let Err(e) = log.evict(&self.state, p) {
                         tracing::warn!(partition = p, error = %e, "evicting a partition owned elsewhere failed");
                     }
