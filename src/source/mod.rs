@@ -10,7 +10,10 @@
 //!    instance still owns. The group's offsets are for lag tooling; they never run ahead of
 //!    durable state.
 //! 4. On assignment each partition starts at the offset stored in sled, not the group's; with
-//!    none stored it starts at the beginning, rebuilding state from the topic.
+//!    none stored it starts at the beginning, rebuilding state from the topic. With
+//!    `--changelog` the partition's state (and that offset) is first made current from the
+//!    state changelog ([`handoff`]), so a partition that moved between instances resumes where
+//!    its last owner's checkpoint ended.
 //!
 //! A crash anywhere replays at most the messages since the last checkpoint, and applying a
 //! Debezium event twice yields the same state (upsert / remove by id).
@@ -168,7 +171,8 @@ impl SourceContext {
         }
         // Local partitions nobody assigned to us: their changelog has them, their owner acts.
         // Only those this store logged: state it never logged (from before `--changelog`) is
-        // nowhere else, so it stays until the partition comes back and is adopted.
+        // nowhere else, so it stays until the partition comes back (adopted if its changelog is
+        // still empty then, replaced by it otherwise).
         let keep: std::collections::HashSet<i32> = self
             .ownership
             .acting()
