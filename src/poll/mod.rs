@@ -167,10 +167,23 @@ impl Poller {
         let now = self.clock.now_ms();
         let interval_ms = self.cfg.interval.as_millis() as u64;
         if !guard.may_finish() {
-            // Neither recorded nor emitted: the owner polls it on its own schedule.
             METRICS.polls_fenced.with_label_values(&["answer"]).inc();
-            tracing::info!(payment_id = %e.id, partition = e.partition, "Stripe answer dropped: partition not owned or group lease lapsed");
-            return Ok(());
+            if !guard.still_assigned() {
+                // Released: neither recorded nor emitted; the owner polls it on its own
+                // schedule.
+                tracing::info!(payment_id = %e.id, partition = e.partition, "Stripe answer dropped: partition no longer owned");
+                return Ok(());
+            }
+            // Still assigned, but the lease lapsed (a rebalance in progress, a broker
+            // hiccup): nothing is emitted. A "still pending" is recorded as usual, anything
+            // else retried after a backoff, so the answer is not asked for again at once when
+            // the lease returns. Only a renewed lease makes either durable (the changelog
+            // refuses writes without it), and a lost partition drops them.
+            tracing::info!(payment_id = %e.id, partition = e.partition, "group lease lapsed while Stripe answered: nothing emitted");
+            if !matches!(res, Ok(Lookup::Pending { .. })) {
+                self.reschedule_after_failure(e, now, "fenced", None)?;
+                return Ok(());
+            }
         }
         match res {
             Ok(Lookup::Pending { stripe_status }) => {

@@ -110,6 +110,13 @@ impl PollGuard<'_> {
     }
 }
 
+impl PollGuard<'_> {
+    /// Whether the partition is still this instance's (not released), lease or not.
+    pub fn still_assigned(&self) -> bool {
+        self.ownership.all || self.ownership.logs(self.partition)
+    }
+}
+
 impl Drop for PollGuard<'_> {
     fn drop(&mut self) {
         let mut busy = self.ownership.busy.lock().expect("ownership");
@@ -693,7 +700,11 @@ mod tests {
         tokio::time::advance(Duration::from_millis(3_001)).await;
         assert!(!own.may_act(0));
         assert!(own.begin_poll(1).is_none());
-        assert!(!guard.may_finish(), "an answer that arrives now is dropped");
+        assert!(
+            !guard.may_finish(),
+            "an answer that arrives now is not acted on"
+        );
+        assert!(guard.still_assigned(), "but the partition was not released");
         own.renew(clock.now_ms());
         assert!(own.may_act(0) && guard.may_finish());
     }
@@ -717,5 +728,10 @@ mod tests {
         assert!(own.wait_idle(&[3], Duration::from_millis(30)));
         own.release(&[3]);
         assert!(!own.may_act(3));
+        let late = PollGuard {
+            ownership: &own,
+            partition: 3,
+        };
+        assert!(!late.may_finish() && !late.still_assigned());
     }
 }
