@@ -24,6 +24,31 @@ pub fn client_config(brokers: &str, extra: &[(String, String)]) -> ClientConfig 
     c
 }
 
+/// An idempotent producer's settings, then the user's `--kafka-option`s that apply to producers.
+/// `acks=all` and idempotence: a send is acked only once every in-sync replica has it, and
+/// broker retries cannot duplicate or reorder records within a partition. The message timeout
+/// is bounded, so a long outage surfaces as an error the caller retries and counts instead of a
+/// send that never returns.
+pub fn idempotent_producer_config(
+    brokers: &str,
+    extra: &[(String, String)],
+    client_id: &str,
+) -> ClientConfig {
+    let mut c = client_config(brokers, &[]);
+    c.set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000");
+    for (k, v) in extra
+        .iter()
+        .filter(|(k, _)| crate::sink::is_producer_key(k))
+    {
+        c.set(k, v);
+    }
+    c
+}
+
 /// Why start-up stopped: no broker answered. The operator (address, network, credentials) or
 /// the broker is at fault; a restart helps once it answers.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::rfc3339_ms;
-use crate::kafka::client_config;
+use crate::kafka::idempotent_producer_config;
 use crate::metrics::METRICS;
 use crate::state::Entry;
 
@@ -305,17 +305,7 @@ impl Sink {
         status_topic: &str,
         dlq_topic: &str,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let mut c = client_config(brokers, &[]);
-        c.set("client.id", "paystream-sink")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            // Bounded so a long broker outage surfaces as an error the caller retries and
-            // counts, instead of a send that never returns.
-            .set("message.timeout.ms", "30000");
-        for (k, v) in extra.iter().filter(|(k, _)| is_producer_key(k)) {
-            c.set(k, v);
-        }
+        let c = idempotent_producer_config(brokers, extra, "paystream-sink");
         Ok(Sink {
             producer: RwLock::new(Current {
                 producer: Arc::new(c.create()?),

@@ -337,20 +337,9 @@ impl Changelog {
         cdc_topic: &str,
         ownership: Arc<Ownership>,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let mut c = client_config(brokers, &[]);
         // Idempotent: a retried batch cannot be duplicated or reordered within a partition,
         // so the offset marker always follows the records it covers.
-        c.set("client.id", "paystream-changelog")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "30000");
-        for (k, v) in options
-            .iter()
-            .filter(|(k, _)| crate::sink::is_producer_key(k))
-        {
-            c.set(k, v);
-        }
+        let c = crate::kafka::idempotent_producer_config(brokers, options, "paystream-changelog");
         Ok(Changelog {
             topic: topic_name(group_id),
             cdc_topic: cdc_topic.into(),
