@@ -19,6 +19,7 @@
 pub mod avro;
 pub mod decimal;
 mod fast;
+pub mod pgoutput;
 pub mod registry;
 
 use std::collections::BTreeMap;
