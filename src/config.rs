@@ -30,6 +30,9 @@ pub const DEFAULT_STRIPE_RPS: &str = "20";
 pub const DEFAULT_STRIPE_CONCURRENCY: &str = "8";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
 pub const DEFAULT_UPDATER_METRICS_ADDR: &str = "127.0.0.1:9899";
+pub const DEFAULT_SLOT: &str = "paystream";
+pub const DEFAULT_PUBLICATION: &str = "paystream_payments";
+pub const DEFAULT_TABLE: &str = "payments";
 
 /// A secret that never reaches a log line or a `Debug` print.
 #[derive(Clone, Default)]
@@ -138,6 +141,20 @@ pub struct ColumnArgs {
 }
 
 impl ColumnArgs {
+    /// The columns the forward-only write names (the updater, `--sink postgres`).
+    pub fn validate_written(&self) -> Result<(), ConfigError> {
+        for (field, c) in [
+            ("--column-id", &self.column_id),
+            ("--column-status", &self.column_status),
+            ("--column-updated-at", &self.column_updated_at),
+        ] {
+            if !ident_ok(c) || c.contains('.') {
+                return Err(bad(field, "must be a plain column name"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn names(&self) -> ColumnNames {
         ColumnNames {
             id: self.column_id.clone(),
@@ -312,8 +329,55 @@ pub struct RunConfig {
     /// more than one instance shares the group id (README "Scaling out").
     #[arg(long, env = "PAYSTREAM_CHANGELOG")]
     pub changelog: bool,
+    /// Where changes come from: the Debezium topic (kafka), or the table's logical replication
+    /// read directly (postgres: embedded mode, no Kafka or Debezium).
+    #[arg(long, env = "PAYSTREAM_SOURCE", value_enum, default_value = "kafka")]
+    pub source: SourceKind,
+    /// Where final answers go: the status topic the updater reads (kafka), or the payments
+    /// table itself through the updater's forward-only write (postgres).
+    #[arg(long, env = "PAYSTREAM_SINK", value_enum, default_value = "kafka")]
+    pub sink: SinkKind,
+    /// Connection string of the Postgres master (libpq key=value or URL form), for
+    /// `--source postgres` and `--sink postgres`. Never logged.
+    #[arg(long, env = "PAYSTREAM_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<Secret>,
+    /// Embedded mode: the logical replication slot, created when missing.
+    #[arg(long, env = "PAYSTREAM_SLOT", default_value = DEFAULT_SLOT)]
+    pub slot: String,
+    /// Embedded mode: the publication of the payments table, created when missing.
+    #[arg(long, env = "PAYSTREAM_PUBLICATION", default_value = DEFAULT_PUBLICATION)]
+    pub publication: String,
+    /// The payments table (`[schema.]name`), for `--source postgres` and `--sink postgres`.
+    #[arg(long, env = "PAYSTREAM_TABLE", default_value = DEFAULT_TABLE)]
+    pub table: String,
+    /// Embedded mode: drop the slot if it exists and rebuild state from a fresh snapshot of the
+    /// pending rows (after an operator dropped the slot, or state was restored from a backup
+    /// older than the slot). Poll history is lost; no pending payment is.
+    #[arg(long, env = "PAYSTREAM_RESNAPSHOT")]
+    pub resnapshot: bool,
     #[command(flatten)]
     pub decode: DecodeArgs,
+}
+
+/// `--source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceKind {
+    Kafka,
+    Postgres,
+}
+
+/// `--sink`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    Kafka,
+    Postgres,
+}
+
+/// A `[schema.]name` of letters, digits and `_` (quoted where used, so no injection either).
+fn ident_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
 }
 
 /// A configuration error, found at start. The operator is at fault; fix the named field.
@@ -344,8 +408,74 @@ impl RunConfig {
         Ok(())
     }
 
+    /// Whether anything of this run talks to Kafka.
+    pub fn uses_kafka(&self) -> bool {
+        self.source == SourceKind::Kafka || self.sink == SinkKind::Kafka
+    }
+
+    /// The Postgres connection string, for embedded mode's source and sink.
+    pub fn postgres_url(&self) -> &str {
+        self.postgres_url.as_ref().map_or("", |u| u.expose())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.kafka.validate()?;
+        if self.uses_kafka() {
+            self.kafka.validate()?;
+        }
+        if self.source == SourceKind::Postgres || self.sink == SinkKind::Postgres {
+            if self.postgres_url().is_empty() {
+                return Err(bad(
+                    "--postgres-url (PAYSTREAM_POSTGRES_URL)",
+                    "is required with --source postgres or --sink postgres",
+                ));
+            }
+            let pg: tokio_postgres::Config = self
+                .postgres_url()
+                .parse()
+                .map_err(|e| bad("--postgres-url (PAYSTREAM_POSTGRES_URL)", format!("{e}")))?;
+            if self.source == SourceKind::Postgres
+                && pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+            {
+                return Err(bad(
+                    "--postgres-url (PAYSTREAM_POSTGRES_URL)",
+                    "sslmode=require: embedded mode connects without TLS (a known gap); run it beside the database or use Kafka mode",
+                ));
+            }
+            if !ident_ok(&self.table) {
+                return Err(bad(
+                    "--table",
+                    "must be [schema.]name of letters, digits and _",
+                ));
+            }
+            self.decode.columns.validate_written()?;
+        }
+        if self.source == SourceKind::Postgres {
+            // Postgres' own rule for slot names.
+            if self.slot.is_empty()
+                || self.slot.len() > 63
+                || !self
+                    .slot
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(bad(
+                    "--slot",
+                    "must be 1-63 lower-case letters, digits and _",
+                ));
+            }
+            if !ident_ok(&self.publication) || self.publication.contains('.') {
+                return Err(bad(
+                    "--publication",
+                    "must be a name of letters, digits and _",
+                ));
+            }
+            if self.changelog {
+                return Err(bad(
+                    "--changelog",
+                    "scale-out shares Kafka partitions; embedded mode (--source postgres) runs one instance per slot",
+                ));
+            }
+        }
         if self.status_format == crate::sink::StatusFormat::Avro
             && self.decode.registry.schema_registry_url.is_none()
         {
@@ -425,7 +555,7 @@ pub struct UpdaterConfig {
     #[arg(long, env = "PAYSTREAM_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<Secret>,
     /// The payments table, optionally schema-qualified.
-    #[arg(long, env = "PAYSTREAM_TABLE", default_value = "payments")]
+    #[arg(long, env = "PAYSTREAM_TABLE", default_value = DEFAULT_TABLE)]
     pub table: String,
     /// Most status events written in one statement (one transaction).
     #[arg(long, env = "PAYSTREAM_BATCH_SIZE", default_value = "500")]
@@ -459,28 +589,13 @@ impl UpdaterConfig {
         if self.batch_size == 0 {
             return Err(bad("--batch-size", "must be at least 1"));
         }
-        let ident_ok = |s: &str| {
-            !s.is_empty()
-                && s.split('.').all(|p| {
-                    !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                })
-        };
         if !ident_ok(&self.table) {
             return Err(bad(
                 "--table",
                 "must be [schema.]name of letters, digits and _",
             ));
         }
-        for (field, c) in [
-            ("--column-id", &self.columns.column_id),
-            ("--column-status", &self.columns.column_status),
-            ("--column-updated-at", &self.columns.column_updated_at),
-        ] {
-            if !ident_ok(c) || c.contains('.') {
-                return Err(bad(field, "must be a plain column name"));
-            }
-        }
-        Ok(())
+        self.columns.validate_written()
     }
 }
 

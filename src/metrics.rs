@@ -52,6 +52,15 @@ pub struct Metrics {
     pub polls_fenced: IntCounterVec,
     /// Group lease renewals (generation-checked offset commits) by result (ok, failed).
     pub lease_renewals: IntCounterVec,
+    /// Embedded mode: 1 while the logical replication stream is connected.
+    pub replication_connected: IntGauge,
+    /// Embedded mode: replication sessions that ended and were opened again.
+    pub replication_reconnects: IntCounter,
+    /// Embedded mode: WAL bytes between the server's position (its last keepalive) and the
+    /// position durable in state: what the slot still holds back for paystream.
+    pub replication_lag_bytes: IntGauge,
+    /// Embedded mode: pending rows read by initial snapshots.
+    pub snapshot_rows: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -131,6 +140,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         partition_takeovers: counter(&r, "paystream_partition_takeovers_total", "CDC partitions taken over on assignment, by how (current, adopted, restored)", &["how"]),
         polls_fenced: counter(&r, "paystream_polls_fenced_total", "Polls withheld or answers dropped because the partition is not owned or the group lease lapsed, by stage", &["stage"]),
         lease_renewals: counter(&r, "paystream_group_lease_renewals_total", "Group lease renewals (generation-checked offset commits), by result", &["result"]),
+        replication_connected: int_gauge(&r, "paystream_replication_connected", "Embedded mode: 1 while the logical replication stream is connected"),
+        replication_reconnects: int_counter(&r, "paystream_replication_reconnects_total", "Embedded mode: replication sessions that ended and were opened again"),
+        replication_lag_bytes: int_gauge(&r, "paystream_replication_lag_bytes", "Embedded mode: WAL bytes between the server's last reported position and the position durable in state"),
+        snapshot_rows: int_counter(&r, "paystream_snapshot_rows_total", "Embedded mode: pending rows read by initial snapshots"),
         registry: r.clone(),
     }
 });

@@ -8,14 +8,15 @@ use tokio::sync::watch;
 
 use crate::admin;
 use crate::clock::Clock;
-use crate::config::RunConfig;
+use crate::config::{RunConfig, SinkKind, SourceKind};
 use crate::metrics::{self, METRICS};
 use crate::poll::ratelimit::RateLimiter;
 use crate::poll::stripe::{LookupError, StripeApi};
 use crate::poll::{Poller, PollerConfig};
-use crate::sink::{DeadLetters, Sink, StatusEncoding, StatusFormat};
+use crate::sink::{DeadLetterFile, DeadLetters, Sink, StatusEncoding, StatusFormat, StatusSink};
 use crate::source::handoff::{self, Ownership};
-use crate::source::{self, Health, Pipeline};
+use crate::source::postgres::{PgSource, PgSourceError};
+use crate::source::{self, CdcConsumer, Health, Pipeline};
 use crate::state::{StateError, Store};
 
 /// Why the daemon stopped with an error. Each says who is at fault. A variant wrapping a source
@@ -39,6 +40,49 @@ pub enum RunError {
     /// (retry helps) or refused the schema (the operator must look).
     #[error("status schema registration")]
     Registry(#[from] crate::decode::registry::RegistryError),
+    /// Embedded mode's source: the message says whether the server, the setup or the slot is
+    /// at fault.
+    #[error(transparent)]
+    Postgres(Box<PgSourceError>),
+    /// `--sink postgres` could not reach or check the table at start.
+    #[error("status write-back (--sink postgres)")]
+    Writer(Box<crate::updater::WriteError>),
+}
+
+impl From<crate::updater::WriteError> for RunError {
+    fn from(e: crate::updater::WriteError) -> Self {
+        RunError::Writer(Box::new(e))
+    }
+}
+
+impl From<PgSourceError> for RunError {
+    fn from(e: PgSourceError) -> Self {
+        RunError::Postgres(Box::new(e))
+    }
+}
+
+/// Where changes come from, as far as checkpoints care: what a checkpoint's positions are
+/// handed to once durable.
+#[derive(Clone)]
+enum Source {
+    /// Offsets are committed to the consumer group (see `source`).
+    Kafka(Arc<CdcConsumer>),
+    /// The LSN is acknowledged to the slot (see `source::postgres`).
+    Postgres(Arc<PgSource>),
+}
+
+impl Source {
+    async fn checkpoint(
+        &self,
+        state: &Arc<Store>,
+        health: &Health,
+        clock: &Clock,
+    ) -> Result<(), StateError> {
+        match self {
+            Source::Kafka(c) => source::checkpoint_and_commit(state, c, health, clock).await,
+            Source::Postgres(pg) => pg.checkpoint(health, clock).await,
+        }
+    }
 }
 
 /// Runs until `shutdown` turns true (SIGTERM/SIGINT in the binary), then stops fetching, lets
@@ -73,11 +117,15 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         tracing::info!(overdue = moved, "spread overdue polls after restart");
     }
     // The offset gauges start from what is durable; checkpoints update the partitions they move.
-    // Only the CDC topic's: a `replay` into this data dir keeps its own position beside them.
+    // Only this source's: a `replay` into this data dir keeps its own position beside them.
+    let position_topic = match cfg.source {
+        SourceKind::Kafka => cfg.cdc_topic.clone(),
+        SourceKind::Postgres => format!("postgres:{}", cfg.slot),
+    };
     for (_, partition, offset) in state
         .stored_offsets()?
         .into_iter()
-        .filter(|(t, _, _)| *t == cfg.cdc_topic)
+        .filter(|(t, _, _)| *t == position_topic)
     {
         METRICS
             .stored_offset
@@ -92,15 +140,20 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
 
     let ready_health = health.clone();
     let ready_clock = clock;
+    let kafka_source = cfg.source == SourceKind::Kafka;
     let stale_after = (cfg.checkpoint_interval * 3 + Duration::from_secs(5)).as_millis() as u64;
     let bound = admin::serve(
         cfg.metrics_addr,
         Arc::new(move || {
-            if !ready_health.kafka.is_up() {
-                return Err("no connection to any Kafka broker".into());
-            }
-            if !ready_health.assigned.load(Ordering::Relaxed) {
-                return Err("no CDC partition assigned yet".into());
+            if kafka_source {
+                if !ready_health.kafka.is_up() {
+                    return Err("no connection to any Kafka broker".into());
+                }
+                if !ready_health.assigned.load(Ordering::Relaxed) {
+                    return Err("no CDC partition assigned yet".into());
+                }
+            } else if !ready_health.replication.load(Ordering::Relaxed) {
+                return Err("logical replication not connected".into());
             }
             let age = ready_clock
                 .now_ms()
@@ -126,8 +179,159 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     tracing::info!(addr = %bound, "admin endpoint listening");
 
     let decoder = cfg.decode.decoder();
-    let (api, sink) = stripe_and_sink(&cfg, &decoder).await?;
-    // Scale-out: a lease on the group and the state changelog; alone: whatever is assigned.
+    let (api, status_sink, dead_letters) = stripe_and_sinks(&cfg, &decoder).await?;
+    let pipeline = Pipeline {
+        state: state.clone(),
+        dead_letters,
+        decoder,
+        pending_status: cfg.decode.columns.pending_status.clone(),
+        poll_interval: cfg.poll_interval,
+        clock,
+    };
+
+    // The source. Kafka: the consumer joins the group; the recovery check runs beside the
+    // start (the checkpoint task waits for it). Postgres: the check comes first, since a
+    // first start writes its snapshot, and the stream opens (or the snapshot loads) here.
+    let mut check = Some(check);
+    let (src, ownership, stream) = match cfg.source {
+        SourceKind::Kafka => {
+            let (consumer, ownership) = kafka_source_setup(&cfg, &state, &health, clock)?;
+            (Source::Kafka(consumer), ownership, None)
+        }
+        SourceKind::Postgres => {
+            check
+                .take()
+                .expect("check")
+                .await
+                .expect("recovery check task")?;
+            health.checked.store(true, Ordering::Relaxed);
+            let pg = Arc::new(PgSource::new(&cfg, state.clone(), health.clone()));
+            let mut start_shutdown = shutdown.clone();
+            let repl = tokio::select! {
+                r = pg.start(&pipeline, &mut start_shutdown) => r?,
+                _ = external.changed() => return Ok(()),
+            };
+            health
+                .last_checkpoint_ms
+                .store(clock.now_ms(), Ordering::Relaxed);
+            let all = Arc::new(Ownership::all(clock));
+            (Source::Postgres(pg), all, Some(repl))
+        }
+    };
+
+    let poller = poller(&cfg, state.clone(), api, status_sink, clock, ownership);
+    let poller_task = tokio::spawn(poller.run(shutdown.clone()));
+
+    // State gauges (counts, ages, polls due) are a full scan: refreshed by a periodic job, off
+    // the hot path. Known gap: at a million entries the scan costs about a second of one core
+    // per run (issue 6 measures it; counters kept at write time would replace it).
+    let mut sched = tokio_cron_scheduler::JobScheduler::new().await.ok();
+    if let Some(s) = sched.as_mut() {
+        let st = state.clone();
+        let job_clock = clock;
+        let job =
+            tokio_cron_scheduler::Job::new_repeated_async(cfg.state_stats_interval, move |_, _| {
+                Box::pin(refresh_state_gauges(st.clone(), job_clock, interval_ms))
+            });
+        if let Ok(job) = job {
+            let _ = s.add(job).await;
+            let _ = s.start().await;
+        }
+    }
+
+    // The checkpoint loop runs beside the source; both stop on shutdown or on a state error.
+    let cp_state = state.clone();
+    let cp_source = src.clone();
+    let cp_health = health.clone();
+    let mut cp_shutdown = shutdown.clone();
+    let every = cfg.checkpoint_interval;
+    let checkpoints = tokio::spawn(async move {
+        // First the recovery check (Kafka source): it holds the checkpoint lock, and no
+        // checkpoint may write to a store before it passed. A failed check stops the daemon
+        // like a failed checkpoint. Polls and events go on meanwhile: nothing they do needs
+        // the check, and nothing is durable or committed before it.
+        if let Some(check) = check {
+            check.await.expect("recovery check task")?;
+            cp_health.checked.store(true, Ordering::Relaxed);
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
+            }
+            match cp_source.checkpoint(&cp_state, &cp_health, &clock).await {
+                Ok(()) => {}
+                // The changelog's broker (or the lease) failed: nothing was written; the
+                // changes wait in memory for the next tick. Readiness turns stale meanwhile.
+                Err(e) if e.is_retryable() => {
+                    METRICS.kafka_errors.with_label_values(&["changelog"]).inc();
+                    tracing::warn!(error = %e, "checkpoint not written; retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    });
+
+    let read = async {
+        match (&src, stream) {
+            (Source::Kafka(c), _) => Ok(pipeline.run(c, shutdown.clone()).await?),
+            (Source::Postgres(pg), Some(repl)) => {
+                Ok(pg.run(repl, &pipeline, shutdown.clone()).await?)
+            }
+            (Source::Postgres(_), None) => unreachable!("the stream opens with the source"),
+        }
+    };
+    let result: Result<(), RunError> = tokio::select! {
+        r = read => r,
+        r = checkpoints => r.expect("checkpoint task").map_err(RunError::from),
+        _ = external.changed() => Ok(()),
+    };
+    // Whatever ended the loop, stop every part, then make the last work durable.
+    let _ = stop.send(true);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "stopping on an error");
+    }
+    let poll_result = poller_task.await.expect("poller task");
+    if result.is_ok() && poll_result.is_ok() {
+        match src.checkpoint(&state, &health, &clock).await {
+            Ok(()) => tracing::info!("final checkpoint written"),
+            // Not lost: the changes since the last checkpoint are replayed from the CDC topic.
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "final checkpoint not written; the next start replays since the last one")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(mut s) = sched {
+        let _ = s.shutdown().await;
+    }
+    // Dropping the consumer leaves the group; done off the runtime since librdkafka may block.
+    let _ = tokio::task::spawn_blocking(move || drop(src)).await;
+    result?;
+    poll_result?;
+    Ok(())
+}
+
+/// Recomputes the state gauges: one full scan of state, on a blocking thread.
+async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64) {
+    let now = clock.now_ms();
+    match tokio::task::spawn_blocking(move || state.stats(now, interval_ms)).await {
+        Ok(Ok(s)) => metrics::set_state_gauges(&s, now),
+        Ok(Err(e)) => tracing::error!(error = %e, "state gauges not refreshed"),
+        Err(e) => tracing::error!(error = %e, "state gauges job failed"),
+    }
+}
+
+/// The Kafka source: the ownership of partitions (scale-out's lease with `--changelog`), the
+/// state changelog, and the consumer, probed once so a wrong address fails at start.
+fn kafka_source_setup(
+    cfg: &RunConfig,
+    state: &Arc<Store>,
+    health: &Arc<Health>,
+    clock: Clock,
+) -> Result<(Arc<CdcConsumer>, Arc<Ownership>), RunError> {
     let ownership = Arc::new(if cfg.changelog {
         Ownership::leased(clock, handoff::session_timeout(&cfg.kafka.kafka_options))
     } else {
@@ -166,116 +370,17 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     )? {
         tracing::warn!(topic = %cfg.cdc_topic, "the CDC topic does not exist yet (Debezium creates it on its first event); waiting for it");
     }
-
-    let poller = poller(&cfg, state.clone(), api, sink.clone(), clock, ownership);
-    let poller_task = tokio::spawn(poller.run(shutdown.clone()));
-
-    // State gauges (counts, ages, polls due) are a full scan: refreshed by a periodic job, off
-    // the hot path. Known gap: at a million entries the scan costs about a second of one core
-    // per run (issue 6 measures it; counters kept at write time would replace it).
-    let mut sched = tokio_cron_scheduler::JobScheduler::new().await.ok();
-    if let Some(s) = sched.as_mut() {
-        let st = state.clone();
-        let job_clock = clock;
-        let job =
-            tokio_cron_scheduler::Job::new_repeated_async(cfg.state_stats_interval, move |_, _| {
-                Box::pin(refresh_state_gauges(st.clone(), job_clock, interval_ms))
-            });
-        if let Ok(job) = job {
-            let _ = s.add(job).await;
-            let _ = s.start().await;
-        }
-    }
-
-    let pipeline = Pipeline {
-        state: state.clone(),
-        dead_letters: DeadLetters::Kafka(sink),
-        decoder,
-        pending_status: cfg.decode.columns.pending_status.clone(),
-        poll_interval: cfg.poll_interval,
-        clock,
-    };
-
-    // The checkpoint loop runs beside the consumer; both stop on shutdown or on a state error.
-    let cp_state = state.clone();
-    let cp_consumer = consumer.clone();
-    let cp_health = health.clone();
-    let mut cp_shutdown = shutdown.clone();
-    let every = cfg.checkpoint_interval;
-    let checkpoints = tokio::spawn(async move {
-        // First the recovery check: it holds the checkpoint lock, and no checkpoint may write
-        // to a store before it passed. A failed check stops the daemon like a failed
-        // checkpoint. Polls and events go on meanwhile: nothing they do needs the check, and
-        // nothing is durable or committed before it.
-        check.await.expect("recovery check task")?;
-        cp_health.checked.store(true, Ordering::Relaxed);
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
-            }
-            match source::checkpoint_and_commit(&cp_state, &cp_consumer, &cp_health, &clock).await {
-                Ok(()) => {}
-                // The changelog's broker (or the lease) failed: nothing was written; the
-                // changes wait in memory for the next tick. Readiness turns stale meanwhile.
-                Err(e) if e.is_retryable() => {
-                    METRICS.kafka_errors.with_label_values(&["changelog"]).inc();
-                    tracing::warn!(error = %e, "checkpoint not written; retrying");
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    });
-
-    let result = tokio::select! {
-        r = pipeline.run(&consumer, shutdown.clone()) => r,
-        r = checkpoints => r.expect("checkpoint task"),
-        _ = external.changed() => Ok(()),
-    };
-    // Whatever ended the loop, stop every part, then make the last work durable.
-    let _ = stop.send(true);
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "stopping on a state error");
-    }
-    let poll_result = poller_task.await.expect("poller task");
-    if result.is_ok() && poll_result.is_ok() {
-        match source::checkpoint_and_commit(&state, &consumer, &health, &clock).await {
-            Ok(()) => tracing::info!("final checkpoint written"),
-            // Not lost: the changes since the last checkpoint are replayed from the CDC topic.
-            Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, "final checkpoint not written; the next start replays since the last one")
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if let Some(mut s) = sched {
-        let _ = s.shutdown().await;
-    }
-    // Dropping the consumer leaves the group; done off the runtime since librdkafka may block.
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-    result?;
-    poll_result?;
-    Ok(())
+    Ok((consumer, ownership))
 }
 
-/// Recomputes the state gauges: one full scan of state, on a blocking thread.
-async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64) {
-    let now = clock.now_ms();
-    match tokio::task::spawn_blocking(move || state.stats(now, interval_ms)).await {
-        Ok(Ok(s)) => metrics::set_state_gauges(&s, now),
-        Ok(Err(e)) => tracing::error!(error = %e, "state gauges not refreshed"),
-        Err(e) => tracing::error!(error = %e, "state gauges job failed"),
-    }
-}
-
-/// The Stripe client and the Kafka sink as `run` configures them; with `--status-format avro`
-/// the status schema is registered (or found) first, through the decoder's registry client.
-pub(crate) async fn stripe_and_sink(
+/// The Stripe client, where final answers go (`--sink`) and where undecodable changes go: the
+/// Kafka dead-letter topic whenever Kafka is in use, else a JSON-lines file in the data dir.
+/// With `--status-format avro` the status schema is registered (or found) first, through the
+/// decoder's registry client.
+pub(crate) async fn stripe_and_sinks(
     cfg: &RunConfig,
     decoder: &crate::decode::Decoder,
-) -> Result<(Arc<StripeApi>, Arc<Sink>), RunError> {
+) -> Result<(Arc<StripeApi>, Arc<StatusSink>, DeadLetters), RunError> {
     let key = cfg
         .stripe_key
         .as_ref()
@@ -286,22 +391,38 @@ pub(crate) async fn stripe_and_sink(
         &key,
         cfg.stripe_timeout,
     )?);
-    let encoding = match (cfg.status_format, &decoder.registry) {
-        (StatusFormat::Avro, Some(registry)) => {
-            StatusEncoding::avro(registry, &cfg.status_topic).await?
-        }
-        _ => StatusEncoding::Json,
+    let kafka = if cfg.uses_kafka() {
+        let encoding = match (cfg.status_format, &decoder.registry) {
+            (StatusFormat::Avro, Some(registry)) => {
+                StatusEncoding::avro(registry, &cfg.status_topic).await?
+            }
+            _ => StatusEncoding::Json,
+        };
+        Some(Arc::new(
+            Sink::new(
+                &cfg.kafka.brokers,
+                &cfg.kafka.kafka_options,
+                &cfg.status_topic,
+                &cfg.dlq_topic,
+            )?
+            .with_status_encoding(encoding),
+        ))
+    } else {
+        None
     };
-    let sink = Arc::new(
-        Sink::new(
-            &cfg.kafka.brokers,
-            &cfg.kafka.kafka_options,
-            &cfg.status_topic,
-            &cfg.dlq_topic,
-        )?
-        .with_status_encoding(encoding),
-    );
-    Ok((api, sink))
+    let status = match (cfg.sink, &kafka) {
+        (SinkKind::Kafka, Some(sink)) => StatusSink::Kafka(sink.clone()),
+        (SinkKind::Kafka, None) => unreachable!("--sink kafka uses Kafka"),
+        (SinkKind::Postgres, _) => StatusSink::Postgres(Box::new(
+            crate::updater::Writer::connect(cfg.postgres_url(), &cfg.table, &cfg.decode.columns)
+                .await?,
+        )),
+    };
+    let dead_letters = match kafka {
+        Some(sink) => DeadLetters::Kafka(sink),
+        None => DeadLetters::File(DeadLetterFile::new(cfg.data_dir.join("dead-letters.jsonl"))),
+    };
+    Ok((api, Arc::new(status), dead_letters))
 }
 
 /// The poll scheduler as `run` configures it.
@@ -309,7 +430,7 @@ pub(crate) fn poller(
     cfg: &RunConfig,
     state: Arc<Store>,
     api: Arc<StripeApi>,
-    sink: Arc<Sink>,
+    sink: Arc<StatusSink>,
     clock: Clock,
     ownership: Arc<Ownership>,
 ) -> Poller {

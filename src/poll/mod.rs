@@ -4,8 +4,9 @@
 //! a task waits for the global rate budget, looks the payment up, and records the result. At
 //! most `concurrency` lookups are in flight; a payment in flight is never picked twice.
 //!
-//! Only a final answer from Stripe produces a status event, and only after the broker acked it
-//! is the payment marked emitted (no more polls). Everything else (still pending, 404, 429,
+//! Only a final answer from Stripe produces a status event, and only after it is stored (acked
+//! by the broker, or committed to the table with `--sink postgres`) is the payment marked
+//! emitted (no more polls). Everything else (still pending, 404, 429,
 //! 5xx, timeouts, unreadable answers, a failed produce) reschedules the payment: a plain
 //! pending answer one interval later, an error after a jittered exponential backoff capped at
 //! the interval. Each outcome is logged with the payment's ids and counted.
@@ -23,7 +24,7 @@ use tokio::task::JoinSet;
 
 use crate::clock::Clock;
 use crate::metrics::METRICS;
-use crate::sink::{Sink, StatusEvent};
+use crate::sink::{StatusEvent, StatusSink};
 use crate::source::handoff::Ownership;
 use crate::state::{Emitted, Entry, StateError, Store};
 use ratelimit::RateLimiter;
@@ -43,7 +44,7 @@ pub struct PollerConfig {
 pub struct Poller {
     state: Arc<Store>,
     api: Arc<StripeApi>,
-    sink: Arc<Sink>,
+    sink: Arc<StatusSink>,
     limiter: Arc<RateLimiter>,
     clock: Clock,
     cfg: PollerConfig,
@@ -67,7 +68,7 @@ impl Poller {
     pub fn new(
         state: Arc<Store>,
         api: Arc<StripeApi>,
-        sink: Arc<Sink>,
+        sink: Arc<StatusSink>,
         limiter: Arc<RateLimiter>,
         clock: Clock,
         cfg: PollerConfig,
@@ -237,10 +238,6 @@ impl Poller {
                         })?;
                     }
                     Err(err) => {
-                        METRICS
-                            .kafka_errors
-                            .with_label_values(&["produce_status"])
-                            .inc();
                         tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
                             error = %err, "status event not produced; will poll again");
                         self.reschedule_after_failure(

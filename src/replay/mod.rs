@@ -169,7 +169,8 @@ pub async fn replay(
         None
     } else {
         state.record_poll_interval(cfg.poll_interval.as_millis() as u64)?;
-        let (api, sink) = crate::run::stripe_and_sink(cfg, &decoder).await?;
+        // Replay keeps its own dead-letter file; the run's dead-letter target is not used.
+        let (api, sink, _) = crate::run::stripe_and_sinks(cfg, &decoder).await?;
         let own = Arc::new(crate::source::handoff::Ownership::all(clock));
         let p = crate::run::poller(cfg, state.clone(), api, sink, clock, own);
         Some(tokio::spawn(p.run(stopped.clone())))

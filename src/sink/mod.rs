@@ -173,6 +173,40 @@ pub struct SinkError {
     pub source: rdkafka::error::KafkaError,
 }
 
+/// Where final answers go: the Kafka topic the updater reads (`--sink kafka`), or straight to
+/// the payments table through the updater's forward-only write (`--sink postgres`).
+pub enum StatusSink {
+    Kafka(Arc<Sink>),
+    Postgres(Box<crate::updater::Writer>),
+}
+
+/// A status event that was not stored; the poller keeps the payment pending and asks again.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusSinkError {
+    #[error(transparent)]
+    Kafka(#[from] SinkError),
+    #[error(transparent)]
+    Postgres(#[from] crate::updater::WriteError),
+}
+
+impl StatusSink {
+    /// Returns once the event is stored: acked by the broker, or committed to the table (where
+    /// a row already final is stored too: it changes nothing, as the updater would).
+    pub async fn send_status(&self, ev: &StatusEvent) -> Result<(), StatusSinkError> {
+        match self {
+            StatusSink::Kafka(sink) => sink.send_status(ev).await.map_err(|e| {
+                METRICS
+                    .kafka_errors
+                    .with_label_values(&["produce_status"])
+                    .inc();
+                e.into()
+            }),
+            // The writer counts its own rows and errors.
+            StatusSink::Postgres(w) => w.write(ev).await.map(|_| ()).map_err(Into::into),
+        }
+    }
+}
+
 /// Where a dead letter came from.
 pub struct DeadLetter<'a> {
     pub key: Option<&'a [u8]>,

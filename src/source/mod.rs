@@ -19,6 +19,7 @@
 //! Debezium event twice yields the same state (upsert / remove by id).
 
 pub mod handoff;
+pub mod postgres;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::decode::{Col, Decoder};
+use crate::decode::{ChangeEvent, Col, Decoder};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
 use crate::sink::{DeadLetter, DeadLetterError, DeadLetters};
@@ -48,6 +49,8 @@ pub struct Health {
     pub checked: AtomicBool,
     /// The consumer's view of the brokers (librdkafka statistics).
     pub kafka: BrokerWatch,
+    /// Embedded mode: the replication stream is connected.
+    pub replication: AtomicBool,
 }
 
 pub struct SourceContext {
@@ -455,40 +458,8 @@ impl Pipeline {
                     (None, Some(k)) => self.decoder.key(k).await.ok(),
                     _ => None,
                 };
-                let applied = self.state.apply_event(
-                    &ev,
-                    key_id.as_deref(),
-                    (topic, partition, next),
-                    self.clock.now_ms(),
-                    self.poll_interval.as_millis() as u64,
-                    &self.pending_status,
-                )?;
-                METRICS
-                    .cdc_events
-                    .with_label_values(&[ev.op.as_str(), applied.as_str()])
-                    .inc();
-                let p = ev.payment.as_ref();
-                let id = p.map(|p| p.id.as_str()).or(key_id.as_deref()).unwrap_or("");
-                // The key and intent as far as this event carries them (a tombstone or a TOASTed
-                // column does not).
-                let idempotency_key = p.and_then(|p| match &p.idempotency_key {
-                    Col::Set(k) => Some(k.as_str()),
-                    Col::Unknown => None,
-                });
-                let intent_id = p.and_then(|p| match &p.stripe_payment_intent_id {
-                    Col::Set(i) => i.as_deref(),
-                    Col::Unknown => None,
-                });
-                tracing::debug!(
-                    payment_id = id,
-                    idempotency_key,
-                    intent_id,
-                    op = ev.op.as_str(),
-                    outcome = applied.as_str(),
-                    partition,
-                    offset,
-                    "cdc event"
-                );
+                let applied =
+                    self.apply(&ev, key_id.as_deref(), (topic, partition, next), offset)?;
                 Ok(Handled::Applied(applied))
             }
             Err(err) => {
@@ -501,41 +472,119 @@ impl Pipeline {
                     partition,
                     offset,
                 };
-                // The offset must not pass this message until the dead letter is safely stored:
-                // retry (the broker is at fault) until it is, or until shutdown.
-                let mut delay = Duration::from_millis(200);
-                loop {
-                    match self.dead_letters.send(&dl).await {
-                        Ok(()) => break,
-                        Err(e) => {
-                            if matches!(e, DeadLetterError::Kafka(_)) {
-                                METRICS
-                                    .kafka_errors
-                                    .with_label_values(&["produce_dlq"])
-                                    .inc();
-                            }
-                            tracing::warn!(error = %e, topic, partition, offset, "dead letter not stored yet; retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(delay) => {}
-                                _ = shutdown.changed() => return Ok(Handled::Interrupted),
-                            }
-                            delay = (delay * 2).min(Duration::from_secs(10));
-                        }
-                    }
+                if !self.dead_letter(&dl, shutdown).await {
+                    return Ok(Handled::Interrupted);
                 }
                 self.state.advance_offset(topic, partition, next);
-                METRICS
-                    .cdc_events
-                    .with_label_values(&["unknown", "dead_lettered"])
-                    .inc();
-                METRICS
-                    .dlq_messages
-                    .with_label_values(&[err.kind.as_str()])
-                    .inc();
-                tracing::warn!(topic, partition, offset, reason = err.kind.as_str(), error = %err.detail, "undecodable CDC message sent to the dead letters");
                 Ok(Handled::DeadLettered)
             }
         }
+    }
+
+    /// Applies one decoded change event to state with the source position it leaves behind
+    /// (`(topic, partition, next)`: what a restart resumes from), counts and logs it. Every
+    /// source comes through here: the Kafka topic, replayed files, Postgres replication.
+    pub fn apply(
+        &self,
+        ev: &ChangeEvent,
+        key_id: Option<&str>,
+        position: (&str, i32, i64),
+        offset: i64,
+    ) -> Result<Applied, StateError> {
+        let applied = self.state.apply_event(
+            ev,
+            key_id,
+            position,
+            self.clock.now_ms(),
+            self.poll_interval.as_millis() as u64,
+            &self.pending_status,
+        )?;
+        METRICS
+            .cdc_events
+            .with_label_values(&[ev.op.as_str(), applied.as_str()])
+            .inc();
+        let p = ev.payment.as_ref();
+        let id = p.map(|p| p.id.as_str()).or(key_id).unwrap_or("");
+        // The key and intent as far as this event carries them (a tombstone or a TOASTed
+        // column does not).
+        let idempotency_key = p.and_then(|p| match &p.idempotency_key {
+            Col::Set(k) => Some(k.as_str()),
+            Col::Unknown => None,
+        });
+        let intent_id = p.and_then(|p| match &p.stripe_payment_intent_id {
+            Col::Set(i) => i.as_deref(),
+            Col::Unknown => None,
+        });
+        tracing::debug!(
+            payment_id = id,
+            idempotency_key,
+            intent_id,
+            op = ev.op.as_str(),
+            outcome = applied.as_str(),
+            partition = position.1,
+            offset,
+            "cdc event"
+        );
+        Ok(applied)
+    }
+
+    /// Stores an undecodable message as a dead letter, retrying (the broker or the disk is at
+    /// fault) until it is stored, then counts and logs it. Returns false if shutdown came
+    /// first: the caller must then not move its position past the message.
+    pub async fn dead_letter(
+        &self,
+        dl: &DeadLetter<'_>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.dead_letters.send(dl).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if matches!(e, DeadLetterError::Kafka(_)) {
+                        METRICS
+                            .kafka_errors
+                            .with_label_values(&["produce_dlq"])
+                            .inc();
+                    }
+                    tracing::warn!(error = %e, topic = dl.topic, partition = dl.partition, offset = dl.offset, "dead letter not stored yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return false,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        METRICS
+            .cdc_events
+            .with_label_values(&["unknown", "dead_lettered"])
+            .inc();
+        METRICS.dlq_messages.with_label_values(&[dl.reason]).inc();
+        tracing::warn!(topic = dl.topic, partition = dl.partition, offset = dl.offset, reason = dl.reason, error = %dl.detail, "undecodable CDC message sent to the dead letters");
+        true
+    }
+}
+
+/// Publishes a durable checkpoint: its time (readiness, metric), its duration and the
+/// positions it stored. Shared by every source's checkpoint.
+pub(crate) fn record_checkpoint(
+    cp: &Checkpoint,
+    started: tokio::time::Instant,
+    health: &Health,
+    clock: &Clock,
+) {
+    METRICS
+        .checkpoint_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let now = clock.now_ms();
+    health.last_checkpoint_ms.store(now, Ordering::Relaxed);
+    METRICS.last_checkpoint_timestamp.set(now as f64 / 1000.0);
+    for (_, p, o) in &cp.offsets {
+        METRICS
+            .stored_offset
+            .with_label_values(&[&p.to_string()])
+            .set(*o);
     }
 }
 
@@ -560,18 +609,7 @@ pub async fn checkpoint_and_commit(
     let cp = tokio::task::spawn_blocking(move || c.context().checkpoint())
         .await
         .expect("checkpoint task")?;
-    METRICS
-        .checkpoint_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let now = clock.now_ms();
-    health.last_checkpoint_ms.store(now, Ordering::Relaxed);
-    METRICS.last_checkpoint_timestamp.set(now as f64 / 1000.0);
-    for (_, p, o) in &cp.offsets {
-        METRICS
-            .stored_offset
-            .with_label_values(&[&p.to_string()])
-            .set(*o);
-    }
+    record_checkpoint(&cp, started, health, clock);
     if !cp.offsets.is_empty() {
         if let Ok(owned) = consumer.assignment() {
             let tpl = owned_offsets(&cp.offsets, &owned);

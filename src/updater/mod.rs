@@ -19,7 +19,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::config::UpdaterConfig;
+use crate::config::{ColumnArgs, UpdaterConfig};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
 use crate::sink::{decode_status, StatusDecodeError, StatusEvent};
@@ -87,9 +87,9 @@ fn quote_ident(s: &str) -> String {
 
 async fn build_sql(
     client: &tokio_postgres::Client,
-    cfg: &UpdaterConfig,
+    table: &str,
+    c: &ColumnArgs,
 ) -> Result<Sql, UpdaterError> {
-    let c = &cfg.columns;
     // The id and status are compared in their own types (cast from the text we carry), so the
     // primary key index serves the lookup whether the key is bigint, uuid or text, and a status
     // column of an enum type works as well as text.
@@ -99,18 +99,18 @@ async fn build_sql(
             let row = client
                 .query_opt(
                     "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                    &[&cfg.table, &column],
+                    &[&table, &column],
                 )
                 .await
                 .map_err(|e| UpdaterError::Schema(e.to_string()))?
-                .ok_or_else(|| UpdaterError::Schema(format!("table {:?} has no column {column:?} (--table / --column-*)", cfg.table)))?;
+                .ok_or_else(|| UpdaterError::Schema(format!("table {:?} has no column {column:?} (--table / --column-*)", table)))?;
             Ok::<String, UpdaterError>(row.get(0))
         }
     };
     let id_type = column_type(&c.column_id).await?;
     let status_type = column_type(&c.column_status).await?;
     let (t, id, status, updated) = (
-        quote_ident(&cfg.table),
+        quote_ident(table),
         quote_ident(&c.column_id),
         quote_ident(&c.column_status),
         quote_ident(&c.column_updated_at),
@@ -156,6 +156,97 @@ async fn apply_batch(
             (false, true) => RowResult::AlreadyFinal,
         })
         .collect())
+}
+
+/// The updater's forward-only write done in process (`paystream run --sink postgres`): each
+/// status event is one run of the same statement, so it changes its row only while the row is
+/// still pending, and a duplicate or a replay after a crash changes nothing. The connection is
+/// made at start (checking the table and columns) and again whenever it ended.
+pub struct Writer {
+    url: String,
+    table: String,
+    columns: ColumnArgs,
+    /// The current connection and its statement; `None` after it ended, until the next write.
+    conn: tokio::sync::Mutex<Option<(Arc<tokio_postgres::Client>, Arc<Sql>)>>,
+    ok: Arc<AtomicBool>,
+}
+
+/// A status write that did not happen: Postgres is unreachable or refused (retry helps), or the
+/// table does not match the configuration (the operator must fix it).
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Schema(UpdaterError),
+}
+
+impl Writer {
+    /// Connects and checks the table (`--table`, `--column-*`): a wrong name fails here, at
+    /// start, not at the first final answer.
+    pub async fn connect(url: &str, table: &str, columns: &ColumnArgs) -> Result<Self, WriteError> {
+        let w = Writer {
+            url: url.into(),
+            table: table.into(),
+            columns: columns.clone(),
+            conn: tokio::sync::Mutex::new(None),
+            ok: Arc::new(AtomicBool::new(false)),
+        };
+        w.current().await?;
+        Ok(w)
+    }
+
+    /// Whether the last connection is up (readiness).
+    pub fn is_up(&self) -> bool {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    async fn current(&self) -> Result<(Arc<tokio_postgres::Client>, Arc<Sql>), WriteError> {
+        let mut conn = self.conn.lock().await;
+        if let Some((c, sql)) = conn.as_ref().filter(|(c, _)| !c.is_closed()) {
+            return Ok((c.clone(), sql.clone()));
+        }
+        let client = connect(&self.url, &self.ok).await.inspect_err(|_| {
+            METRICS
+                .updater_postgres_errors
+                .with_label_values(&["connect"])
+                .inc();
+        })?;
+        let sql = build_sql(&client, &self.table, &self.columns)
+            .await
+            .map_err(WriteError::Schema)?;
+        let pair = (Arc::new(client), Arc::new(sql));
+        *conn = Some(pair.clone());
+        Ok(pair)
+    }
+
+    /// Writes one status event; counted as the updater counts its rows.
+    pub async fn write(&self, ev: &StatusEvent) -> Result<RowResult, WriteError> {
+        let (client, sql) = self.current().await?;
+        let pending = &self.columns.pending_status;
+        let started = tokio::time::Instant::now();
+        let r = apply_batch(&client, &sql, pending, std::slice::from_ref(ev)).await;
+        METRICS
+            .updater_batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match r {
+            Ok(results) => {
+                let r = results[0];
+                METRICS.updater_rows.with_label_values(&[r.as_str()]).inc();
+                tracing::info!(payment_id = %ev.payment_id, idempotency_key = %ev.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
+                    status = %ev.status, event_id = %ev.event_id, result = r.as_str(), "status applied");
+                Ok(r)
+            }
+            Err(e) => {
+                self.ok.store(false, Ordering::Relaxed);
+                METRICS
+                    .updater_postgres_errors
+                    .with_label_values(&["apply"])
+                    .inc();
+                Err(e.into())
+            }
+        }
+    }
 }
 
 /// Connects; `ok` turns false when the connection ends (readiness), true once connected.
@@ -237,7 +328,7 @@ pub async fn run(
     let Some(mut client) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
         return Ok(());
     };
-    let sql = build_sql(&client, &cfg).await?;
+    let sql = build_sql(&client, &cfg.table, &cfg.columns).await?;
 
     let mut cc = client_config(&cfg.kafka.brokers, &[]);
     cc.set("client.id", "paystream-updater")
