@@ -2,6 +2,7 @@
 //! and paystream processes.
 #![allow(dead_code)]
 
+pub mod embedded;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,28 @@ pub fn stack() -> &'static Stack {
         assert!(st.success(), "scripts/dev-up failed");
         Stack {
             brokers: format!("127.0.0.1:{}", port("PAYSTREAM_KAFKA_PORT", 29092)),
+            pg_url: format!(
+                "host=127.0.0.1 port={} user=postgres dbname=payments",
+                port("PAYSTREAM_PG_PORT", 25432)
+            ),
+            stripe: format!("http://127.0.0.1:{}", port("PAYSTREAM_STRIPE_PORT", 28420)),
+        }
+    })
+}
+
+/// Postgres and the Stripe emulator only (embedded mode needs no broker), once per test binary.
+pub fn pg_stripe_stack() -> &'static Stack {
+    static S: OnceLock<Stack> = OnceLock::new();
+    S.get_or_init(|| {
+        for s in ["pg-up", "stripe-up"] {
+            let st = Command::new(root().join("scripts").join(s))
+                .stdout(Stdio::null())
+                .status()
+                .expect(s);
+            assert!(st.success(), "scripts/{s} failed");
+        }
+        Stack {
+            brokers: String::new(),
             pg_url: format!(
                 "host=127.0.0.1 port={} user=postgres dbname=payments",
                 port("PAYSTREAM_PG_PORT", 25432)
@@ -641,7 +664,7 @@ pub fn updater_args(s: &Stack, status_topic: &str, group: &str, extra: &[&str]) 
 
 /// Appends flag/value pairs, each replacing a default flag of the same name (clap rejects a
 /// flag given twice).
-fn with_extra(args: &mut Vec<String>, extra: &[&str]) {
+pub fn with_extra(args: &mut Vec<String>, extra: &[&str]) {
     for pair in extra.chunks(2) {
         if let Some(i) = args.iter().position(|a| a == pair[0]) {
             args.drain(i..i + 2);

@@ -1,0 +1,166 @@
+//! Embedded mode's test helpers: a payments table of the test's own, its slot and publication,
+//! the daemon's arguments, and what state and the table hold.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+
+/// A payments table of the test's own, shaped like `schemas/payments.sql`.
+pub async fn create_table(db: &tokio_postgres::Client, name: &str, full: bool) {
+    db.batch_execute(&format!(
+        "CREATE TABLE {name} (
+           id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+           idempotency_key TEXT NOT NULL UNIQUE,
+           amount NUMERIC(12,2) NOT NULL,
+           currency TEXT NOT NULL,
+           status TEXT NOT NULL DEFAULT 'pending',
+           stripe_payment_intent_id TEXT,
+           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+           updated_at TIMESTAMPTZ NOT NULL DEFAULT now());
+         {}",
+        if full {
+            format!("ALTER TABLE {name} REPLICA IDENTITY FULL;")
+        } else {
+            String::new()
+        }
+    ))
+    .await
+    .unwrap();
+}
+
+pub async fn insert(
+    db: &tokio_postgres::Client,
+    table: &str,
+    key: &str,
+    amount: &str,
+    intent: Option<&str>,
+) -> i64 {
+    db.query_one(
+        &format!("INSERT INTO {table} (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, 'usd', $3) RETURNING id"),
+        &[&key, &amount, &intent],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+pub async fn status(db: &tokio_postgres::Client, table: &str, id: i64) -> String {
+    db.query_one(&format!("SELECT status FROM {table} WHERE id = $1"), &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The test's own names: table, slot, publication.
+pub struct Names {
+    pub table: String,
+    pub slot: String,
+    pub publication: String,
+}
+
+pub fn names(prefix: &str) -> Names {
+    let run = unique(prefix);
+    Names {
+        table: format!("{run}_payments"),
+        slot: format!("{run}_slot"),
+        publication: format!("{run}_pub"),
+    }
+}
+
+/// `paystream run` in embedded mode for a test, then `extra`.
+pub fn embedded_args(
+    s: &Stack,
+    n: &Names,
+    data_dir: &Path,
+    port: u16,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--source",
+        "postgres",
+        "--sink",
+        "postgres",
+        "--postgres-url",
+        &s.pg_url,
+        "--table",
+        &n.table,
+        "--slot",
+        &n.slot,
+        "--publication",
+        &n.publication,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--poll-interval",
+        "1s",
+        "--checkpoint-interval",
+        "200ms",
+        "--stripe-api-base",
+        &s.stripe,
+        "--stripe-key",
+        "sk_test_paystream",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    with_extra(&mut args, extra);
+    args
+}
+
+/// What the daemon holds: payment id → amount, from its live state API.
+pub fn state_amounts(port: u16) -> Option<BTreeMap<String, String>> {
+    let (code, body) = http_get(port, "/state/export")?;
+    if code != 200 {
+        return None;
+    }
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["emitted"].is_null())
+            .map(|e| {
+                (
+                    e["id"].as_str().unwrap_or_default().to_string(),
+                    e["amount"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The table's pending rows: id → amount.
+pub async fn db_pending(db: &tokio_postgres::Client, table: &str) -> BTreeMap<String, String> {
+    db.query(
+        &format!("SELECT id::text, amount::text FROM {table} WHERE status = 'pending'"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Waits until the slot confirmed `lsn` (the daemon acknowledged everything before it).
+pub async fn wait_confirmed(db: &tokio_postgres::Client, slot: &str, lsn: &str, secs: u64) {
+    wait_for("the slot to confirm the WAL position", secs, || async {
+        count(
+            db,
+            "SELECT (confirmed_flush_lsn >= $2::text::pg_lsn)::int::int8 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &lsn],
+        )
+        .await
+            == 1
+    })
+    .await;
+}
+
+pub async fn current_lsn(db: &tokio_postgres::Client) -> String {
+    db.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
