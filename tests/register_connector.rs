@@ -165,10 +165,9 @@ fn start(sc: Scenario) -> (SocketAddr, Arc<Mutex<Fake>>) {
         tasks: sc.tasks.iter().copied().collect(),
         log: vec![],
     }));
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Below the ephemeral range (see `common::free_port`): a port from `bind(:0)`, released
+    // until the fake starts, can be taken by an outgoing connection meanwhile (seen in CI).
+    let addr: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
     let st = state.clone();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs_f64(sc.starts_after));
