@@ -33,6 +33,7 @@ pub const DEFAULT_UPDATER_METRICS_ADDR: &str = "127.0.0.1:9899";
 pub const DEFAULT_SLOT: &str = "paystream";
 pub const DEFAULT_PUBLICATION: &str = "paystream_payments";
 pub const DEFAULT_TABLE: &str = "payments";
+pub const DEFAULT_FALLBACK_POLL_INTERVAL: &str = "6h";
 
 /// A secret that never reaches a log line or a `Debug` print.
 #[derive(Clone, Default)]
@@ -329,6 +330,16 @@ pub struct RunConfig {
     /// more than one instance shares the group id (README "Scaling out").
     #[arg(long, env = "PAYSTREAM_CHANGELOG")]
     pub changelog: bool,
+    /// Resolve payments from Stripe's events feed (payment_intent.succeeded / canceled /
+    /// payment_failed, a few pages per poll interval, in the same rate budget) instead of one
+    /// retrieve per payment per interval; a payment Stripe still calls pending is then retrieved
+    /// again after --fallback-poll-interval. Needs the key to read events.
+    #[arg(long, env = "PAYSTREAM_EVENTS_FEED")]
+    pub events_feed: bool,
+    /// With --events-feed: how long a payment still pending in Stripe waits for its next
+    /// retrieve while the feed is healthy (it falls back to --poll-interval when the feed fails).
+    #[arg(long, env = "PAYSTREAM_FALLBACK_POLL_INTERVAL", default_value = DEFAULT_FALLBACK_POLL_INTERVAL, value_parser = duration)]
+    pub fallback_poll_interval: Duration,
     /// Where changes come from: the Debezium topic (kafka), or the table's logical replication
     /// read directly (postgres: embedded mode, no Kafka or Debezium).
     #[arg(long, env = "PAYSTREAM_SOURCE", value_enum, default_value = "kafka")]
@@ -509,6 +520,22 @@ impl RunConfig {
                 "--state-stats-interval",
                 "must be whole seconds, at least 1s (the job scheduler counts seconds)",
             ));
+        }
+        if self.events_feed {
+            if self.fallback_poll_interval < self.poll_interval {
+                return Err(bad(
+                    "--fallback-poll-interval",
+                    "must be at least --poll-interval",
+                ));
+            }
+            // The feed's cycle is a repeated job of the scheduler, which counts whole seconds.
+            if self.poll_interval < Duration::from_secs(1) || self.poll_interval.subsec_nanos() != 0
+            {
+                return Err(bad(
+                    "--poll-interval",
+                    "must be whole seconds with --events-feed (the feed's cycle is a scheduled job)",
+                ));
+            }
         }
         if self.retry_backoff.is_zero() {
             return Err(bad("--retry-backoff", "must be positive"));

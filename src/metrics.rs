@@ -61,6 +61,14 @@ pub struct Metrics {
     pub replication_lag_bytes: IntGauge,
     /// Embedded mode: pending rows read by initial snapshots.
     pub snapshot_rows: IntCounter,
+    /// How far behind the most overdue due poll is (0 when none is due).
+    pub poll_lag_seconds: Gauge,
+    /// Events feed: pages listed, by result (ok, or the lookup outcome of a failure).
+    pub feed_pages: IntCounterVec,
+    /// Events feed: events read.
+    pub feed_events: IntCounter,
+    /// Events feed: pending payments an event was about, by verdict (resolved, confirm).
+    pub feed_matches: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -110,6 +118,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("metric");
     r.register(Box::new(last_cp.clone())).expect("register");
+    let poll_lag = Gauge::new(
+        "paystream_poll_lag_seconds",
+        "How far behind the most overdue due Stripe poll is (0 when none is due)",
+    )
+    .expect("metric");
+    r.register(Box::new(poll_lag.clone())).expect("register");
     Metrics {
         cdc_events: counter(&r, "paystream_cdc_events_total", "CDC events consumed, by op and outcome", &["op", "outcome"]),
         dlq_messages: counter(&r, "paystream_dlq_messages_total", "Messages sent to the dead-letter topic, by reason", &["reason"]),
@@ -144,6 +158,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         replication_reconnects: int_counter(&r, "paystream_replication_reconnects_total", "Embedded mode: replication sessions that ended and were opened again"),
         replication_lag_bytes: int_gauge(&r, "paystream_replication_lag_bytes", "Embedded mode: WAL bytes between the server's last reported position and the position durable in state"),
         snapshot_rows: int_counter(&r, "paystream_snapshot_rows_total", "Embedded mode: pending rows read by initial snapshots"),
+        poll_lag_seconds: poll_lag,
+        feed_pages: counter(&r, "paystream_feed_pages_total", "Events feed: pages of Stripe events listed, by result", &["result"]),
+        feed_events: int_counter(&r, "paystream_feed_events_total", "Events feed: Stripe events read"),
+        feed_matches: counter(&r, "paystream_feed_matches_total", "Events feed: pending payments an event was about, by verdict (resolved: no retrieve; confirm: retrieved now)", &["verdict"]),
         registry: r.clone(),
     }
 });
@@ -193,6 +211,10 @@ pub fn init_run_series() {
     for s in ["poll", "answer"] {
         m.polls_fenced.with_label_values(&[s]);
     }
+    for v in ["resolved", "confirm"] {
+        m.feed_matches.with_label_values(&[v]);
+    }
+    m.feed_pages.with_label_values(&["ok"]);
 }
 
 /// The updater's labelled series at 0 (see [`init_run_series`]).

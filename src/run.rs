@@ -185,7 +185,13 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         dead_letters,
         decoder,
         pending_status: cfg.decode.columns.pending_status.clone(),
-        poll_interval: cfg.poll_interval,
+        // A new payment's first poll: with the events feed, the feed reports its resolution,
+        // so the first retrieve is the fallback's (see `poll::feed`).
+        poll_interval: if cfg.events_feed {
+            cfg.fallback_poll_interval
+        } else {
+            cfg.poll_interval
+        },
         clock,
     };
 
@@ -219,8 +225,15 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         }
     };
 
-    let poller = poller(&cfg, state.clone(), api, status_sink, clock, ownership);
-    let poller_task = tokio::spawn(poller.run(shutdown.clone()));
+    let poller = Arc::new(poller(
+        &cfg,
+        state.clone(),
+        api,
+        status_sink,
+        clock,
+        ownership,
+    ));
+    let poller_task = tokio::spawn(poller.clone().run(shutdown.clone()));
 
     // State gauges (counts, ages, polls due) are a full scan: refreshed by a periodic job, off
     // the hot path. Known gap: at a million entries the scan costs about a second of one core
@@ -235,8 +248,24 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
             });
         if let Ok(job) = job {
             let _ = s.add(job).await;
-            let _ = s.start().await;
         }
+        if cfg.events_feed {
+            // The events feed: one cycle now, then one per poll interval. A cycle still running
+            // when the next is due makes that one wait (the cursor's lock), never overlap.
+            tokio::spawn(feed_cycle(poller.clone()));
+            let p = poller.clone();
+            let job =
+                tokio_cron_scheduler::Job::new_repeated_async(cfg.poll_interval, move |_, _| {
+                    Box::pin(feed_cycle(p.clone()))
+                });
+            match job {
+                Ok(job) => {
+                    let _ = s.add(job).await;
+                }
+                Err(e) => tracing::error!(error = %e, "events feed job not scheduled"),
+            }
+        }
+        let _ = s.start().await;
     }
 
     // The checkpoint loop runs beside the source; both stop on shutdown or on a state error.
@@ -312,6 +341,14 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     result?;
     poll_result?;
     Ok(())
+}
+
+/// One cycle of the events feed. Stripe's errors are counted and logged inside (the next
+/// cycle reads again); a state error also stops the poller, and with it the daemon.
+async fn feed_cycle(p: Arc<crate::poll::Poller>) {
+    if let Err(e @ crate::poll::feed::FeedError::State(_)) = p.reconcile().await {
+        tracing::error!(error = %e, "events feed cycle failed on the state store");
+    }
 }
 
 /// Recomputes the state gauges: one full scan of state, on a blocking thread.
@@ -446,6 +483,7 @@ pub(crate) fn poller(
             retry_backoff: cfg.retry_backoff,
             rate_limit_cooldown: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
+            fallback_interval: cfg.events_feed.then_some(cfg.fallback_poll_interval),
         },
         ownership,
     )

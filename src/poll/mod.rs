@@ -11,10 +11,12 @@
 //! pending answer one interval later, an error after a jittered exponential backoff capped at
 //! the interval. Each outcome is logged with the payment's ids and counted.
 
+pub mod feed;
 pub mod ratelimit;
 pub mod stripe;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use crate::sink::{StatusEvent, StatusSink};
 use crate::source::handoff::Ownership;
 use crate::state::{Emitted, Entry, StateError, Store};
 use ratelimit::RateLimiter;
-use stripe::{Lookup, LookupError, StripeApi};
+use stripe::{FinalStatus, Lookup, LookupError, StripeApi};
 
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
@@ -39,6 +41,10 @@ pub struct PollerConfig {
     pub rate_limit_cooldown: Duration,
     /// How long to wait for in-flight polls at shutdown before abandoning them.
     pub shutdown_grace: Duration,
+    /// With the events feed (`--events-feed`): how long a payment Stripe still calls pending
+    /// waits for its next retrieve while the feed is healthy (the feed reports a resolution
+    /// within one interval). `None`: every payment is retrieved every interval.
+    pub fallback_interval: Option<Duration>,
 }
 
 pub struct Poller {
@@ -51,7 +57,19 @@ pub struct Poller {
     in_flight: Arc<Mutex<HashSet<String>>>,
     /// Which partitions this instance acts on (see `source::handoff`).
     ownership: Arc<Ownership>,
+    /// The events feed's cursor (Unix seconds of the newest event seen), once read from state.
+    cursor: tokio::sync::Mutex<Option<i64>>,
+    /// When the last feed cycle completed (clock ms; the start until the first one).
+    feed_ok_ms: AtomicU64,
+    /// The feed was found down and far-off polls were pulled in; cleared by a cycle that works.
+    feed_down: std::sync::atomic::AtomicBool,
+    /// When the poller last logged that it is behind (clock ms), so it says so once a minute.
+    behind_logged_ms: AtomicU64,
 }
+
+/// How far behind the most overdue poll may be before the poller reports that the budget does
+/// not keep the interval.
+const BEHIND_AFTER_MS: u64 = 5_000;
 
 /// How long the loop sleeps when nothing is due or every slot is busy.
 const IDLE_TICK: Duration = Duration::from_millis(100);
@@ -83,12 +101,77 @@ impl Poller {
             cfg,
             in_flight: Arc::default(),
             ownership,
+            cursor: tokio::sync::Mutex::new(None),
+            // A start counts as a cycle: a feed that never works is down two intervals later.
+            feed_ok_ms: AtomicU64::new(clock.now_ms()),
+            feed_down: std::sync::atomic::AtomicBool::new(false),
+            behind_logged_ms: AtomicU64::new(0),
         }
     }
 
+    /// Whether the feed is on and its last cycle completed within two intervals.
+    fn feed_healthy(&self) -> bool {
+        let ok = self.feed_ok_ms.load(Ordering::Relaxed);
+        self.cfg.fallback_interval.is_some()
+            && self.clock.now_ms().saturating_sub(ok) <= 2 * self.cfg.interval.as_millis() as u64
+    }
+
+    /// When a payment Stripe calls pending is asked about again: after the fallback interval
+    /// while the feed watches for its resolution, else after one interval.
+    fn pending_interval(&self) -> Duration {
+        match self.cfg.fallback_interval {
+            Some(f) if self.feed_healthy() => f,
+            _ => self.cfg.interval,
+        }
+    }
+
+    /// A feed cycle failed: once the feed has been down two intervals, the polls it left a
+    /// fallback interval ahead are pulled into the next interval (once per outage), and
+    /// payments are asked about every interval until a cycle works again.
+    fn on_feed_failure(&self) {
+        if self.feed_healthy() || self.feed_down.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let now = self.clock.now_ms();
+        match self
+            .state
+            .pull_in(now, self.cfg.interval.as_millis() as u64)
+        {
+            Ok(n) => tracing::warn!(
+                pulled_in = n,
+                "events feed down for two intervals: polling every interval until it answers again"
+            ),
+            Err(e) => tracing::error!(error = %e, "events feed down: polls not pulled in"),
+        }
+    }
+
+    /// Reports how far behind the most overdue due poll is (a gauge, and a log line a minute at
+    /// most while it is more than a few seconds): the rate budget cannot keep the interval for
+    /// every pending payment.
+    fn report_lag(&self, oldest_due_ms: Option<u64>, now: u64) -> Result<(), StateError> {
+        let behind = oldest_due_ms.map_or(0, |d| now.saturating_sub(d));
+        METRICS.poll_lag_seconds.set(behind as f64 / 1000.0);
+        let last = self.behind_logged_ms.load(Ordering::Relaxed);
+        if behind > BEHIND_AFTER_MS && now.saturating_sub(last) >= 60_000 {
+            self.behind_logged_ms.store(now, Ordering::Relaxed);
+            let overdue = self.state.count_due(now.saturating_sub(BEHIND_AFTER_MS))?;
+            tracing::warn!(
+                behind_s = behind / 1000,
+                overdue_payments = overdue,
+                pending_payments = self.state.entry_count(),
+                stripe_rps = self.limiter.rate(),
+                "Stripe budget does not keep the poll interval: polls are behind (raise --stripe-rps within the account's limit, or turn on --events-feed)"
+            );
+        }
+        Ok(())
+    }
+
     /// Runs until `shutdown` turns true. A state error stops it (and the daemon).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<(), StateError> {
-        let this = Arc::new(self);
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), StateError> {
+        let this = self;
         let slots = Arc::new(Semaphore::new(this.cfg.concurrency));
         let mut tasks = JoinSet::new();
         while !*shutdown.borrow() {
@@ -100,12 +183,13 @@ impl Poller {
             let due = if free > 0 && this.ownership.owns_any() {
                 let in_flight = this.in_flight.lock().expect("in-flight lock").clone();
                 let own = &this.ownership;
-                this.state.due(
-                    this.clock.now_ms(),
-                    free,
-                    |id| in_flight.contains(id),
-                    |p| own.may_act(p),
-                )?
+                let now = this.clock.now_ms();
+                let due =
+                    this.state
+                        .due(now, free, |id| in_flight.contains(id), |p| own.may_act(p))?;
+                // Most overdue first: the first one says how far behind the budget is.
+                this.report_lag(due.first().map(|e| e.next_poll_ms), now)?;
+                due
             } else {
                 Vec::new()
             };
@@ -166,7 +250,6 @@ impl Poller {
             .stripe_request_seconds
             .observe(started.elapsed().as_secs_f64());
         let now = self.clock.now_ms();
-        let interval_ms = self.cfg.interval.as_millis() as u64;
         if !guard.may_finish() {
             METRICS.polls_fenced.with_label_values(&["answer"]).inc();
             if !guard.still_assigned() {
@@ -190,10 +273,11 @@ impl Poller {
             Ok(Lookup::Pending { stripe_status }) => {
                 METRICS.polls.with_label_values(&["still_pending"]).inc();
                 tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(), stripe_status, "poll: still pending");
+                let next = self.pending_interval().as_millis() as u64;
                 self.state.update(&e.id, |x| {
                     x.failures = 0;
                     x.record_poll(now, "still_pending", Some(&stripe_status));
-                    x.next_poll_ms = now + interval_ms;
+                    x.next_poll_ms = now + next;
                 })?;
             }
             Ok(Lookup::Final {
@@ -203,51 +287,8 @@ impl Poller {
                 intent_id,
             }) => {
                 METRICS.polls.with_label_values(&[status.as_str()]).inc();
-                // The CDC stream may have removed it while we asked (someone else finalized the
-                // row): then there is nothing to write back.
-                if self.state.get(&e.id)?.is_none() {
-                    tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                        stripe_status, "poll: final answer for a payment no longer tracked; not emitted");
-                    return Ok(());
-                }
-                let ev = StatusEvent::new(
-                    e,
-                    status.as_str(),
-                    &stripe_status,
-                    reason,
-                    Some(intent_id),
-                    now,
-                );
-                match self.sink.send_status(&ev).await {
-                    Ok(()) => {
-                        METRICS
-                            .status_events
-                            .with_label_values(&[status.as_str()])
-                            .inc();
-                        tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
-                            status = status.as_str(), stripe_status, reason = ev.reason.as_deref(), event_id = %ev.event_id, "status event emitted");
-                        self.state.update(&e.id, |x| {
-                            x.failures = 0;
-                            x.record_poll(now, status.as_str(), Some(&stripe_status));
-                            x.emitted = Some(Emitted {
-                                status: status.as_str().into(),
-                                event_id: ev.event_id.clone(),
-                                at_ms: now,
-                                reason: ev.reason.clone(),
-                            });
-                        })?;
-                    }
-                    Err(err) => {
-                        tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                            error = %err, "status event not produced; will poll again");
-                        self.reschedule_after_failure(
-                            e,
-                            now,
-                            "produce_failed",
-                            Some(&stripe_status),
-                        )?;
-                    }
-                }
+                self.emit_final(e, status, &stripe_status, reason, intent_id, now, "poll")
+                    .await?;
             }
             Err(err) => {
                 METRICS.polls.with_label_values(&[err.outcome()]).inc();
@@ -257,6 +298,193 @@ impl Poller {
                     self.limiter.cooldown(self.cfg.rate_limit_cooldown);
                 }
                 self.reschedule_after_failure(e, now, err.outcome(), None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One cycle of the events feed (see [`feed`]): lists the events since the cursor, each
+    /// page in the rate budget, resolves what they settle beyond doubt, makes the rest due for a
+    /// retrieve, and moves the cursor (durable with the next checkpoint, with those changes).
+    /// A page that fails ends the cycle with the cursor where it was.
+    pub async fn reconcile(&self) -> Result<(), feed::FeedError> {
+        let mut cursor = self.cursor.lock().await;
+        let now = self.clock.now_ms();
+        let now_s = (now / 1000) as i64;
+        let start = match *cursor {
+            Some(c) => c,
+            None => match self.state.stored_offset(feed::CURSOR_TOPIC, 0) {
+                Ok(Some(c)) => c,
+                // First start: everything Stripe still lists, so payments that resolved
+                // before paystream ever ran are found too (a one-time read of the retention).
+                _ => now_s - feed::RETENTION_S + feed::OVERLAP_S + 3600,
+            },
+        };
+        let since = (start - feed::OVERLAP_S).max(now_s - feed::RETENTION_S + 3600);
+        let mut matches = feed::Matches::default();
+        let mut newest = start;
+        let (mut pages, mut events) = (0u64, 0u64);
+        for kind in feed::EVENT_TYPES {
+            let mut after: Option<String> = None;
+            loop {
+                self.limiter.acquire().await;
+                let page = match self
+                    .api
+                    .list_events(kind, since, feed::PAGE, after.as_deref())
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(err) => {
+                        METRICS.feed_pages.with_label_values(&[err.outcome()]).inc();
+                        if matches!(err, LookupError::RateLimited) {
+                            self.limiter.cooldown(self.cfg.rate_limit_cooldown);
+                        }
+                        tracing::warn!(kind, outcome = err.outcome(), error = %err, "events feed page failed; the cycle ends, the cursor stays");
+                        self.on_feed_failure();
+                        return Err(err.into());
+                    }
+                };
+                pages += 1;
+                METRICS.feed_pages.with_label_values(&["ok"]).inc();
+                events += page.data.len() as u64;
+                for ev in page.data {
+                    newest = newest.max(ev.created);
+                    after = Some(ev.id.clone());
+                    matches.add(ev);
+                }
+                if !page.has_more || after.is_none() {
+                    break;
+                }
+            }
+        }
+        METRICS.feed_events.inc_by(events);
+        let (mut resolved, mut confirm) = (0u64, 0u64);
+        if !matches.is_empty() {
+            // One scan of state finds the payments the events are about (the feed's events are
+            // few beside the payments; an index by intent would cost every event a write).
+            let in_flight = self.in_flight.lock().expect("in-flight lock").clone();
+            let mut hits = Vec::new();
+            self.state.scan(|e| {
+                if e.emitted.is_none() && !in_flight.contains(&e.id) {
+                    if let Some(v) = matches.verdict(&e) {
+                        hits.push((e, v));
+                    }
+                }
+                true
+            })?;
+            for (e, verdict) in hits {
+                // Owned partitions only, under the lease, as a poll (scale-out).
+                let Some(guard) = self.ownership.begin_poll(e.partition) else {
+                    continue;
+                };
+                if !guard.may_finish() {
+                    continue;
+                }
+                let r = match verdict {
+                    feed::Verdict::Resolve(Lookup::Final {
+                        status,
+                        stripe_status,
+                        reason,
+                        intent_id,
+                    }) => {
+                        resolved += 1;
+                        METRICS.feed_matches.with_label_values(&["resolved"]).inc();
+                        // Held as in flight meanwhile, so a poll of it does not emit as well.
+                        self.in_flight
+                            .lock()
+                            .expect("in-flight lock")
+                            .insert(e.id.clone());
+                        let r = self
+                            .emit_final(&e, status, &stripe_status, reason, intent_id, now, "feed")
+                            .await;
+                        self.in_flight.lock().expect("in-flight lock").remove(&e.id);
+                        r
+                    }
+                    feed::Verdict::Resolve(Lookup::Pending { .. }) => Ok(()),
+                    feed::Verdict::Confirm(why) => {
+                        confirm += 1;
+                        METRICS.feed_matches.with_label_values(&["confirm"]).inc();
+                        tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
+                            why, "events feed: doubt, retrieving the intent now");
+                        self.state
+                            .update(&e.id, |x| x.next_poll_ms = now)
+                            .map(|_| ())
+                    }
+                };
+                r?;
+            }
+        }
+        self.state.advance_offset(feed::CURSOR_TOPIC, 0, newest);
+        *cursor = Some(newest);
+        self.feed_ok_ms
+            .store(self.clock.now_ms(), Ordering::Relaxed);
+        self.feed_down.store(false, Ordering::Relaxed);
+        tracing::info!(
+            pages,
+            events,
+            resolved,
+            confirm,
+            cursor = newest,
+            "events feed cycle"
+        );
+        Ok(())
+    }
+
+    /// Emits a final answer (from a poll or from the events feed, `via`) and marks the payment
+    /// emitted once the sink stored it; a failed store keeps it pending for another poll.
+    #[allow(clippy::too_many_arguments)]
+    async fn emit_final(
+        &self,
+        e: &Entry,
+        status: FinalStatus,
+        stripe_status: &str,
+        reason: Option<String>,
+        intent_id: String,
+        now: u64,
+        via: &'static str,
+    ) -> Result<(), StateError> {
+        let stripe_status = stripe_status.to_string();
+        // The CDC stream may have removed it while we asked (someone else finalized the
+        // row): then there is nothing to write back.
+        if self.state.get(&e.id)?.is_none() {
+            tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
+                        stripe_status, "poll: final answer for a payment no longer tracked; not emitted");
+            return Ok(());
+        }
+        let ev = StatusEvent::new(
+            e,
+            status.as_str(),
+            &stripe_status,
+            reason,
+            Some(intent_id),
+            now,
+        );
+        match self.sink.send_status(&ev).await {
+            Ok(()) => {
+                METRICS
+                    .status_events
+                    .with_label_values(&[status.as_str()])
+                    .inc();
+                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
+                            status = status.as_str(), stripe_status, reason = ev.reason.as_deref(), event_id = %ev.event_id, via, "status event emitted");
+                self.state.update(&e.id, |x| {
+                    x.failures = 0;
+                    // A resolution from the feed made no call: the poll history stays.
+                    if via == "poll" {
+                        x.record_poll(now, status.as_str(), Some(&stripe_status));
+                    }
+                    x.emitted = Some(Emitted {
+                        status: status.as_str().into(),
+                        event_id: ev.event_id.clone(),
+                        at_ms: now,
+                        reason: ev.reason.clone(),
+                    });
+                })?;
+            }
+            Err(err) => {
+                tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
+                            error = %err, "status event not produced; will poll again");
+                self.reschedule_after_failure(e, now, "produce_failed", Some(&stripe_status))?;
             }
         }
         Ok(())

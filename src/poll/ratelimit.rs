@@ -21,6 +21,11 @@ impl RateLimiter {
         }
     }
 
+    /// The budget, in requests per second.
+    pub fn rate(&self) -> f64 {
+        1.0 / self.spacing.as_secs_f64()
+    }
+
     /// Waits for this caller's slot.
     pub async fn acquire(&self) {
         let slot = {

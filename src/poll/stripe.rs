@@ -183,6 +183,44 @@ fn classify_many(found: &[IntentView]) -> Option<Lookup> {
         .find(|a| matches!(a, Lookup::Pending { .. }))
 }
 
+/// One `payment_intent.*` event: its id, when Stripe created it (Unix seconds), its type, and
+/// the intent as it was at that moment (a snapshot, not necessarily the intent now).
+#[derive(Debug, Clone, Deserialize)]
+pub struct IntentEvent {
+    pub id: String,
+    pub created: i64,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: IntentEventData,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IntentEventData {
+    pub object: IntentView,
+}
+
+/// A page of `GET /v1/events`.
+#[derive(Debug, Deserialize)]
+pub struct EventPage {
+    pub data: Vec<IntentEvent>,
+    pub has_more: bool,
+}
+
+#[derive(serde::Serialize)]
+struct EventQuery<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    created: CreatedSince,
+    limit: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    starting_after: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct CreatedSince {
+    gte: i64,
+}
+
 pub struct StripeApi {
     client: stripe::Client,
     timeout: Duration,
@@ -208,6 +246,28 @@ impl StripeApi {
             .await?;
         serde_json::from_str(&miniserde::json::to_string(&v))
             .map_err(|e| LookupError::Parse(e.to_string()))
+    }
+
+    /// One page of events of `kind` created at or after `since` (Unix seconds), continuing
+    /// after `starting_after`. Stripe pages newest first, the emulator oldest first: callers
+    /// read every page and do not rely on the order.
+    pub async fn list_events(
+        &self,
+        kind: &str,
+        since: i64,
+        limit: u32,
+        starting_after: Option<&str>,
+    ) -> Result<EventPage, LookupError> {
+        let query = EventQuery {
+            kind,
+            created: CreatedSince { gte: since },
+            limit,
+            starting_after,
+        };
+        let v = self
+            .get(RequestBuilder::new(StripeMethod::Get, "/events").query(&query))
+            .await?;
+        serde_json::from_value(v).map_err(|e| LookupError::Parse(format!("events page: {e}")))
     }
 
     /// Looks a payment up: by its intent id when the row has one, else by searching the

@@ -173,7 +173,7 @@ pub async fn replay(
         let (api, sink, _) = crate::run::stripe_and_sinks(cfg, &decoder).await?;
         let own = Arc::new(crate::source::handoff::Ownership::all(clock));
         let p = crate::run::poller(cfg, state.clone(), api, sink, clock, own);
-        Some(tokio::spawn(p.run(stopped.clone())))
+        Some(tokio::spawn(std::sync::Arc::new(p).run(stopped.clone())))
     };
 
     // Checkpoints run beside the reader, as in `run`: the reader only ever takes the overlay's

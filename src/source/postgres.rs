@@ -305,7 +305,8 @@ impl PgSource {
             .state
             .stored_offsets()?
             .into_iter()
-            .find(|(t, _, _)| *t != ours)
+            // The events feed keeps its cursor beside the source's position.
+            .find(|(t, _, _)| *t != ours && t != crate::poll::feed::CURSOR_TOPIC)
         {
             return Err(PgSourceError::MixedState(t));
         }

@@ -1,0 +1,293 @@
+//! The events feed (`--events-feed`): resolves pending payments from Stripe's event list, a few
+//! pages per interval, instead of one retrieve per payment per interval.
+//!
+//! Every poll interval (and at start) a cycle lists `payment_intent.succeeded`,
+//! `payment_intent.canceled` and `payment_intent.payment_failed` events created since the
+//! cursor, matches them to pending payments by intent id (or by `metadata.idempotency_key` for a
+//! row that has no intent id yet), and acts on each match:
+//! - **resolved from the feed**: a `succeeded` or `canceled` event whose snapshot is final.
+//!   Both states are terminal for a PaymentIntent, so no later change can contradict them;
+//! - **confirmed by a retrieve** (the payment's poll is made due now), where the snapshot is
+//!   doubt: a `payment_failed` event (the customer may retry with another payment method: the
+//!   snapshot says nothing of what came after), a snapshot whose status is not final, or a
+//!   match by idempotency key while the row names another intent.
+//!
+//! Each page takes a slot of the same rate budget as the retrieves. The cursor is the newest
+//! event's `created` seen, kept in state beside the source offsets (topic `stripe:events`), so it
+//! becomes durable in the same checkpoint as the resolutions it led to: a crash re-reads those
+//! events, never skips them. Each cycle re-reads a minute before the cursor, since the list is
+//! eventually consistent; re-reading is harmless (a resolved payment is not matched again).
+//!
+//! With the feed on, a payment's first retrieve comes one fallback interval after it was first
+//! seen, and a payment Stripe still calls pending waits the fallback interval for its next one:
+//! the feed reports a resolution within one interval, so retrieves are the safety net, not the
+//! way answers arrive. The first cycle ever reads back Stripe's whole retention (30 days), so
+//! payments that resolved before paystream first ran are found without a retrieve each. When
+//! cycles fail for two intervals (a start counts as a cycle), the polls left a fallback interval
+//! ahead are pulled into the next interval once, and every payment is asked about each
+//! interval again until a cycle works (see [`super::Poller`]).
+
+use std::collections::HashMap;
+
+use super::stripe::{classify, IntentEvent, Lookup, LookupError};
+use crate::state::Entry;
+
+/// The event types a cycle lists.
+pub const EVENT_TYPES: [&str; 3] = [
+    "payment_intent.succeeded",
+    "payment_intent.canceled",
+    "payment_intent.payment_failed",
+];
+
+/// Where state keeps the cursor (with the source offsets, so in the same atomic batch).
+pub const CURSOR_TOPIC: &str = "stripe:events";
+
+/// How far before the cursor each cycle reads again (Unix seconds): the list is eventually
+/// consistent, so an event may show up a little after events created later.
+pub const OVERLAP_S: i64 = 60;
+
+/// Events per page (Stripe's maximum).
+pub const PAGE: u32 = 100;
+
+/// Stripe keeps events 30 days: a cursor older than that starts where the list does.
+pub const RETENTION_S: i64 = 30 * 24 * 3600;
+
+/// What a cycle does with one pending payment it found events for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Final without doubt: emit it, no retrieve.
+    Resolve(Lookup),
+    /// Doubt: retrieve the intent now and let that answer decide.
+    Confirm(&'static str),
+}
+
+/// Events of one cycle, by intent id and by idempotency key.
+#[derive(Default)]
+pub struct Matches {
+    by_intent: HashMap<String, Vec<IntentEvent>>,
+    by_key: HashMap<String, Vec<String>>,
+}
+
+impl Matches {
+    pub fn add(&mut self, ev: IntentEvent) {
+        let intent = ev.data.object.id.clone();
+        if let Some(key) = ev
+            .data
+            .object
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("idempotency_key"))
+            .and_then(|v| v.as_str())
+        {
+            let ids = self.by_key.entry(key.to_string()).or_default();
+            if !ids.contains(&intent) {
+                ids.push(intent.clone());
+            }
+        }
+        let evs = self.by_intent.entry(intent).or_default();
+        if !evs.iter().any(|e| e.id == ev.id) {
+            evs.push(ev);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_intent.is_empty()
+    }
+
+    /// The verdict for a pending payment, if the cycle saw events for it.
+    pub fn verdict(&self, e: &Entry) -> Option<Verdict> {
+        if let Some(intent) = &e.stripe_payment_intent_id {
+            if let Some(evs) = self.by_intent.get(intent) {
+                return Some(judge(evs));
+            }
+        }
+        let intents = self.by_key.get(&e.idempotency_key)?;
+        match &e.stripe_payment_intent_id {
+            // The row names an intent, and the key's events are another's: doubt.
+            Some(own) if !intents.contains(own) => Some(Verdict::Confirm("other_intent")),
+            _ => {
+                // Several intents for one key: one that succeeded means the money moved;
+                // anything else is confirmed by the lookup, which weighs them all.
+                let verdicts: Vec<Verdict> =
+                    intents.iter().map(|i| judge(&self.by_intent[i])).collect();
+                let succeeded = verdicts.iter().find(|v| {
+                    matches!(v, Verdict::Resolve(Lookup::Final { status, .. }) if *status == super::stripe::FinalStatus::Succeeded)
+                });
+                match (succeeded, verdicts.len()) {
+                    (Some(v), _) => Some(v.clone()),
+                    (None, 1) => verdicts.into_iter().next(),
+                    (None, _) => Some(Verdict::Confirm("several_intents")),
+                }
+            }
+        }
+    }
+}
+
+/// One intent's events of a cycle → the verdict. A terminal event (succeeded, canceled) whose
+/// snapshot is final resolves, whatever else was seen (nothing follows a terminal state);
+/// otherwise the intent is retrieved.
+pub fn judge(events: &[IntentEvent]) -> Verdict {
+    let terminal = events.iter().find_map(|ev| {
+        let kind_terminal = matches!(
+            ev.kind.as_str(),
+            "payment_intent.succeeded" | "payment_intent.canceled"
+        );
+        match classify(&ev.data.object) {
+            l @ Lookup::Final { .. } if kind_terminal => Some(l),
+            _ => None,
+        }
+    });
+    match terminal {
+        Some(l) => Verdict::Resolve(l),
+        None if events
+            .iter()
+            .any(|e| e.kind == "payment_intent.payment_failed") =>
+        {
+            Verdict::Confirm("payment_failed")
+        }
+        None => Verdict::Confirm("snapshot_not_final"),
+    }
+}
+
+/// Why a cycle stopped early; the cursor does not move, and the next cycle reads again.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// Stripe did not answer a page (counted by outcome; retried next interval).
+    #[error("events page: {0}")]
+    Stripe(#[from] LookupError),
+    /// The local store failed: the poller stops the daemon on the same error.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stripe::{FinalStatus, IntentEventData, IntentView};
+    use super::*;
+
+    fn event(id: &str, kind: &str, intent: &str, status: &str, key: Option<&str>) -> IntentEvent {
+        IntentEvent {
+            id: id.into(),
+            created: 1,
+            kind: format!("payment_intent.{kind}"),
+            data: IntentEventData {
+                object: IntentView {
+                    id: intent.into(),
+                    status: status.into(),
+                    last_payment_error: (kind == "payment_failed").then(|| {
+                        super::super::stripe::PaymentError {
+                            code: Some("card_declined".into()),
+                            decline_code: None,
+                        }
+                    }),
+                    metadata: key
+                        .map(|k| [("idempotency_key".to_string(), serde_json::json!(k))].into()),
+                },
+            },
+        }
+    }
+
+    fn entry(key: &str, intent: Option<&str>) -> Entry {
+        serde_json::from_value(serde_json::json!({
+            "id": "1", "idempotency_key": key, "amount": "1.00", "currency": "usd",
+            "stripe_payment_intent_id": intent, "created_at": null, "partition": 0,
+            "first_seen_ms": 0, "next_poll_ms": 0, "failures": 0, "polls": 0, "emitted": null
+        }))
+        .unwrap()
+    }
+
+    fn resolved(v: Option<Verdict>) -> Option<FinalStatus> {
+        match v {
+            Some(Verdict::Resolve(Lookup::Final { status, .. })) => Some(status),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn terminal_events_resolve_and_failures_are_confirmed() {
+        let mut m = Matches::default();
+        m.add(event("e1", "succeeded", "pi_a", "succeeded", None));
+        m.add(event("e2", "canceled", "pi_b", "canceled", None));
+        m.add(event(
+            "e3",
+            "payment_failed",
+            "pi_c",
+            "requires_payment_method",
+            None,
+        ));
+        // A failure, then a retry that succeeded: the money moved.
+        m.add(event(
+            "e4",
+            "payment_failed",
+            "pi_d",
+            "requires_payment_method",
+            None,
+        ));
+        m.add(event("e5", "succeeded", "pi_d", "succeeded", None));
+        // A terminal type whose snapshot is not final: doubt.
+        m.add(event("e6", "succeeded", "pi_e", "processing", None));
+        assert_eq!(
+            resolved(m.verdict(&entry("k", Some("pi_a")))),
+            Some(FinalStatus::Succeeded)
+        );
+        assert_eq!(
+            resolved(m.verdict(&entry("k", Some("pi_b")))),
+            Some(FinalStatus::Failed)
+        );
+        assert_eq!(
+            m.verdict(&entry("k", Some("pi_c"))),
+            Some(Verdict::Confirm("payment_failed"))
+        );
+        assert_eq!(
+            resolved(m.verdict(&entry("k", Some("pi_d")))),
+            Some(FinalStatus::Succeeded)
+        );
+        assert_eq!(
+            m.verdict(&entry("k", Some("pi_e"))),
+            Some(Verdict::Confirm("snapshot_not_final"))
+        );
+        assert_eq!(
+            m.verdict(&entry("k", Some("pi_zzz"))),
+            None,
+            "no event, no verdict"
+        );
+    }
+
+    #[test]
+    fn matching_by_idempotency_key() {
+        let mut m = Matches::default();
+        m.add(event(
+            "e1",
+            "succeeded",
+            "pi_a",
+            "succeeded",
+            Some("order-1"),
+        ));
+        m.add(event("e2", "canceled", "pi_b", "canceled", Some("order-2")));
+        m.add(event("e3", "canceled", "pi_c", "canceled", Some("order-2")));
+        // The row has no intent id yet: the key's intent decides.
+        assert_eq!(
+            resolved(m.verdict(&entry("order-1", None))),
+            Some(FinalStatus::Succeeded)
+        );
+        // The row names another intent than the key's events: doubt.
+        assert_eq!(
+            m.verdict(&entry("order-1", Some("pi_other"))),
+            Some(Verdict::Confirm("other_intent"))
+        );
+        // Two intents for one key, neither succeeded: the lookup weighs them.
+        assert_eq!(
+            m.verdict(&entry("order-2", None)),
+            Some(Verdict::Confirm("several_intents"))
+        );
+        // The same event seen twice (the overlap) counts once.
+        m.add(event(
+            "e1",
+            "succeeded",
+            "pi_a",
+            "succeeded",
+            Some("order-1"),
+        ));
+        assert_eq!(m.by_intent["pi_a"].len(), 1);
+    }
+}
