@@ -1,0 +1,309 @@
+//! The events feed (`--events-feed`) against the emulator, in embedded mode (real Postgres, no
+//! broker): payments Stripe resolves are resolved from `GET /v1/events` without a retrieve of
+//! their own; a `payment_failed` event is doubt and is confirmed by one retrieve; a payment
+//! still pending is retrieved again only after the fallback interval; every request (pages
+//! included) stays within `--stripe-rps`; and when the feed fails, retrieves fall back to the
+//! poll interval. Each daemon has its own Stripe key, so the emulator's log is its alone.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::embedded::*;
+use common::*;
+
+const RPS: f64 = 10.0;
+
+fn emulator_post(base: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+        ])
+        .arg(body.to_string())
+        .arg(format!("{base}{path}"))
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{path}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn bulk_intents(base: &str, n: usize, card: &str, prefix: &str) -> Vec<String> {
+    let v = emulator_post(
+        base,
+        "/_paystream/bulk_intents",
+        &serde_json::json!({"n": n, "card": card, "key_prefix": prefix}),
+    );
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Confirms intents; returns the emulator's time of it (the clock of its request log).
+fn confirm(base: &str, ids: &[String]) -> f64 {
+    emulator_post(
+        base,
+        "/_paystream/bulk_confirm",
+        &serde_json::json!({ "ids": ids }),
+    )["at"]
+        .as_f64()
+        .unwrap()
+}
+
+/// This key's requests: (emulator time, method, path).
+fn requests(base: &str, key: &str) -> (Vec<(f64, String, String)>, f64) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", &format!("{base}/_paystream/stats?key={key}")])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let log = v["log"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|r| {
+                    (
+                        r[0].as_f64().unwrap(),
+                        r[1].as_str().unwrap().to_string(),
+                        r[2].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (log, v["max_per_second"].as_f64().unwrap_or(0.0))
+}
+
+fn retrieves_of(log: &[(f64, String, String)], intent: &str, after: f64) -> usize {
+    let path = format!("/v1/payment_intents/{intent}");
+    log.iter()
+        .filter(|(t, m, p)| *t > after && m == "GET" && *p == path)
+        .count()
+}
+
+struct Setup {
+    s: &'static Stack,
+    db: tokio_postgres::Client,
+    n: Names,
+    key: String,
+    dir: tempfile::TempDir,
+    logs: std::path::PathBuf,
+}
+
+async fn setup(prefix: &str) -> Setup {
+    let s = pg_stripe_stack();
+    let db = pg(&s.pg_url).await;
+    let n = names(prefix);
+    create_table(&db, &n.table, false).await;
+    Setup {
+        s,
+        db,
+        key: format!("sk_test_{}", n.slot),
+        logs: log_dir(&n.table),
+        n,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Setup {
+    async fn rows(&self, intents: &[String], prefix: &str) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for (i, pi) in intents.iter().enumerate() {
+            ids.push(
+                insert(
+                    &self.db,
+                    &self.n.table,
+                    &format!("{prefix}-{i}"),
+                    "10.00",
+                    Some(pi),
+                )
+                .await,
+            );
+        }
+        ids
+    }
+
+    fn run(&self, port: u16, extra: &[&str]) -> Proc {
+        let rps = RPS.to_string();
+        let mut args = embedded_args(
+            self.s,
+            &self.n,
+            self.dir.path(),
+            port,
+            &[
+                "--poll-interval",
+                "2s",
+                "--stripe-rps",
+                &rps,
+                "--stripe-key",
+                &self.key,
+            ],
+        );
+        args.push("--events-feed".into());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        spawn(&args, &self.logs.join("run.log"))
+    }
+
+    async fn statuses(&self, ids: &[i64]) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for id in ids {
+            *m.entry(status(&self.db, &self.n.table, *id).await)
+                .or_default() += 1;
+        }
+        m
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_feed_resolves_without_retrieves_and_confirms_doubt() {
+    let t = setup("feedok").await;
+    let visa = bulk_intents(&t.s.stripe, 14, "4242424242424242", "ok-");
+    let declined = bulk_intents(&t.s.stripe, 1, "4000000000000341", "no-");
+    let all: Vec<String> = visa.iter().chain(&declined).cloned().collect();
+    let ids = t.rows(&all, "r").await;
+    let port = free_port();
+    let mut run = t.run(port, &["--fallback-poll-interval", "1h"]);
+    // Held and watched: the snapshot read them, a feed cycle ran. No retrieve is due before
+    // the fallback interval (the feed reports resolutions).
+    wait_for("state holds them and the feed ran", 30, || async {
+        state_amounts(port).is_some_and(|m| m.len() == all.len())
+            && metric(port, "paystream_feed_pages_total", &["result=\"ok\""]) >= 3.0
+    })
+    .await;
+
+    // Stripe resolves some: ten succeed, one is declined, one is canceled.
+    let at = confirm(&t.s.stripe, &visa[..10]);
+    confirm(&t.s.stripe, &declined);
+    stripe_post(
+        &t.s.stripe,
+        &format!("/v1/payment_intents/{}/cancel", visa[10]),
+        &[],
+    );
+    let started = std::time::Instant::now();
+    wait_for("the resolved payments written back", 30, || async {
+        t.statuses(&ids).await
+            == BTreeMap::from([
+                ("succeeded".into(), 10),
+                ("failed".into(), 2),
+                ("pending".into(), 3),
+            ])
+    })
+    .await;
+    // Printed, not asserted (timings are the benchmark's: scripts/bench --only feed).
+    let took = started.elapsed().as_secs_f64();
+
+    let (log, peak) = requests(&t.s.stripe, &t.key);
+    for pi in visa[..11].iter() {
+        assert_eq!(
+            retrieves_of(&log, pi, at),
+            0,
+            "{pi} resolved from the feed, no retrieve"
+        );
+    }
+    assert_eq!(
+        retrieves_of(&log, &declined[0], at),
+        1,
+        "payment_failed is confirmed by one retrieve"
+    );
+    // Still pending in Stripe: left to the feed, not retrieved before the fallback interval.
+    for pi in &visa[11..] {
+        assert_eq!(
+            retrieves_of(&log, pi, 0.0),
+            0,
+            "{pi} retrieved before the fallback interval"
+        );
+    }
+    assert_eq!(
+        metric(
+            port,
+            "paystream_feed_matches_total",
+            &["verdict=\"resolved\""]
+        ),
+        11.0
+    );
+    assert_eq!(
+        metric(
+            port,
+            "paystream_feed_matches_total",
+            &["verdict=\"confirm\""]
+        ),
+        1.0
+    );
+    let pages = log.iter().filter(|(_, _, p)| p == "/v1/events").count();
+    assert!(pages >= 3, "{pages} pages");
+    assert!(
+        peak <= RPS,
+        "{peak} requests in one second with --stripe-rps {RPS}"
+    );
+    eprintln!(
+        "resolved {took:.1}s after Stripe; {} requests in all ({pages} event pages) for {} payments, 12 resolved; peak {peak}/s",
+        log.len(),
+        all.len()
+    );
+    assert!(run.term().success());
+    assert_no_panic(&t.logs);
+    t.db.execute("SELECT pg_drop_replication_slot($1)", &[&t.n.slot])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_feed_falls_back_to_the_poll_interval() {
+    let t = setup("feedfail").await;
+    let pending = bulk_intents(&t.s.stripe, 3, "4242424242424242", "ff-");
+    t.rows(&pending, "f").await;
+    // The feed fails from the start (every events page answers 500, as for a key that may not
+    // read events): two intervals after the start, payments are retrieved every interval.
+    emulator_post(
+        &t.s.stripe,
+        "/_paystream/faults",
+        &serde_json::json!({"status": 500, "count": 1000, "path": "/v1/events", "key": t.key}),
+    );
+    let port = free_port();
+    let mut run = t.run(port, &["--fallback-poll-interval", "1h"]);
+    wait_for(
+        "retrieves at the poll interval despite the 1h fallback",
+        30,
+        || async {
+            metric(
+                port,
+                "paystream_polls_total",
+                &["outcome=\"still_pending\""],
+            ) >= 9.0
+        },
+    )
+    .await;
+    let (log, _) = requests(&t.s.stripe, &t.key);
+    for pi in &pending {
+        assert!(
+            retrieves_of(&log, pi, 0.0) >= 2,
+            "{pi} polled at the interval"
+        );
+    }
+    assert!(
+        metric(
+            port,
+            "paystream_feed_pages_total",
+            &["result=\"server_error\""]
+        ) >= 1.0
+    );
+    let _ = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            "DELETE",
+            &format!("{}/_paystream/faults", t.s.stripe),
+        ])
+        .output();
+    assert!(run.term().success());
+    t.db.execute("SELECT pg_drop_replication_slot($1)", &[&t.n.slot])
+        .await
+        .unwrap();
+}
