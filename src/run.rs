@@ -250,14 +250,16 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
             let _ = s.add(job).await;
         }
         if cfg.events_feed {
-            // The events feed: one cycle now, then one per poll interval. A cycle still running
-            // when the next is due makes that one wait (the cursor's lock), never overlap.
+            // The events feed: one cycle now, then one every half poll interval, so a
+            // resolution waits at most half an interval for the cycle that finds it, and the
+            // cycle's own time fits in the other half. A cycle still running when the next is
+            // due makes that one wait (the cursor's lock), never overlap.
             tokio::spawn(feed_cycle(poller.clone()));
             let p = poller.clone();
-            let job =
-                tokio_cron_scheduler::Job::new_repeated_async(cfg.poll_interval, move |_, _| {
-                    Box::pin(feed_cycle(p.clone()))
-                });
+            let every = Duration::from_secs((cfg.poll_interval.as_secs() / 2).max(1));
+            let job = tokio_cron_scheduler::Job::new_repeated_async(every, move |_, _| {
+                Box::pin(feed_cycle(p.clone()))
+            });
             match job {
                 Ok(job) => {
                     let _ = s.add(job).await;

@@ -1,7 +1,7 @@
 //! The events feed (`--events-feed`): resolves pending payments from Stripe's event list, a few
 //! pages per interval, instead of one retrieve per payment per interval.
 //!
-//! Every poll interval (and at start) a cycle lists `payment_intent.succeeded`,
+//! Every half poll interval (and at start) a cycle lists `payment_intent.succeeded`,
 //! `payment_intent.canceled` and `payment_intent.payment_failed` events created since the
 //! cursor, matches them to pending payments by intent id (or by `metadata.idempotency_key` for a
 //! row that has no intent id yet), and acts on each match:
