@@ -295,3 +295,71 @@ async fn a_dropped_slot_is_refused_then_rebuilt_with_resnapshot() {
         .await
         .unwrap();
 }
+
+/// A row paystream cannot read (a NULL status, on a table that allows one) goes to the dead
+/// letters in the data dir with its reason and LSN; the daemon goes on with the next row.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_row_is_dead_lettered_and_the_stream_goes_on() {
+    let s = pg_stripe_stack();
+    let db = pg(&s.pg_url).await;
+    let n = names("embdlq");
+    create_table(&db, &n.table, false).await;
+    db.batch_execute(&format!(
+        "ALTER TABLE {} ALTER status DROP NOT NULL",
+        n.table
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let logs = log_dir(&n.table);
+    let port = free_port();
+    let mut run = spawn(
+        &embedded_args(s, &n, dir.path(), port, &["--poll-interval", "10m"]),
+        &logs.join("run.log"),
+    );
+    wait_for("ready", 30, || async {
+        http_get(port, "/readyz").map(|r| r.0) == Some(200)
+    })
+    .await;
+    db.execute(
+        &format!("INSERT INTO {} (idempotency_key, amount, currency, status) VALUES ('bad', 1.00, 'usd', NULL)", n.table),
+        &[],
+    )
+    .await
+    .unwrap();
+    let good = insert(&db, &n.table, "good", "2.00", None).await;
+    let want: BTreeMap<String, String> = [(good.to_string(), "2.00".to_string())].into();
+    wait_for("the next row tracked", 30, || async {
+        state_amounts(port).as_ref() == Some(&want)
+    })
+    .await;
+    let letters = std::fs::read_to_string(dir.path().join("dead-letters.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = letters
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{letters}");
+    assert_eq!(lines[0]["reason"], "bad_value");
+    assert_eq!(lines[0]["topic"], format!("postgres:{}", n.slot));
+    assert!(
+        lines[0]["offset"].as_i64().unwrap() > 0,
+        "the LSN it came at"
+    );
+    assert!(
+        lines[0]["error"].as_str().unwrap().contains("status"),
+        "{letters}"
+    );
+    assert_eq!(
+        metric(
+            port,
+            "paystream_dlq_messages_total",
+            &["reason=\"bad_value\""]
+        ),
+        1.0
+    );
+    assert!(run.term().success());
+    assert_no_panic(&logs);
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&n.slot])
+        .await
+        .unwrap();
+}

@@ -110,6 +110,25 @@ pub struct PgSource {
     decode: crate::decode::DecodeOptions,
 }
 
+/// A row paystream cannot read, as a dead letter: its bytes (the pgoutput message, or a
+/// snapshot row's values as JSON), the reason, and the LSN it came at.
+fn dead_letter<'a>(
+    topic: &'a str,
+    payload: &'a [u8],
+    err: &'a crate::decode::DecodeError,
+    lsn: Lsn,
+) -> DeadLetter<'a> {
+    DeadLetter {
+        key: None,
+        payload: Some(payload),
+        reason: err.kind.as_str(),
+        detail: &err.detail,
+        topic,
+        partition: 0,
+        offset: lsn.0 as i64,
+    }
+}
+
 fn quote_ident(s: &str) -> String {
     s.split('.')
         .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
@@ -438,15 +457,7 @@ impl PgSource {
                     }
                     Err(err) => {
                         let text = serde_json::to_vec(&values).expect("json");
-                        let dl = DeadLetter {
-                            key: None,
-                            payload: Some(&text),
-                            reason: err.kind.as_str(),
-                            detail: &err.detail,
-                            topic: &topic,
-                            partition: 0,
-                            offset: consistent.0 as i64,
-                        };
+                        let dl = dead_letter(&topic, &text, &err, consistent);
                         if !pipeline.dead_letter(&dl, shutdown).await {
                             return Err(PgSourceError::Setup(
                                 "shutdown during the snapshot".into(),
@@ -516,15 +527,7 @@ impl PgSource {
                             }
                         }
                         Err(err) => {
-                            let dl = DeadLetter {
-                                key: None,
-                                payload: Some(&data),
-                                reason: err.kind.as_str(),
-                                detail: &err.detail,
-                                topic: &topic,
-                                partition: 0,
-                                offset: wal_start.0 as i64,
-                            };
+                            let dl = dead_letter(&topic, &data, &err, wal_start);
                             if !pipeline.dead_letter(&dl, &mut shutdown).await {
                                 break;
                             }

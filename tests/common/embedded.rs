@@ -90,22 +90,11 @@ pub fn embedded_args(
         &n.slot,
         "--publication",
         &n.publication,
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-        "--poll-interval",
-        "1s",
-        "--checkpoint-interval",
-        "200ms",
-        "--stripe-api-base",
-        &s.stripe,
-        "--stripe-key",
-        "sk_test_paystream",
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
     ]
     .iter()
     .map(|a| a.to_string())
     .collect();
+    args.extend(daemon_args(s, data_dir, port));
     with_extra(&mut args, extra);
     args
 }

@@ -478,6 +478,19 @@ pub fn run_args(
         &t.dlq,
         "--group-id",
         &t.run,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(daemon_args(s, data_dir, metrics_port));
+    with_extra(&mut args, extra);
+    args
+}
+
+/// What every test daemon runs with, whatever its source: its data dir and admin port, short
+/// intervals, the emulator and a test key.
+pub fn daemon_args(s: &Stack, data_dir: &Path, metrics_port: u16) -> Vec<String> {
+    [
         "--data-dir",
         data_dir.to_str().unwrap(),
         "--poll-interval",
@@ -493,9 +506,7 @@ pub fn run_args(
     ]
     .iter()
     .map(|a| a.to_string())
-    .collect();
-    with_extra(&mut args, extra);
-    args
+    .collect()
 }
 
 /// A loopback port free right now (for --metrics-addr), picked at random below Linux's
