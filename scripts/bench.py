@@ -38,6 +38,8 @@ SIZES = {
     "kafka": ((10_000, 20), (500, 4)),  # events/s, seconds
     "updater": (200_000, 2_000),
     "restore": (20_000, 2_000),  # pending payments in the changelog (the sqlite broker slows as topics grow)
+    # pending payments, --stripe-rps, poll interval s, rounds, share resolved (and new) per round
+    "feed": ((100_000, 25, 60, 3, 0.10), (1_000, 10, 3, 2, 0.10)),
 }
 
 
@@ -423,7 +425,9 @@ def broker_kind():
 
 
 def psql(sql):
-    return run(["psql", PG_URL, "-qAt", "-v", "ON_ERROR_STOP=1", "-c", sql],
+    # On standard input: the feed benchmark's statements carry thousands of intent ids, more
+    # than an argument may hold.
+    return run(["psql", PG_URL, "-qAt", "-v", "ON_ERROR_STOP=1", "-f", "-"], input=sql,
                env={**os.environ, "PATH": "/usr/lib/postgresql/15/bin:" + os.environ["PATH"]}).stdout
 
 
@@ -480,6 +484,114 @@ def bench_updater(quick):
             "seconds_first_to_last": round(last[0] - first, 2) if first else None, "broker": broker_kind()}
 
 
+def emulator(path, body=None):
+    """The Stripe emulator's own endpoints (bulk intents, stats)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(STRIPE + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.load(r)
+
+
+def bench_feed(quick):
+    """The events feed at scale (issue 10): N pending payments in embedded mode (real Postgres,
+    real logical replication, the emulator); each interval Stripe resolves a share of them and
+    as many new payments arrive, so the pending count holds. Reads the emulator's own count of
+    this daemon's requests (its key), and the rows' write-back times from Postgres."""
+    n, rps, interval, rounds, share = size("feed", quick)
+    tag = uuid.uuid4().hex[:8]
+    table, slot, key = f"bench_feed_{tag}", f"bench_feed_{tag}", f"sk_test_feed_{tag}"
+    psql(f"CREATE TABLE {table} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+         f"idempotency_key TEXT NOT NULL UNIQUE, amount NUMERIC(12,2) NOT NULL, currency TEXT NOT NULL, "
+         f"status TEXT NOT NULL DEFAULT 'pending', stripe_payment_intent_id TEXT, "
+         f"created_at TIMESTAMPTZ NOT NULL DEFAULT now(), updated_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+
+    def new_payments(count, prefix):
+        ids = emulator("/_paystream/bulk_intents", {"n": count, "key_prefix": prefix})["ids"]
+        for i in range(0, len(ids), 20_000):
+            arr = "{" + ",".join(ids[i:i + 20_000]) + "}"
+            psql(f"INSERT INTO {table} (idempotency_key, amount, currency, stripe_payment_intent_id) "
+                 f"SELECT 'k-' || pi, 10.00, 'usd', pi FROM unnest('{arr}'::text[]) AS t(pi)")
+        return ids
+
+    t0 = time.monotonic()
+    pool = new_payments(n, f"{tag}-0-")
+    log(f"feed: {n} intents and rows in {time.monotonic() - t0:.0f}s")
+    d = os.path.join(WORK, f"state-feed-{tag}")
+    port = free_port()
+    logf = open(os.path.join(WORK, f"feed-{tag}.log"), "w")
+    proc = subprocess.Popen([BIN, "run", "--source", "postgres", "--sink", "postgres", "--postgres-url", PG_URL,
+                             "--table", table, "--slot", slot, "--publication", slot, "--data-dir", d,
+                             "--poll-interval", f"{interval}s", "--checkpoint-interval", "1s",
+                             "--stripe-rps", str(rps), "--stripe-api-base", STRIPE, "--stripe-key", key,
+                             "--events-feed", "--fallback-poll-interval", "6h",
+                             "--metrics-addr", f"127.0.0.1:{port}"], stdout=logf, stderr=logf)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                m = scrape(port)
+                if total(m, "paystream_snapshot_rows_total") >= n and m.get('paystream_feed_pages_total{result="ok"}', 0) >= 3:
+                    break
+            except Exception:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited; see {logf.name}")
+            time.sleep(0.5)
+        before = emulator(f"/_paystream/stats?key={key}")
+        import random
+        random.seed(tag)
+        batches = []
+        for r in range(rounds):
+            start = time.monotonic()
+            k = int(n * share)
+            random.shuffle(pool)
+            done, pool = pool[:k], pool[k:]
+            at = time.time()
+            emulator("/_paystream/bulk_confirm", {"ids": done})
+            batches.append((at, done))
+            pool += new_payments(k, f"{tag}-{r + 1}-")
+            time.sleep(max(0.0, interval - (time.monotonic() - start)))
+        # The last round's resolutions: at most one more interval (two, with slack).
+        want = rounds * int(n * share)
+        deadline = time.monotonic() + 2 * interval + 30
+        while time.monotonic() < deadline:
+            if int(psql(f"SELECT count(*) FROM {table} WHERE status = 'succeeded'")) >= want:
+                break
+            time.sleep(0.5)
+        after = emulator(f"/_paystream/stats?key={key}")
+        m = scrape(port)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        logf.close()
+    resolved = int(psql(f"SELECT count(*) FROM {table} WHERE status = 'succeeded'"))
+    latencies = []
+    for at, done in batches:
+        arr = "{" + ",".join(done) + "}"
+        rows = psql(f"SELECT extract(epoch FROM updated_at) FROM {table} "
+                    f"WHERE status = 'succeeded' AND stripe_payment_intent_id = ANY('{arr}'::text[])").split()
+        latencies += [float(x) - at for x in rows]
+    latencies.sort()
+    psql(f"SELECT pg_drop_replication_slot('{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}'")
+    psql(f"DROP PUBLICATION IF EXISTS {slot}; DROP TABLE {table}")
+    shutil.rmtree(d, ignore_errors=True)
+
+    def grew(path):
+        return after["by_path"].get(path, 0) - before["by_path"].get(path, 0)
+
+    calls = after["requests"] - before["requests"]
+    return {"pending": n, "stripe_rps": rps, "interval_s": interval, "rounds": rounds,
+            "resolved_in_stripe": want, "resolved": resolved, "calls": calls,
+            "event_pages": grew("GET /v1/events"), "retrieves": grew("GET /v1/payment_intents"),
+            "calls_per_resolved": round(calls / resolved, 3) if resolved else None,
+            # One retrieve per pending payment per interval, what per-key polling needs.
+            "per_key_polling_calls_per_resolved": round(n / (n * share), 1),
+            "peak_calls_per_s": after["max_per_second"],
+            "resolve_to_writeback_p50_s": round(latencies[len(latencies) // 2], 2) if latencies else None,
+            "resolve_to_writeback_max_s": round(latencies[-1], 2) if latencies else None,
+            "feed_resolved": m.get('paystream_feed_matches_total{verdict="resolved"}'),
+            "poll_lag_s": m.get("paystream_poll_lag_seconds")}
+
+
 BENCHES = {
     "replay_1m": lambda q: bench_replay("1m", q),
     "replay_5m": lambda q: bench_replay("5m", q),
@@ -489,6 +601,7 @@ BENCHES = {
     "kafka_path": bench_kafka_path,
     "updater": bench_updater,
     "restore": bench_restore,
+    "feed": bench_feed,
 }
 
 
