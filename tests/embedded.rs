@@ -14,12 +14,8 @@ use common::*;
 use rand::Rng;
 
 async fn resolves_from_snapshot_and_stream(full: bool) {
-    let s = pg_stripe_stack();
-    let db = pg(&s.pg_url).await;
-    let n = names(if full { "embfull" } else { "embdef" });
-    create_table(&db, &n.table, full).await;
-    let dir = tempfile::tempdir().unwrap();
-    let logs = log_dir(&n.table);
+    let t = env(if full { "embfull" } else { "embdef" }, full).await;
+    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
 
     // Before the start: the snapshot must find these.
     let (ok, st) = intent_with_card(&s.stripe, "4999", "4242424242424242");
@@ -28,10 +24,10 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
     assert_eq!(st, "requires_payment_method");
     let (three_ds, st) = intent_with_card(&s.stripe, "777", "4000002760003184");
     assert_eq!(st, "requires_action");
-    let a = insert(&db, &n.table, "a", "49.99", Some(&ok)).await;
-    let b = insert(&db, &n.table, "b", "12.50", Some(&declined)).await;
-    let c = insert(&db, &n.table, "c", "7.77", Some(&three_ds)).await;
-    let done = insert(&db, &n.table, "done", "1.00", None).await;
+    let a = insert(db, &n.table, "a", "49.99", Some(&ok)).await;
+    let b = insert(db, &n.table, "b", "12.50", Some(&declined)).await;
+    let c = insert(db, &n.table, "c", "7.77", Some(&three_ds)).await;
+    let done = insert(db, &n.table, "done", "1.00", None).await;
     db.execute(
         &format!("UPDATE {} SET status = 'succeeded' WHERE id = $1", n.table),
         &[&done],
@@ -41,19 +37,19 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
 
     let port = free_port();
     let mut run = spawn(
-        &embedded_args(s, &n, dir.path(), port, &[]),
+        &embedded_args(s, n, dir.path(), port, &[]),
         &logs.join("run.log"),
     );
     wait_for("snapshot payments resolved", 60, || async {
-        status(&db, &n.table, a).await == "succeeded" && status(&db, &n.table, b).await == "failed"
+        status(db, &n.table, a).await == "succeeded" && status(db, &n.table, b).await == "failed"
     })
     .await;
     assert_eq!(metric(port, "paystream_snapshot_rows_total", &[]), 3.0);
 
     // After the start: streamed inserts, an update that is not a status change, a delete.
     let (ok2, _) = intent_with_card(&s.stripe, "1000", "4242424242424242");
-    let e = insert(&db, &n.table, "e", "1234567.89", Some(&ok2)).await;
-    let f = insert(&db, &n.table, "f", "3.00", None).await;
+    let e = insert(db, &n.table, "e", "1234567.89", Some(&ok2)).await;
+    let f = insert(db, &n.table, "f", "3.00", None).await;
     db.execute(
         &format!("UPDATE {} SET amount = 8.88 WHERE id = $1", n.table),
         &[&c],
@@ -61,7 +57,7 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
     .await
     .unwrap();
     wait_for("the streamed payment resolved", 60, || async {
-        status(&db, &n.table, e).await == "succeeded"
+        status(db, &n.table, e).await == "succeeded"
     })
     .await;
     db.execute(&format!("DELETE FROM {} WHERE id = $1", n.table), &[&f])
@@ -75,9 +71,9 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
         state_amounts(port).as_ref() == Some(&want)
     })
     .await;
-    assert_eq!(db_pending(&db, &n.table).await, want);
+    assert_eq!(db_pending(db, &n.table).await, want);
     assert_eq!(
-        status(&db, &n.table, c).await,
+        status(db, &n.table, c).await,
         "pending",
         "3DS stays pending"
     );
@@ -101,13 +97,9 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
     ))
     .await
     .unwrap();
-    let lsn = current_lsn(&db).await;
-    wait_confirmed(&db, &n.slot, &lsn, 30).await;
-    assert!(run.term().success());
-    assert_no_panic(&logs);
-    db.execute("SELECT pg_drop_replication_slot($1)", &[&n.slot])
-        .await
-        .unwrap();
+    let lsn = current_lsn(db).await;
+    wait_confirmed(db, &n.slot, &lsn, 30).await;
+    t.finish(&mut run).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -125,18 +117,14 @@ async fn resolves_from_snapshot_and_stream_replica_identity_full() {
 /// and the slot retains no WAL once drained.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_at_random_points_loses_nothing() {
-    let s = pg_stripe_stack();
-    let db = pg(&s.pg_url).await;
-    let n = names("embkill");
-    create_table(&db, &n.table, false).await;
-    let dir = tempfile::tempdir().unwrap();
-    let logs = log_dir(&n.table);
+    let t = env("embkill", false).await;
+    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
     // Rows without an intent stay pending (Stripe cannot find them); a long interval keeps
     // the emulator out of the way.
-    let args = |port| embedded_args(s, &n, dir.path(), port, &["--poll-interval", "10m"]);
+    let args = |port| embedded_args(s, n, dir.path(), port, &["--poll-interval", "10m"]);
     for i in 0..300 {
         insert(
-            &db,
+            db,
             &n.table,
             &format!("pre-{i}"),
             &format!("{i}.{:02}", i % 100),
@@ -187,7 +175,7 @@ async fn kill9_at_random_points_loses_nothing() {
 
     let port = free_port();
     let mut p = spawn(&args(port), &logs.join("run.log"));
-    let want = db_pending(&db, &n.table).await;
+    let want = db_pending(db, &n.table).await;
     let mut last = None;
     wait_for("state to match the table after the kills", 60, || {
         last = state_amounts(port);
@@ -195,8 +183,8 @@ async fn kill9_at_random_points_loses_nothing() {
         async move { ok }
     })
     .await;
-    let lsn = current_lsn(&db).await;
-    wait_confirmed(&db, &n.slot, &lsn, 30).await;
+    let lsn = current_lsn(db).await;
+    wait_confirmed(db, &n.slot, &lsn, 30).await;
     let log = std::fs::read_to_string(logs.join("run.log")).unwrap();
     eprintln!(
         "{kills} kills, {writes} writes; {} pending rows held exactly; {} starts took a snapshot, {} of them over a slot left by a snapshot that never became durable",
@@ -204,11 +192,7 @@ async fn kill9_at_random_points_loses_nothing() {
         log.matches("initial snapshot loaded").count(),
         log.matches("dropping the replication slot").count(),
     );
-    assert!(p.term().success());
-    assert_no_panic(&logs);
-    db.execute("SELECT pg_drop_replication_slot($1)", &[&n.slot])
-        .await
-        .unwrap();
+    t.finish(&mut p).await;
 }
 
 /// An operator drops the slot: the next start refuses (state cannot know what it missed),
@@ -216,18 +200,14 @@ async fn kill9_at_random_points_loses_nothing() {
 /// instance on a slot in use is refused at start.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_slot_is_refused_then_rebuilt_with_resnapshot() {
-    let s = pg_stripe_stack();
-    let db = pg(&s.pg_url).await;
-    let n = names("embslot");
-    create_table(&db, &n.table, false).await;
-    let dir = tempfile::tempdir().unwrap();
-    let logs = log_dir(&n.table);
+    let t = env("embslot", false).await;
+    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
     let args = |port, extra: &[&str]| {
-        let mut a = embedded_args(s, &n, dir.path(), port, &["--poll-interval", "10m"]);
+        let mut a = embedded_args(s, n, dir.path(), port, &["--poll-interval", "10m"]);
         a.extend(extra.iter().map(|x| x.to_string()));
         a
     };
-    let a = insert(&db, &n.table, "a", "10.00", None).await;
+    let a = insert(db, &n.table, "a", "10.00", None).await;
     // A slot as a first run leaves it when killed before its snapshot was durable: no
     // position in state, so nothing was acknowledged that state holds. It is replaced.
     db.execute(
@@ -247,7 +227,7 @@ async fn a_dropped_slot_is_refused_then_rebuilt_with_resnapshot() {
 
     // A second daemon on the same slot (its own data dir) is refused.
     let other = tempfile::tempdir().unwrap();
-    let mut second = embedded_args(s, &n, other.path(), free_port(), &[]);
+    let mut second = embedded_args(s, n, other.path(), free_port(), &[]);
     second.push("--resnapshot".into());
     let (code, _, err) =
         output(std::process::Command::new(env!("CARGO_BIN_EXE_paystream")).args(&second));
@@ -262,7 +242,7 @@ async fn a_dropped_slot_is_refused_then_rebuilt_with_resnapshot() {
         .await
         .unwrap();
     // Meanwhile the table moves on: these changes are in no slot.
-    let b = insert(&db, &n.table, "b", "20.00", None).await;
+    let b = insert(db, &n.table, "b", "20.00", None).await;
     db.execute(&format!("DELETE FROM {} WHERE id = $1", n.table), &[&a])
         .await
         .unwrap();
@@ -284,37 +264,29 @@ async fn a_dropped_slot_is_refused_then_rebuilt_with_resnapshot() {
         state_amounts(port).as_ref() == Some(&want)
     })
     .await;
-    let c = insert(&db, &n.table, "c", "30.00", None).await;
+    let c = insert(db, &n.table, "c", "30.00", None).await;
     wait_for("streaming after the resnapshot", 30, || async {
         state_amounts(port).is_some_and(|m| m.contains_key(&c.to_string()))
     })
     .await;
-    assert!(run.term().success());
-    assert_no_panic(&logs);
-    db.execute("SELECT pg_drop_replication_slot($1)", &[&n.slot])
-        .await
-        .unwrap();
+    t.finish(&mut run).await;
 }
 
 /// A row paystream cannot read (a NULL status, on a table that allows one) goes to the dead
 /// letters in the data dir with its reason and LSN; the daemon goes on with the next row.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreadable_row_is_dead_lettered_and_the_stream_goes_on() {
-    let s = pg_stripe_stack();
-    let db = pg(&s.pg_url).await;
-    let n = names("embdlq");
-    create_table(&db, &n.table, false).await;
+    let t = env("embdlq", false).await;
+    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
     db.batch_execute(&format!(
         "ALTER TABLE {} ALTER status DROP NOT NULL",
         n.table
     ))
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let logs = log_dir(&n.table);
     let port = free_port();
     let mut run = spawn(
-        &embedded_args(s, &n, dir.path(), port, &["--poll-interval", "10m"]),
+        &embedded_args(s, n, dir.path(), port, &["--poll-interval", "10m"]),
         &logs.join("run.log"),
     );
     wait_for("ready", 30, || async {
@@ -327,7 +299,7 @@ async fn an_unreadable_row_is_dead_lettered_and_the_stream_goes_on() {
     )
     .await
     .unwrap();
-    let good = insert(&db, &n.table, "good", "2.00", None).await;
+    let good = insert(db, &n.table, "good", "2.00", None).await;
     let want: BTreeMap<String, String> = [(good.to_string(), "2.00".to_string())].into();
     wait_for("the next row tracked", 30, || async {
         state_amounts(port).as_ref() == Some(&want)
@@ -357,9 +329,5 @@ async fn an_unreadable_row_is_dead_lettered_and_the_stream_goes_on() {
         ),
         1.0
     );
-    assert!(run.term().success());
-    assert_no_panic(&logs);
-    db.execute("SELECT pg_drop_replication_slot($1)", &[&n.slot])
-        .await
-        .unwrap();
+    t.finish(&mut run).await;
 }

@@ -88,27 +88,24 @@ fn retrieves_of(log: &[(f64, String, String)], intent: &str, after: f64) -> usiz
         .count()
 }
 
+/// A test's embedded-mode world with a Stripe key of its own (so the emulator's log is its alone).
 struct Setup {
-    s: &'static Stack,
-    db: tokio_postgres::Client,
-    n: Names,
+    env: Env,
     key: String,
-    dir: tempfile::TempDir,
-    logs: std::path::PathBuf,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Env;
+    fn deref(&self) -> &Env {
+        &self.env
+    }
 }
 
 async fn setup(prefix: &str) -> Setup {
-    let s = pg_stripe_stack();
-    let db = pg(&s.pg_url).await;
-    let n = names(prefix);
-    create_table(&db, &n.table, false).await;
+    let env = env(prefix, false).await;
     Setup {
-        s,
-        db,
-        key: format!("sk_test_{}", n.slot),
-        logs: log_dir(&n.table),
-        n,
-        dir: tempfile::tempdir().unwrap(),
+        key: format!("sk_test_{}", env.n.slot),
+        env,
     }
 }
 
@@ -248,11 +245,7 @@ async fn the_feed_resolves_without_retrieves_and_confirms_doubt() {
         log.len(),
         all.len()
     );
-    assert!(run.term().success());
-    assert_no_panic(&t.logs);
-    t.db.execute("SELECT pg_drop_replication_slot($1)", &[&t.n.slot])
-        .await
-        .unwrap();
+    t.finish(&mut run).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -303,10 +296,7 @@ async fn a_failing_feed_falls_back_to_the_poll_interval() {
             &format!("{}/_paystream/faults", t.s.stripe),
         ])
         .output();
-    assert!(run.term().success());
-    t.db.execute("SELECT pg_drop_replication_slot($1)", &[&t.n.slot])
-        .await
-        .unwrap();
+    t.finish(&mut run).await;
 }
 
 /// Without the feed, more pending payments than the budget can poll each interval: the poll
@@ -355,10 +345,7 @@ async fn a_budget_that_cannot_keep_the_interval_is_reported() {
         peak <= 2.0 + 1.0,
         "{peak} requests in one second with --stripe-rps 2"
     );
-    assert!(run.term().success());
-    t.db.execute("SELECT pg_drop_replication_slot($1)", &[&t.n.slot])
-        .await
-        .unwrap();
+    t.finish(&mut run).await;
 }
 
 /// `line` without ANSI escape sequences (`ESC [ … m`).

@@ -153,3 +153,42 @@ pub async fn current_lsn(db: &tokio_postgres::Client) -> String {
         .unwrap()
         .get(0)
 }
+
+/// A test's own embedded-mode world: the stack, a connection, its table (REPLICA IDENTITY FULL
+/// with `full`), slot and publication names, a data dir and a log dir.
+pub struct Env {
+    pub s: &'static Stack,
+    pub db: tokio_postgres::Client,
+    pub n: Names,
+    pub dir: tempfile::TempDir,
+    pub logs: std::path::PathBuf,
+}
+
+pub async fn env(prefix: &str, full: bool) -> Env {
+    let s = pg_stripe_stack();
+    let db = pg(&s.pg_url).await;
+    let n = names(prefix);
+    create_table(&db, &n.table, full).await;
+    Env {
+        s,
+        db,
+        logs: log_dir(&n.table),
+        n,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Env {
+    /// Stops the daemon cleanly (its final checkpoint), checks the logs for panics and drops
+    /// the test's slot: one left behind would hold WAL on the dev cluster. On a connection of
+    /// its own: the test's may not have lived through a Postgres restart.
+    pub async fn finish(&self, run: &mut Proc) {
+        assert!(run.term().success());
+        assert_no_panic(&self.logs);
+        pg(&self.s.pg_url)
+            .await
+            .execute("SELECT pg_drop_replication_slot($1)", &[&self.n.slot])
+            .await
+            .unwrap();
+    }
+}
