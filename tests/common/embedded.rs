@@ -6,27 +6,18 @@ use std::path::Path;
 
 use super::*;
 
-/// A payments table of the test's own, shaped like `schemas/payments.sql`.
+/// A payments table of the test's own: `schemas/payments.sql` itself, under the test's name.
 pub async fn create_table(db: &tokio_postgres::Client, name: &str, full: bool) {
-    db.batch_execute(&format!(
-        "CREATE TABLE {name} (
-           id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-           idempotency_key TEXT NOT NULL UNIQUE,
-           amount NUMERIC(12,2) NOT NULL,
-           currency TEXT NOT NULL,
-           status TEXT NOT NULL DEFAULT 'pending',
-           stripe_payment_intent_id TEXT,
-           created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-           updated_at TIMESTAMPTZ NOT NULL DEFAULT now());
-         {}",
-        if full {
-            format!("ALTER TABLE {name} REPLICA IDENTITY FULL;")
-        } else {
-            String::new()
-        }
-    ))
-    .await
-    .unwrap();
+    let ddl = std::fs::read_to_string(root().join("schemas/payments.sql")).unwrap();
+    assert!(
+        ddl.contains("public.payments"),
+        "schemas/payments.sql names the table"
+    );
+    let mut sql = ddl.replace("public.payments", &format!("public.{name}"));
+    if full {
+        sql += &format!("ALTER TABLE {name} REPLICA IDENTITY FULL;");
+    }
+    db.batch_execute(&sql).await.unwrap();
 }
 
 pub async fn insert(
