@@ -120,7 +120,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     // Only this source's: a `replay` into this data dir keeps its own position beside them.
     let position_topic = match cfg.source {
         SourceKind::Kafka => cfg.cdc_topic.clone(),
-        SourceKind::Postgres => format!("postgres:{}", cfg.slot),
+        SourceKind::Postgres => crate::source::postgres::position_topic(&cfg.slot),
     };
     for (_, partition, offset) in state
         .stored_offsets()?

@@ -44,6 +44,7 @@ use crate::decode::pgoutput::{Column, PgOutput};
 use crate::metrics::METRICS;
 use crate::sink::DeadLetter;
 use crate::state::{StateError, Store};
+use crate::updater::quote_ident;
 
 /// How long start-up waits for Postgres to answer before it fails.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -129,11 +130,10 @@ fn dead_letter<'a>(
     }
 }
 
-fn quote_ident(s: &str) -> String {
-    s.split('.')
-        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(".")
+/// Where state keeps slot `slot`'s LSN: beside Kafka offsets, under a name of its own
+/// (partition 0).
+pub fn position_topic(slot: &str) -> String {
+    format!("postgres:{slot}")
 }
 
 fn quote_literal(s: &str) -> String {
@@ -166,7 +166,7 @@ impl PgSource {
 
     /// Where state keeps this source's LSN (beside Kafka offsets, under its own name).
     pub fn position_topic(&self) -> String {
-        format!("postgres:{}", self.slot)
+        position_topic(&self.slot)
     }
 
     fn stored_lsn(&self) -> Result<Option<Lsn>, StateError> {

@@ -78,9 +78,11 @@ struct Sql {
     apply: String,
 }
 
-fn quote_ident(s: &str) -> String {
+/// `[schema.]name` as a quoted SQL identifier (an embedded `"` doubled). Also the embedded
+/// source's, for its publication, slot, table and columns.
+pub(crate) fn quote_ident(s: &str) -> String {
     s.split('.')
-        .map(|p| format!("\"{p}\""))
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
         .collect::<Vec<_>>()
         .join(".")
 }
