@@ -17,7 +17,7 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/paystream")
-RAW = os.path.join(ROOT, "target/release/examples/raw_parse")
+RAW = os.path.join(ROOT, "target/release/raw-parse")
 WORK = os.path.join(ROOT, "target/bench")
 BROKERS = os.environ["PAYSTREAM_BROKERS"]
 # The memory-storage broker scripts/bench starts for throughput figures (the sqlite one consumes

@@ -11,7 +11,10 @@ KAFKA_PORT="${PAYSTREAM_KAFKA_PORT:-29092}"
 KAFKA_MEMORY_PORT="${PAYSTREAM_KAFKA_MEMORY_PORT:-29093}"  # scripts/bench only
 STRIPE_PORT="${PAYSTREAM_STRIPE_PORT:-28420}"
 NISSHI_VERSION=0.7.0-pre.2
-NISSHI="$CACHE/nisshi-$NISSHI_VERSION/bin/nisshi"
+# The broker is a test and dev tool, built at opt-level 1 (see scripts/install-deps); the profile
+# is part of the cache path, so a binary built another way is never mistaken for this one.
+NISSHI_PROFILE=o1
+NISSHI="$CACHE/nisshi-$NISSHI_VERSION-$NISSHI_PROFILE/bin/nisshi"
 STRIPE_VENV="$CACHE/venv-stripe"
 PG_URL="host=127.0.0.1 port=$PG_PORT user=postgres dbname=payments"
 BROKERS="127.0.0.1:$KAFKA_PORT"

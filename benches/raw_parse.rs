@@ -1,7 +1,7 @@
 //! The physical limit `scripts/bench` compares replay with: read a file of JSON lines and parse
 //! each line with serde_json, doing nothing else, on one core.
 //!
-//! `cargo run --release --example raw_parse -- FILE` prints one JSON line: lines, bytes, and
+//! `cargo run --release --bin raw-parse -- FILE` prints one JSON line: lines, bytes, and
 //! lines per second for two parses: into `serde_json::Value` (a full tree, what any consumer
 //! that looks at the fields needs at least) and into `IgnoredAny` (validation only, the floor);
 //! and, for the split of replay's time, paystream's own decoder alone.
@@ -32,7 +32,7 @@ fn pass(path: &str, mut parse: impl FnMut(&[u8]) -> bool) -> (u64, u64, f64) {
 }
 
 fn main() {
-    let path = std::env::args().nth(1).expect("usage: raw_parse FILE");
+    let path = std::env::args().nth(1).expect("usage: raw-parse FILE");
     // A warm-up pass brings the file into the page cache, as replay finds it after generation.
     pass(&path, |_| true);
     let (n, bytes, value_s) = pass(&path, |l| {
