@@ -20,7 +20,23 @@ And adds, for paystream's tests:
   answers that raw text (status defaults to 200); "drop": true closes the connection without an
   answer. DELETE /_paystream/faults clears them all.
 - POST /v1/payment_intents/{id}/cancel also records a `payment_intent.canceled` event, as Stripe
-  does (localstripe records only succeeded and payment_failed).
+  does (localstripe records only succeeded and payment_failed), and takes Stripe's
+  `cancellation_reason` (abandoned, duplicate, fraudulent, requested_by_customer), which the
+  intent then shows (localstripe refuses the parameter).
+- A declined intent can be retried as on Stripe: POST /v1/payment_intents/{id}/confirm with a
+  `payment_method` makes a new attempt on the same intent (localstripe answers 500 "Not
+  implemented" to a confirm with a payment method, and refuses any confirm after a decline).
+  That is what Stripe's own lifecycle promises: a decline returns the intent to
+  `requires_payment_method` so the customer can try again.
+- GET /v1/events lists as Stripe does: newest first, `types[]` (several types in one call, as
+  `types[]=a` or `types[0]=a`) or `type`, `created` (an exact value or `created[gt|gte|lt|lte]`),
+  `limit` (1-100, default 10), `starting_after` / `ending_before` (localstripe lists oldest
+  first and knows neither `types[]` nor `ending_before`). paystream's events-feed cursor relies
+  on the newest-first order; the old order hid a bug that skipped events.
+- Intents carry `amount_received` (what was captured: the amount once succeeded, the captured
+  part after a partial capture of a `capture_method=manual` intent, 0 before) and
+  `amount_capturable` (the authorized amount while `requires_capture`), which localstripe
+  lacks and paystream checks before it writes `succeeded`.
 - Bulk, for benchmarks and the events-feed tests (HTTP would take 18 ms an intent):
   POST /_paystream/bulk_intents {"n": N, "amount": 1000, "card": "4242…", "key_prefix": "k-"}
   creates N intents with a card attached, not confirmed (`requires_confirmation`, pending to
@@ -42,7 +58,69 @@ from aiohttp import web
 
 from localstripe import resources
 from localstripe.errors import UserError
-from localstripe.server import app
+
+# Stripe's behaviour where localstripe differs and paystream depends on it. These replace
+# localstripe's handlers in its `extra_apis` list, so they must run before its server module is
+# imported: that import binds the list's functions to routes.
+PI = resources.PaymentIntent
+_confirm_orig = PI._api_confirm
+_cancel_orig = PI._api_cancel
+_capture_orig = PI._api_capture
+CANCELLATION_REASONS = ("abandoned", "duplicate", "fraudulent", "requested_by_customer")
+
+
+def pi_confirm(id, payment_method=None, **kwargs):
+    if payment_method is None:
+        return _confirm_orig(id, **kwargs)
+    obj = PI._api_retrieve(id)
+    if obj.status not in ("requires_payment_method", "requires_confirmation", "requires_action"):
+        raise UserError(400, "You cannot confirm this PaymentIntent because it has a status of "
+                        + obj.status)
+    resources.PaymentMethod._api_retrieve(payment_method)  # 404 for an unknown one
+    # A new attempt on the same intent: the failed charge stays in the store, as on Stripe.
+    obj.payment_method = payment_method
+    obj.latest_charge = None
+    obj.next_action = None
+    obj._authentication_failed = False
+    obj._confirm(on_failure_now=obj._report_failure)
+    return obj
+
+
+def pi_cancel(id, cancellation_reason=None, **kwargs):
+    if cancellation_reason is not None and cancellation_reason not in CANCELLATION_REASONS:
+        raise UserError(400, "Invalid cancellation_reason: " + str(cancellation_reason))
+    obj = _cancel_orig(id, **kwargs)
+    obj._cancellation_reason = cancellation_reason
+    # Stripe records payment_intent.canceled; localstripe does not.
+    resources.Event("payment_intent.canceled", obj)
+    return obj
+
+
+def pi_capture(id, amount_to_capture=None, **kwargs):
+    obj = _capture_orig(id, amount_to_capture=amount_to_capture, **kwargs)
+    if amount_to_capture is not None:
+        obj._amount_captured = int(amount_to_capture)
+    return obj
+
+
+def pi_amount_received(self):
+    if self.status != "succeeded" or self.latest_charge is None:
+        return 0
+    return getattr(self, "_amount_captured", None) or self.latest_charge.amount
+
+
+PI.amount_received = property(pi_amount_received)
+PI.amount_capturable = property(
+    lambda self: self.latest_charge.amount if self.status == "requires_capture" else 0)
+PI.cancellation_reason = property(lambda self: getattr(self, "_cancellation_reason", None))
+for i, (method, url, func) in enumerate(resources.extra_apis):
+    replacement = {"/v1/payment_intents/{id}/confirm": pi_confirm,
+                   "/v1/payment_intents/{id}/cancel": pi_cancel,
+                   "/v1/payment_intents/{id}/capture": pi_capture}.get(url)
+    if replacement:
+        resources.extra_apis[i] = (method, url, replacement)
+
+from localstripe.server import app  # noqa: E402 (after the handlers above are in place)
 
 # In memory only.
 resources.Store.dump_to_disk = lambda self: None
@@ -178,17 +256,13 @@ async def paystream_middleware(request, handler):
             break
     if response is None and path == "/v1/payment_intents/search" and request.method == "GET":
         response = search_intents(request)
+    if response is None and path == "/v1/events" and request.method == "GET":
+        response = list_events(request)
     if response is None:
         try:
             response = await handler(request)
         except web.HTTPException as e:
             response = e
-    cancel = CANCEL.match(path)
-    if cancel and request.method == "POST" and response.status == 200:
-        # Stripe records payment_intent.canceled; localstripe does not (its routes hold the
-        # original handler, so this is done here, after a cancel that worked).
-        resources.Event("payment_intent.canceled",
-                        resources.PaymentIntent._api_retrieve(cancel.group(1)))
     for m, t in zip(meters, started):
         m.done(t, request.method, path, response.status)
     return response
@@ -209,7 +283,54 @@ def search_intents(request):
                               "has_more": False, "next_page": None, "data": hits})
 
 
-CANCEL = re.compile(r"^/v1/payment_intents/(pi_\w+)/cancel$")
+EVENT_PARAMS = re.compile(r"^(type|types\[\d*\]|created|created\[(gt|gte|lt|lte)\]|limit|"
+                          r"starting_after|ending_before)$")
+
+
+def list_events(request):
+    def bad(message):
+        return web.json_response({"error": {"type": "invalid_request_error", "message": message}},
+                                 status=400)
+    q = request.query
+    unknown = [k for k in q.keys() if not EVENT_PARAMS.match(k)]
+    if unknown:
+        return bad("Received unknown parameter: " + unknown[0])
+    types = [v for k, v in q.items() if k.startswith("types[")]
+    if "type" in q and types:
+        return bad("You may pass either type or types, but not both.")
+    if "type" in q:
+        types = [q["type"]]
+    if "starting_after" in q and "ending_before" in q:
+        return bad("You may pass only one of starting_after and ending_before.")
+    try:
+        limit = int(q.get("limit", 10))
+        bounds = [(op, int(q[f"created[{op}]"])) for op in ("gt", "gte", "lt", "lte")
+                  if f"created[{op}]" in q]
+        if "created" in q:
+            bounds.append(("eq", int(q["created"])))
+    except ValueError:
+        return bad("Invalid integer in limit or created")
+    if not 1 <= limit <= 100:
+        return bad("limit must be between 1 and 100")
+    test = {"gt": lambda c, v: c > v, "gte": lambda c, v: c >= v, "lt": lambda c, v: c < v,
+            "lte": lambda c, v: c <= v, "eq": lambda c, v: c == v}
+    # The store keeps events in creation order: reversed, newest first, as Stripe lists.
+    evs = [e for e in (resources.store[k] for k in reversed(list(BY_TYPE["event"])))
+           if (not types or e.type in types) and all(test[op](e.created, v) for op, v in bounds)]
+    ids = [e.id for e in evs]
+    cursor = q.get("starting_after") or q.get("ending_before")
+    if cursor is not None and cursor not in ids:
+        return bad("No such event: " + cursor)
+    if "starting_after" in q:
+        start = ids.index(cursor) + 1
+        page, has_more = evs[start:start + limit], len(evs) > start + limit
+    elif "ending_before" in q:
+        end = ids.index(cursor)
+        page, has_more = evs[max(0, end - limit):end], end - limit > 0
+    else:
+        page, has_more = evs[:limit], len(evs) > limit
+    return web.json_response({"object": "list", "url": "/v1/events", "has_more": has_more,
+                              "data": [e._export() for e in page]})
 
 
 def bulk_intents(data):

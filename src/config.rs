@@ -26,7 +26,13 @@ pub const DEFAULT_KAFKA_STARTUP_TIMEOUT: &str = "30s";
 pub const DEFAULT_CHECKPOINT_INTERVAL: &str = "1s";
 pub const DEFAULT_STATE_STATS_INTERVAL: &str = "15s";
 pub const DEFAULT_STRIPE_API_BASE: &str = "https://api.stripe.com";
-pub const DEFAULT_STRIPE_RPS: &str = "20";
+/// Half of Stripe's default 25 requests/s per endpoint: every PaymentIntent retrieve of the
+/// account (the payment service's checkout included) shares that one bucket, so paystream
+/// leaves most of it to the service that takes the payments.
+pub const DEFAULT_STRIPE_RPS: &str = "10";
+/// Stripe's Search allows 20 reads/s of its own; paystream searches only for rows without an
+/// intent id.
+pub const DEFAULT_STRIPE_SEARCH_RPS: &str = "5";
 pub const DEFAULT_STRIPE_CONCURRENCY: &str = "8";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9898";
 pub const DEFAULT_UPDATER_METRICS_ADDR: &str = "127.0.0.1:9899";
@@ -34,6 +40,9 @@ pub const DEFAULT_SLOT: &str = "paystream";
 pub const DEFAULT_PUBLICATION: &str = "paystream_payments";
 pub const DEFAULT_TABLE: &str = "payments";
 pub const DEFAULT_FALLBACK_POLL_INTERVAL: &str = "6h";
+pub const DEFAULT_STALE_AFTER: &str = "24h";
+pub const DEFAULT_EVENTS_FEED_OVERLAP: &str = "60s";
+pub const DEFAULT_STALE_POLL_INTERVAL: &str = "6h";
 
 /// A secret that never reaches a log line or a `Debug` print.
 #[derive(Clone, Default)]
@@ -295,9 +304,16 @@ pub struct RunConfig {
     /// Stripe secret key. Never logged.
     #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
     pub stripe_key: Option<Secret>,
-    /// Most Stripe requests per second, across all payments.
+    /// Most Stripe requests per second, across all payments (retrieves, searches and event
+    /// pages). A ceiling: a 429 halves the rate, which then climbs back to it over a minute.
+    /// Every PaymentIntent retrieve of the account shares Stripe's 25/s endpoint bucket with
+    /// the payment service, hence the low default.
     #[arg(long, env = "PAYSTREAM_STRIPE_RPS", default_value = DEFAULT_STRIPE_RPS)]
     pub stripe_rps: f64,
+    /// Most Stripe Search requests per second (rows without an intent id), on top of
+    /// --stripe-rps; Stripe limits Search to 20/s of its own.
+    #[arg(long, env = "PAYSTREAM_STRIPE_SEARCH_RPS", default_value = DEFAULT_STRIPE_SEARCH_RPS)]
+    pub stripe_search_rps: f64,
     /// Most Stripe requests in flight at once.
     #[arg(long, env = "PAYSTREAM_STRIPE_CONCURRENCY", default_value = DEFAULT_STRIPE_CONCURRENCY)]
     pub stripe_concurrency: usize,
@@ -340,6 +356,21 @@ pub struct RunConfig {
     /// retrieve while the feed is healthy (it falls back to --poll-interval when the feed fails).
     #[arg(long, env = "PAYSTREAM_FALLBACK_POLL_INTERVAL", default_value = DEFAULT_FALLBACK_POLL_INTERVAL, value_parser = duration)]
     pub fallback_poll_interval: Duration,
+    /// With --events-feed: how far before its cursor each cycle reads again, because Stripe's
+    /// event list is eventually consistent (an event may become visible a little after events
+    /// created later). Whole seconds; raise it if Stripe reports list delays.
+    #[arg(long, env = "PAYSTREAM_EVENTS_FEED_OVERLAP", default_value = DEFAULT_EVENTS_FEED_OVERLAP, value_parser = duration)]
+    pub events_feed_overlap: Duration,
+    /// A payment still pending this long after paystream first saw it is stale: Stripe never
+    /// cancels an incomplete intent by itself, so it may wait for ever. A stale payment is
+    /// polled every --stale-poll-interval instead of every --poll-interval; staleness alone
+    /// never resolves anything.
+    #[arg(long, env = "PAYSTREAM_STALE_AFTER", default_value = DEFAULT_STALE_AFTER, value_parser = duration)]
+    pub stale_after: Duration,
+    /// How often stale payments, unknown intents (404, search misses) and payments flagged for
+    /// an amount mismatch or a double charge are asked about.
+    #[arg(long, env = "PAYSTREAM_STALE_POLL_INTERVAL", default_value = DEFAULT_STALE_POLL_INTERVAL, value_parser = duration)]
+    pub stale_poll_interval: Duration,
     /// Where changes come from: the Debezium topic (kafka), or the table's logical replication
     /// read directly (postgres: embedded mode, no Kafka or Debezium).
     #[arg(long, env = "PAYSTREAM_SOURCE", value_enum, default_value = "kafka")]
@@ -502,11 +533,14 @@ impl RunConfig {
         {
             return Err(bad(
                 "--stripe-key (STRIPE_SECRET_KEY)",
-                "a Stripe secret key (sk_…) is required",
+                "a Stripe secret or restricted key (sk_… or rk_…) is required",
             ));
         }
         if !(self.stripe_rps.is_finite() && self.stripe_rps > 0.0) {
             return Err(bad("--stripe-rps", "must be a positive number"));
+        }
+        if !(self.stripe_search_rps.is_finite() && self.stripe_search_rps > 0.0) {
+            return Err(bad("--stripe-search-rps", "must be a positive number"));
         }
         if self.stripe_concurrency == 0 {
             return Err(bad("--stripe-concurrency", "must be at least 1"));
@@ -539,6 +573,12 @@ impl RunConfig {
         }
         if self.retry_backoff.is_zero() {
             return Err(bad("--retry-backoff", "must be positive"));
+        }
+        if self.stale_poll_interval < self.poll_interval {
+            return Err(bad(
+                "--stale-poll-interval",
+                "must be at least --poll-interval (stale payments are asked about less often)",
+            ));
         }
         if self.changelog {
             // The lease (half the session) must be renewed several times over, or polls and

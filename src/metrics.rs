@@ -69,6 +69,20 @@ pub struct Metrics {
     pub feed_events: IntCounter,
     /// Events feed: pending payments an event was about, by verdict (resolved, confirm).
     pub feed_matches: IntCounterVec,
+    /// The Stripe request rate paystream allows itself now: `--stripe-rps`, halved by 429s and
+    /// climbing back (AIMD).
+    pub stripe_rate_limit: Gauge,
+    /// Declined attempts seen (each attempt once); none resolves a payment.
+    pub declines: IntCounter,
+    /// Stripe answers `succeeded` that were not written because the money did not match the
+    /// row, by kind (amount_mismatch, double_charge).
+    pub mismatches: IntCounterVec,
+    /// Pending payments first seen at least --stale-after ago.
+    pub stale_payments: IntGauge,
+    /// Pending payments flagged for a person (amount mismatch, double charge).
+    pub flagged_payments: IntGauge,
+    /// Pending payments with at least one declined attempt.
+    pub declined_payments: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -124,7 +138,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("metric");
     r.register(Box::new(poll_lag.clone())).expect("register");
+    let stripe_rate = Gauge::new(
+        "paystream_stripe_rate_limit",
+        "Stripe requests per second paystream allows itself now: --stripe-rps, halved on 429 and recovering over a minute",
+    )
+    .expect("metric");
+    r.register(Box::new(stripe_rate.clone())).expect("register");
     Metrics {
+        stripe_rate_limit: stripe_rate,
         cdc_events: counter(&r, "paystream_cdc_events_total", "CDC events consumed, by op and outcome", &["op", "outcome"]),
         dlq_messages: counter(&r, "paystream_dlq_messages_total", "Messages sent to the dead-letter topic, by reason", &["reason"]),
         pending_payments: int_gauge(&r, "paystream_pending_payments", "Pending payments in state still polled"),
@@ -162,15 +183,23 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         feed_pages: counter(&r, "paystream_feed_pages_total", "Events feed: pages of Stripe events listed, by result", &["result"]),
         feed_events: int_counter(&r, "paystream_feed_events_total", "Events feed: Stripe events read"),
         feed_matches: counter(&r, "paystream_feed_matches_total", "Events feed: pending payments an event was about, by verdict (resolved: no retrieve; confirm: retrieved now)", &["verdict"]),
+        declines: int_counter(&r, "paystream_declines_total", "Declined payment attempts seen, each once; a decline is not final (the customer may retry on the same intent)"),
+        mismatches: counter(&r, "paystream_mismatches_total", "Stripe succeeded answers not written because the money does not match the row, by kind (amount_mismatch, double_charge)", &["kind"]),
+        stale_payments: int_gauge(&r, "paystream_stale_payments", "Pending payments first seen at least --stale-after ago (polled every --stale-poll-interval)"),
+        flagged_payments: int_gauge(&r, "paystream_flagged_payments", "Pending payments flagged for a person: Stripe says succeeded but the money does not match the row, or a double charge"),
+        declined_payments: int_gauge(&r, "paystream_declined_payments", "Pending payments with at least one declined attempt"),
         registry: r.clone(),
     }
 });
 
-/// Every poll outcome label (`LookupError::outcome` and the final statuses).
-pub const POLL_OUTCOMES: [&str; 10] = [
+/// Every poll outcome label (`LookupError::outcome`, the final statuses, a decline, the flags).
+pub const POLL_OUTCOMES: [&str; 13] = [
     "succeeded",
     "failed",
     "still_pending",
+    "declined",
+    "amount_mismatch",
+    "double_charge",
     "not_found",
     "rate_limited",
     "server_error",
@@ -214,6 +243,9 @@ pub fn init_run_series() {
     for v in ["resolved", "confirm"] {
         m.feed_matches.with_label_values(&[v]);
     }
+    for k in ["amount_mismatch", "double_charge"] {
+        m.mismatches.with_label_values(&[k]);
+    }
     m.feed_pages.with_label_values(&["ok"]);
 }
 
@@ -237,6 +269,9 @@ pub fn set_state_gauges(s: &crate::state::Stats, now_ms: u64) {
     m.pending_payments.set(s.pending as i64);
     m.awaiting_confirmation.set(s.awaiting_confirmation as i64);
     m.polls_due.set(s.due_now as i64);
+    m.stale_payments.set(s.stale as i64);
+    m.flagged_payments.set(s.flagged as i64);
+    m.declined_payments.set(s.declined as i64);
     for ((age, _), n) in crate::state::AGE_BUCKETS.iter().zip(s.by_age) {
         m.pending_by_age.with_label_values(&[age]).set(n as i64);
     }

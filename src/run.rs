@@ -135,7 +135,13 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let interval_ms = cfg.poll_interval.as_millis() as u64;
     // The state gauges need a full scan (seconds at a million entries): computed beside the
     // start, not before it; the periodic job refreshes them after.
-    tokio::spawn(refresh_state_gauges(state.clone(), clock, interval_ms));
+    let stale_ms = cfg.stale_after.as_millis() as u64;
+    tokio::spawn(refresh_state_gauges(
+        state.clone(),
+        clock,
+        interval_ms,
+        stale_ms,
+    ));
     tracing::info!(entries = state.entry_count(), data_dir = %cfg.data_dir.display(), "state opened");
 
     let ready_health = health.clone();
@@ -171,6 +177,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
             store: state.clone(),
             data_dir: std::fs::canonicalize(&cfg.data_dir)?,
             poll_interval: cfg.poll_interval,
+            stale_after: cfg.stale_after,
             pending_status: cfg.decode.columns.pending_status.clone(),
             clock,
         })),
@@ -244,7 +251,12 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         let job_clock = clock;
         let job =
             tokio_cron_scheduler::Job::new_repeated_async(cfg.state_stats_interval, move |_, _| {
-                Box::pin(refresh_state_gauges(st.clone(), job_clock, interval_ms))
+                Box::pin(refresh_state_gauges(
+                    st.clone(),
+                    job_clock,
+                    interval_ms,
+                    stale_ms,
+                ))
             });
         if let Ok(job) = job {
             let _ = s.add(job).await;
@@ -354,9 +366,9 @@ async fn feed_cycle(p: Arc<crate::poll::Poller>) {
 }
 
 /// Recomputes the state gauges: one full scan of state, on a blocking thread.
-async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64) {
+async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64, stale_ms: u64) {
     let now = clock.now_ms();
-    match tokio::task::spawn_blocking(move || state.stats(now, interval_ms)).await {
+    match tokio::task::spawn_blocking(move || state.stats(now, interval_ms, stale_ms)).await {
         Ok(Ok(s)) => metrics::set_state_gauges(&s, now),
         Ok(Err(e)) => tracing::error!(error = %e, "state gauges not refreshed"),
         Err(e) => tracing::error!(error = %e, "state gauges job failed"),
@@ -477,7 +489,8 @@ pub(crate) fn poller(
         state,
         api,
         sink,
-        Arc::new(RateLimiter::new(cfg.stripe_rps)),
+        Arc::new(RateLimiter::new(cfg.stripe_rps).with_gauge(METRICS.stripe_rate_limit.clone())),
+        Arc::new(RateLimiter::new(cfg.stripe_search_rps)),
         clock,
         PollerConfig {
             interval: cfg.poll_interval,
@@ -486,6 +499,9 @@ pub(crate) fn poller(
             rate_limit_cooldown: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(5),
             fallback_interval: cfg.events_feed.then_some(cfg.fallback_poll_interval),
+            feed_overlap: cfg.events_feed_overlap,
+            stale_after: cfg.stale_after,
+            stale_interval: cfg.stale_poll_interval,
         },
         ownership,
     )

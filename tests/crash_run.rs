@@ -226,7 +226,7 @@ async fn stripe_cases(s: &Stack, run: &str, base: i64) -> Vec<StripeCase> {
     // metadata, and paystream finds it by searching.
     let kinds: [(&str, &str, usize); 5] = [
         ("4242424242424242", "succeeded", 12),
-        ("4000000000000341", "failed", 6),
+        ("4000000000000341", "pending", 6), // a decline is not final
         ("canceled", "failed", 6),
         ("4000002760003184", "pending", 4),
         ("search", "succeeded", 4),

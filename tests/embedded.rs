@@ -24,9 +24,13 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
     assert_eq!(st, "requires_payment_method");
     let (three_ds, st) = intent_with_card(&s.stripe, "777", "4000002760003184");
     assert_eq!(st, "requires_action");
+    // Stripe received 25.00 for a row that says 20.00: never written as succeeded.
+    let (short, st) = intent_with_card(&s.stripe, "2500", "4242424242424242");
+    assert_eq!(st, "succeeded");
     let a = insert(db, &n.table, "a", "49.99", Some(&ok)).await;
     let b = insert(db, &n.table, "b", "12.50", Some(&declined)).await;
     let c = insert(db, &n.table, "c", "7.77", Some(&three_ds)).await;
+    let m = insert(db, &n.table, "m", "20.00", Some(&short)).await;
     let done = insert(db, &n.table, "done", "1.00", None).await;
     db.execute(
         &format!("UPDATE {} SET status = 'succeeded' WHERE id = $1", n.table),
@@ -40,14 +44,48 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
         &embedded_args(s, n, dir.path(), port, &[]),
         &logs.join("run.log"),
     );
-    wait_for("snapshot payments resolved", 60, || async {
-        status(db, &n.table, a).await == "succeeded" && status(db, &n.table, b).await == "failed"
+    wait_for(
+        "snapshot payment resolved, the decline seen",
+        60,
+        || async {
+            status(db, &n.table, a).await == "succeeded"
+                && metric(port, "paystream_declines_total", &[]) >= 1.0
+        },
+    )
+    .await;
+    assert_eq!(metric(port, "paystream_snapshot_rows_total", &[]), 4.0);
+    // A decline is not final: the customer retries on the same intent and pays.
+    assert_eq!(status(db, &n.table, b).await, "pending");
+    assert_eq!(
+        retry_intent(&s.stripe, &declined, "4242424242424242"),
+        "succeeded"
+    );
+    wait_for("the retried payment resolved", 60, || async {
+        status(db, &n.table, b).await == "succeeded"
     })
     .await;
-    assert_eq!(metric(port, "paystream_snapshot_rows_total", &[]), 3.0);
+    // The amount mismatch was flagged, not written.
+    wait_for("the amount mismatch flagged", 30, || async {
+        metric(
+            port,
+            "paystream_mismatches_total",
+            &["kind=\"amount_mismatch\""],
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(status(db, &n.table, m).await, "pending");
+    let (code, body) = http_get(port, &format!("/state/get?q={m}")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let shown: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(shown[0]["flag"]["kind"], "amount_mismatch", "{shown}");
+    let detail = shown[0]["flag"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("2500") && detail.contains("20.00"),
+        "{detail}"
+    );
 
     // After the start: streamed inserts, an update that is not a status change, a delete.
-    let (ok2, _) = intent_with_card(&s.stripe, "1000", "4242424242424242");
+    let (ok2, _) = intent_with_card(&s.stripe, "123456789", "4242424242424242");
     let e = insert(db, &n.table, "e", "1234567.89", Some(&ok2)).await;
     let f = insert(db, &n.table, "f", "3.00", None).await;
     db.execute(
@@ -65,8 +103,12 @@ async fn resolves_from_snapshot_and_stream(full: bool) {
         .unwrap();
 
     // State follows the table: the written-back statuses came back through replication and
-    // removed those payments; the delete removed f; c is held with its new amount.
-    let want: BTreeMap<String, String> = [(c.to_string(), "8.88".to_string())].into();
+    // removed those payments; the delete removed f; c is held with its new amount, m as it was.
+    let want: BTreeMap<String, String> = [
+        (c.to_string(), "8.88".to_string()),
+        (m.to_string(), "20.00".to_string()),
+    ]
+    .into();
     wait_for("state to hold exactly the pending row", 30, || async {
         state_amounts(port).as_ref() == Some(&want)
     })

@@ -80,13 +80,13 @@ async fn metrics_count_what_happened_and_logs_carry_payment_ids() {
     let t = topics(s, "ops", 2).await;
     let logs = log_dir(&t.run);
     let (pi_ok, _) = intent_with_card(&s.stripe, "4999", "4242424242424242");
-    let (pi_declined, _) = intent_with_card(&s.stripe, "1500", "4000000000000341");
+    let pi_canceled = intent_canceled(&s.stripe, "1500");
     let (pi_3ds, _) = intent_with_card(&s.stripe, "2500", "4000002760003184");
     let db = pg(&s.pg_url).await;
     let run = &t.run;
     let ok = insert_payment(&db, &format!("{run}-ok"), "49.99", Some(&pi_ok)).await;
-    let declined =
-        insert_payment(&db, &format!("{run}-declined"), "15.00", Some(&pi_declined)).await;
+    let canceled =
+        insert_payment(&db, &format!("{run}-canceled"), "15.00", Some(&pi_canceled)).await;
     let three_ds = insert_payment(&db, &format!("{run}-3ds"), "25.00", Some(&pi_3ds)).await;
 
     let data = tempfile::tempdir().unwrap();
@@ -128,18 +128,18 @@ async fn metrics_count_what_happened_and_logs_carry_payment_ids() {
 
     // Three creates (one with schemas on) and one poison message.
     let p = producer(&s.brokers);
-    for (i, r) in [&ok, &declined, &three_ds].into_iter().enumerate() {
+    for (i, r) in [&ok, &canceled, &three_ds].into_iter().enumerate() {
         publish_row(&p, &t.cdc, "c", r, i == 1).await;
     }
     publish(&p, &t.cdc, Some(&cdc_key(1)), Some(b"{not json")).await;
 
     wait_for("two statuses written to Postgres", 60, || async {
         read_payment(&db, ok.id).await.status != "pending"
-            && read_payment(&db, declined.id).await.status != "pending"
+            && read_payment(&db, canceled.id).await.status != "pending"
     })
     .await;
     // Debezium streams the updater's writes back: the two leave state.
-    for r in [&ok, &declined] {
+    for r in [&ok, &canceled] {
         let now = read_payment(&db, r.id).await;
         publish_row(&p, &t.cdc, "u", &now, false).await;
     }

@@ -1,7 +1,8 @@
 //! The pipeline end to end on real servers: Debezium-shaped CDC events on the broker →
 //! `paystream run` (sled state, Stripe polls against the emulator) → status events →
 //! `paystream updater` → the Postgres master → CDC for those writes → removed from state.
-//! Includes a `kill -9` of the daemon in the middle of the flow and a restart.
+//! Includes a `kill -9` of the daemon in the middle of the flow and a restart, and a declined
+//! payment that the customer then retries on the same intent and pays.
 
 mod common;
 
@@ -79,16 +80,37 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     daemon.kill9();
     let mut daemon = start_daemon("run-2.log");
 
-    wait_for("three final statuses in Postgres", 90, || async {
+    wait_for("two final statuses in Postgres", 90, || async {
         let mut n = 0;
-        for r in [&ok, &declined, &canceled] {
+        for r in [&ok, &canceled] {
             n += usize::from(read_payment(&db, r.id).await.status != "pending");
         }
-        n == 3
+        n == 2
+    })
+    .await;
+    // A decline is an attempt, not the end: seen by the restarted daemon, counted, and the
+    // payment stays pending.
+    wait_for("the decline seen since the restart", 30, || async {
+        metric(
+            metrics_port,
+            "paystream_polls_total",
+            &["outcome=\"declined\""],
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(read_payment(&db, declined.id).await.status, "pending");
+    assert!(metric(metrics_port, "paystream_declines_total", &[]) >= 1.0);
+    // The customer retries on the same intent with another card, and pays.
+    assert_eq!(
+        retry_intent(&s.stripe, &pi_declined, "4242424242424242"),
+        "succeeded"
+    );
+    wait_for("the retried payment succeeded in Postgres", 60, || async {
+        read_payment(&db, declined.id).await.status != "pending"
     })
     .await;
     assert_eq!(read_payment(&db, ok.id).await.status, "succeeded");
-    assert_eq!(read_payment(&db, declined.id).await.status, "failed");
+    assert_eq!(read_payment(&db, declined.id).await.status, "succeeded");
     assert_eq!(read_payment(&db, canceled.id).await.status, "failed");
 
     // Debezium would now stream the updater's writes: publish them, as it would.
@@ -167,7 +189,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
         changes,
         vec![
             (ok.id, "pending".into(), "succeeded".into()),
-            (declined.id, "pending".into(), "failed".into()),
+            (declined.id, "pending".into(), "succeeded".into()),
             (canceled.id, "pending".into(), "failed".into())
         ]
     );
@@ -187,7 +209,7 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
     }
     let expect: HashMap<String, (&str, Option<&str>)> = HashMap::from([
         (ok.id.to_string(), ("succeeded", None)),
-        (declined.id.to_string(), ("failed", Some("card_declined"))),
+        (declined.id.to_string(), ("succeeded", None)),
         (canceled.id.to_string(), ("failed", Some("canceled"))),
     ]);
     assert_eq!(by_payment.len(), 3, "{by_payment:#?}");
@@ -198,8 +220,24 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
             assert_eq!(ev["reason"].as_str(), reason);
             assert_eq!(ev["event_id"], evs[0]["event_id"]);
             assert_eq!(ev["producer"], "paystream");
+            assert_eq!(ev["currency"], "usd");
         }
     }
+    // What Stripe said travels with the event: the amount received (minor units) matches the
+    // row, and the retried payment carries the decline it went through.
+    let ev = |r: &Row| by_payment[&r.id.to_string()][0].clone();
+    assert_eq!(ev(&ok)["amount_received"], 4999);
+    assert_eq!(ev(&ok)["decline_count"], 0);
+    assert_eq!(ev(&declined)["amount_received"], 1500);
+    assert_eq!(
+        ev(&declined)["stripe_payment_intent_id"],
+        pi_declined.as_str()
+    );
+    assert!(
+        ev(&declined)["decline_count"].as_u64() >= Some(1),
+        "{:?}",
+        ev(&declined)
+    );
 
     // The poison message went to the DLQ with its reason and position.
     let dead = read_all(&s.brokers, &t.dlq);

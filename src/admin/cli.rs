@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 
 use super::{Info, ENTRIES_HEADER};
 use crate::clock::wall_ms;
-use crate::config::{DEFAULT_METRICS_ADDR, DEFAULT_POLL_INTERVAL};
+use crate::config::{DEFAULT_METRICS_ADDR, DEFAULT_POLL_INTERVAL, DEFAULT_STALE_AFTER};
 use crate::state::inspect::{self, ListQuery, PaymentView, StatsReport, Status};
 use crate::state::{StateError, Store};
 
@@ -42,6 +42,10 @@ pub struct StateArgs {
     /// The status value that means "pending" (as for `run`).
     #[arg(long, env = "PAYSTREAM_PENDING_STATUS", default_value = "pending")]
     pub pending_status: String,
+    /// The age at which a pending payment counts as stale (as for `run`), for `stats` read
+    /// offline and `list --stale` (a running daemon's `stats` uses its own).
+    #[arg(long, env = "PAYSTREAM_STALE_AFTER", default_value = DEFAULT_STALE_AFTER, value_parser = humantime::parse_duration)]
+    pub stale_after: Duration,
     #[command(subcommand)]
     pub command: StateCommand,
 }
@@ -61,6 +65,12 @@ pub enum StateCommand {
         /// Only payments first seen at least this long ago (e.g. 2h).
         #[arg(long, value_parser = humantime::parse_duration)]
         older_than: Option<Duration>,
+        /// Only stale payments: pending, first seen at least --stale-after ago.
+        #[arg(long, conflicts_with_all = ["older_than", "status"])]
+        stale: bool,
+        /// Only payments flagged for a person (an amount mismatch, a double charge).
+        #[arg(long)]
+        flagged: bool,
         #[arg(long, value_enum)]
         status: Option<Status>,
         #[arg(long, default_value_t = inspect::DEFAULT_LIST_LIMIT)]
@@ -150,7 +160,7 @@ pub async fn run(args: StateArgs) -> Result<(), InspectError> {
                                     .expect("default interval")
                             }),
                     };
-                    inspect::stats(store, dir, wall_ms(), interval)?
+                    inspect::stats(store, dir, wall_ms(), interval, args.stale_after)?
                 }
             };
             match format {
@@ -161,14 +171,25 @@ pub async fn run(args: StateArgs) -> Result<(), InspectError> {
         StateCommand::List {
             due,
             older_than,
+            stale,
+            flagged,
             status,
             limit,
             format,
         } => {
             let q = ListQuery {
                 due: *due,
-                older_than: *older_than,
-                status: *status,
+                older_than: if *stale {
+                    Some(args.stale_after)
+                } else {
+                    *older_than
+                },
+                status: if *stale {
+                    Some(Status::Pending)
+                } else {
+                    *status
+                },
+                flagged: *flagged,
                 limit: *limit,
             };
             let rows: Vec<PaymentView> = match &source {

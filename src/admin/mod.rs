@@ -42,6 +42,8 @@ pub struct StateApi {
     /// Canonical path of the data dir.
     pub data_dir: PathBuf,
     pub poll_interval: Duration,
+    /// The daemon's `--stale-after`, for `state stats`.
+    pub stale_after: Duration,
     pub pending_status: String,
     pub clock: Clock,
 }
@@ -160,6 +162,7 @@ fn state_query(api: &StateApi, path: &str, query: &str) -> Response<Body> {
             &api.data_dir,
             now,
             api.poll_interval,
+            api.stale_after,
         )),
         "/state/list" => match ListQuery::from_query(query) {
             Ok(q) => json(inspect::list(&api.store, &q, now, &api.pending_status)),

@@ -3,7 +3,7 @@
 //!
 //! Every half poll interval (and at start) a cycle lists `payment_intent.succeeded`,
 //! `payment_intent.canceled` and `payment_intent.payment_failed` events created since the
-//! cursor, matches them to pending payments by intent id (or by `metadata.idempotency_key` for a
+//! cursor, in one listing (`types[]`, newest first, paged to the end), matches them to pending payments by intent id (or by `metadata.idempotency_key` for a
 //! row that has no intent id yet), and acts on each match:
 //! - **resolved from the feed**: a `succeeded` or `canceled` event whose snapshot is final.
 //!   Both states are terminal for a PaymentIntent, so no later change can contradict them;
@@ -13,7 +13,8 @@
 //!   match by idempotency key while the row names another intent.
 //!
 //! Each page takes a slot of the same rate budget as the retrieves. The cursor is the newest
-//! event's `created` seen, kept in state beside the source offsets (topic `stripe:events`), so it
+//! event's `created` seen in a complete listing (why that skips nothing: `Poller::reconcile`),
+//! kept in state beside the source offsets (topic `stripe:events`), so it
 //! becomes durable in the same checkpoint as the resolutions it led to: a crash re-reads those
 //! events, never skips them. Each cycle re-reads a minute before the cursor, since the list is
 //! eventually consistent; re-reading is harmless (a resolved payment is not matched again).
@@ -29,7 +30,7 @@
 
 use std::collections::HashMap;
 
-use super::stripe::{classify, IntentEvent, Lookup, LookupError};
+use super::stripe::{classify, Expected, IntentEvent, Lookup, LookupError, MismatchKind, Seen};
 use crate::state::Entry;
 
 /// The event types a cycle lists.
@@ -41,10 +42,6 @@ pub const EVENT_TYPES: [&str; 3] = [
 
 /// Where state keeps the cursor (with the source offsets, so in the same atomic batch).
 pub const CURSOR_TOPIC: &str = "stripe:events";
-
-/// How far before the cursor each cycle reads again (Unix seconds): the list is eventually
-/// consistent, so an event may show up a little after events created later.
-pub const OVERLAP_S: i64 = 60;
 
 /// Events per page (Stripe's maximum).
 pub const PAGE: u32 = 100;
@@ -96,9 +93,17 @@ impl Matches {
 
     /// The verdict for a pending payment, if the cycle saw events for it.
     pub fn verdict(&self, e: &Entry) -> Option<Verdict> {
+        let row = Expected {
+            amount: &e.amount,
+            currency: &e.currency,
+        };
+        if let Some(v) = self.double_charge(&e.idempotency_key) {
+            return Some(v);
+        }
+        let known = e.declines.as_ref().map(|d| d.last_attempt.as_str());
         if let Some(intent) = &e.stripe_payment_intent_id {
             if let Some(evs) = self.by_intent.get(intent) {
-                return Some(judge(evs));
+                return Some(judge(evs, row, known));
             }
         }
         let intents = self.by_key.get(&e.idempotency_key)?;
@@ -108,14 +113,24 @@ impl Matches {
             _ => {
                 // Several intents for one key: one that succeeded means the money moved;
                 // anything else is confirmed by the lookup, which weighs them all.
-                let verdicts: Vec<Verdict> =
-                    intents.iter().map(|i| judge(&self.by_intent[i])).collect();
+                let verdicts: Vec<Verdict> = intents
+                    .iter()
+                    .map(|i| judge(&self.by_intent[i], row, known))
+                    .collect();
                 let succeeded = verdicts.iter().find(|v| {
                     matches!(v, Verdict::Resolve(Lookup::Final { status, .. }) if *status == super::stripe::FinalStatus::Succeeded)
                 });
+                // A canceled intent found by key alone is not the payment's failure: the
+                // payment service may have made (or make) another intent for the key, so it
+                // is confirmed by a lookup, which never fails a payment on a key match.
                 match (succeeded, verdicts.len()) {
                     (Some(v), _) => Some(v.clone()),
-                    (None, 1) => verdicts.into_iter().next(),
+                    (None, 1) => match verdicts.into_iter().next() {
+                        Some(Verdict::Resolve(Lookup::Final { .. })) => {
+                            Some(Verdict::Confirm("canceled_by_key"))
+                        }
+                        v => v,
+                    },
                     (None, _) => Some(Verdict::Confirm("several_intents")),
                 }
             }
@@ -123,28 +138,75 @@ impl Matches {
     }
 }
 
+impl Matches {
+    /// More than one intent of the key succeeded in this cycle's events: a double charge,
+    /// flagged whatever intent the row names (a cycle sees only its own window of events; a
+    /// double charge whose two successes fall in different cycles is found only by Search,
+    /// for a row without an intent id).
+    fn double_charge(&self, key: &str) -> Option<Verdict> {
+        let succeeded: Vec<&IntentEvent> = self
+            .by_key
+            .get(key)?
+            .iter()
+            .filter_map(|i| {
+                self.by_intent[i]
+                    .iter()
+                    .find(|ev| ev.data.object.status == "succeeded")
+            })
+            .collect();
+        let [first, _, ..] = succeeded.as_slice() else {
+            return None;
+        };
+        let ids: Vec<&str> = succeeded
+            .iter()
+            .map(|ev| ev.data.object.id.as_str())
+            .collect();
+        Some(Verdict::Resolve(Lookup::Mismatch {
+            kind: MismatchKind::DoubleCharge,
+            detail: format!(
+                "{} intents succeeded for one idempotency key: {}",
+                ids.len(),
+                ids.join(", ")
+            ),
+            seen: Seen::of(&first.data.object),
+        }))
+    }
+}
+
 /// One intent's events of a cycle → the verdict. A terminal event (succeeded, canceled) whose
-/// snapshot is final resolves, whatever else was seen (nothing follows a terminal state);
-/// otherwise the intent is retrieved.
-pub fn judge(events: &[IntentEvent]) -> Verdict {
+/// snapshot is final resolves, whatever else was seen (nothing follows a terminal state): to
+/// a status, or to a flag when the money does not match the row. Otherwise the intent is
+/// retrieved, but not for a `payment_failed` event of the decline the payment already recorded
+/// (`known_decline`, its attempt): each cycle re-reads the overlap, and a payment stays pending
+/// after a decline, so without this every cycle of that window would retrieve it again.
+pub fn judge(events: &[IntentEvent], row: Expected<'_>, known_decline: Option<&str>) -> Verdict {
     let terminal = events.iter().find_map(|ev| {
         let kind_terminal = matches!(
             ev.kind.as_str(),
             "payment_intent.succeeded" | "payment_intent.canceled"
         );
-        match classify(&ev.data.object) {
-            l @ Lookup::Final { .. } if kind_terminal => Some(l),
+        match classify(&ev.data.object, row) {
+            l @ (Lookup::Final { .. } | Lookup::Mismatch { .. }) if kind_terminal => Some(l),
             _ => None,
         }
     });
+    let failed = |e: &&IntentEvent| e.kind == "payment_intent.payment_failed";
+    let known = |e: &IntentEvent| match classify(&e.data.object, row) {
+        Lookup::Pending {
+            decline: Some(d), ..
+        } => known_decline == Some(d.attempt.as_str()),
+        _ => false,
+    };
     match terminal {
         Some(l) => Verdict::Resolve(l),
-        None if events
-            .iter()
-            .any(|e| e.kind == "payment_intent.payment_failed") =>
-        {
+        None if events.iter().filter(failed).any(|e| !known(e)) => {
             Verdict::Confirm("payment_failed")
         }
+        // Only declines already recorded: nothing new to ask Stripe.
+        None if events.iter().all(|e| failed(&e)) => Verdict::Resolve(Lookup::Pending {
+            stripe_status: "requires_payment_method".into(),
+            decline: None,
+        }),
         None => Verdict::Confirm("snapshot_not_final"),
     }
 }
@@ -174,10 +236,16 @@ mod tests {
                 object: IntentView {
                     id: intent.into(),
                     status: status.into(),
+                    // The rows below hold 1.00 USD.
+                    amount_received: Some(if status == "succeeded" { 100 } else { 0 }),
+                    currency: Some("usd".into()),
+                    cancellation_reason: None,
                     last_payment_error: (kind == "payment_failed").then(|| {
                         super::super::stripe::PaymentError {
                             code: Some("card_declined".into()),
                             decline_code: None,
+                            charge: Some(format!("ch_{id}")),
+                            payment_method: None,
                         }
                     }),
                     metadata: key
@@ -280,6 +348,12 @@ mod tests {
             m.verdict(&entry("order-2", None)),
             Some(Verdict::Confirm("several_intents"))
         );
+        // One canceled intent found by key alone: not the payment's failure.
+        m.add(event("e4", "canceled", "pi_d", "canceled", Some("order-3")));
+        assert_eq!(
+            m.verdict(&entry("order-3", None)),
+            Some(Verdict::Confirm("canceled_by_key"))
+        );
         // The same event seen twice (the overlap) counts once.
         m.add(event(
             "e1",
@@ -289,5 +363,92 @@ mod tests {
             Some("order-1"),
         ));
         assert_eq!(m.by_intent["pi_a"].len(), 1);
+    }
+
+    #[test]
+    fn a_decline_already_recorded_is_not_retrieved_again() {
+        let mut m = Matches::default();
+        m.add(event(
+            "e1",
+            "payment_failed",
+            "pi_a",
+            "requires_payment_method",
+            None,
+        ));
+        let mut e = entry("k", Some("pi_a"));
+        assert_eq!(m.verdict(&e), Some(Verdict::Confirm("payment_failed")));
+        // The retrieve recorded that attempt (the event's charge): the re-read is no doubt.
+        e.record_decline(1, "card_declined", "ch_e1");
+        assert!(matches!(
+            m.verdict(&e),
+            Some(Verdict::Resolve(Lookup::Pending { .. }))
+        ));
+        // A newer decline of the same intent is.
+        m.add(event(
+            "e2",
+            "payment_failed",
+            "pi_a",
+            "requires_payment_method",
+            None,
+        ));
+        assert_eq!(m.verdict(&e), Some(Verdict::Confirm("payment_failed")));
+    }
+
+    fn flag_of(v: Option<Verdict>) -> Option<MismatchKind> {
+        match v {
+            Some(Verdict::Resolve(Lookup::Mismatch { kind, .. })) => Some(kind),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn money_that_does_not_match_is_flagged_not_resolved() {
+        let mut m = Matches::default();
+        let mut partial = event("e1", "succeeded", "pi_a", "succeeded", None);
+        partial.data.object.amount_received = Some(50);
+        m.add(partial);
+        let mut other_currency = event("e2", "succeeded", "pi_b", "succeeded", None);
+        other_currency.data.object.currency = Some("eur".into());
+        m.add(other_currency);
+        assert_eq!(
+            flag_of(m.verdict(&entry("k", Some("pi_a")))),
+            Some(MismatchKind::Amount)
+        );
+        assert_eq!(
+            flag_of(m.verdict(&entry("k", Some("pi_b")))),
+            Some(MismatchKind::Amount)
+        );
+    }
+
+    #[test]
+    fn two_intents_that_succeeded_for_one_key_are_a_double_charge() {
+        let mut m = Matches::default();
+        m.add(event(
+            "e1",
+            "succeeded",
+            "pi_a",
+            "succeeded",
+            Some("order-1"),
+        ));
+        m.add(event(
+            "e2",
+            "succeeded",
+            "pi_b",
+            "succeeded",
+            Some("order-1"),
+        ));
+        // Whether the row names one of them or none.
+        for intent in [Some("pi_a"), None] {
+            match m.verdict(&entry("order-1", intent)) {
+                Some(Verdict::Resolve(Lookup::Mismatch { kind, detail, .. })) => {
+                    assert_eq!(kind, MismatchKind::DoubleCharge);
+                    assert!(
+                        detail.contains("pi_a") && detail.contains("pi_b"),
+                        "{detail}"
+                    );
+                }
+                other => panic!("{intent:?}: {other:?}"),
+            }
+        }
     }
 }

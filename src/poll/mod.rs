@@ -4,14 +4,22 @@
 //! a task waits for the global rate budget, looks the payment up, and records the result. At
 //! most `concurrency` lookups are in flight; a payment in flight is never picked twice.
 //!
-//! Only a final answer from Stripe produces a status event, and only after it is stored (acked
-//! by the broker, or committed to the table with `--sink postgres`) is the payment marked
-//! emitted (no more polls). Everything else (still pending, 404, 429,
-//! 5xx, timeouts, unreadable answers, a failed produce) reschedules the payment: a plain
-//! pending answer one interval later, an error after a jittered exponential backoff capped at
-//! the interval. Each outcome is logged with the payment's ids and counted.
+//! Only a final answer from Stripe (`succeeded` with the row's amount and currency, or
+//! `canceled`) produces a status event, and only after it is stored (acked by the broker, or
+//! committed to the table with `--sink postgres`) is the payment marked emitted (no more
+//! polls). Everything else reschedules the payment:
+//! - still pending, a decline included (the customer may retry on the same intent): one
+//!   interval later, or one stale interval once the payment is stale;
+//! - `succeeded` with money that does not match the row, or a double charge: flagged for a
+//!   person, asked again at the stale cadence, never written;
+//! - no answer (429, 5xx, timeouts, unreadable answers, a failed produce): a jittered
+//!   exponential backoff capped at the interval; an unknown intent (404, a search miss) backs
+//!   off up to the stale interval.
+//!
+//! Each outcome is logged with the payment's ids and counted.
 
 pub mod feed;
+pub mod money;
 pub mod ratelimit;
 pub mod stripe;
 
@@ -29,9 +37,9 @@ use crate::clock::Clock;
 use crate::metrics::METRICS;
 use crate::sink::{StatusEvent, StatusSink};
 use crate::source::handoff::Ownership;
-use crate::state::{Emitted, Entry, StateError, Store};
+use crate::state::{Emitted, Entry, Flag, StateError, Store};
 use ratelimit::RateLimiter;
-use stripe::{FinalStatus, Lookup, LookupError, StripeApi};
+use stripe::{Decline, Expected, FinalStatus, Lookup, LookupError, MismatchKind, Seen, StripeApi};
 
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
@@ -46,6 +54,19 @@ pub struct PollerConfig {
     /// waits for its next retrieve while the feed is healthy (the feed reports a resolution
     /// within one interval). `None`: every payment is retrieved every interval.
     pub fallback_interval: Option<Duration>,
+    /// How far before its cursor each feed cycle reads again: Stripe's list is eventually
+    /// consistent, so an event may show up a little after events created later.
+    pub feed_overlap: Duration,
+    /// A payment pending this long after it was first seen is stale ([`Entry::is_stale`]).
+    pub stale_after: Duration,
+    /// How often stale, unknown and flagged payments are asked about.
+    pub stale_interval: Duration,
+}
+
+impl PollerConfig {
+    fn stale_after_ms(&self) -> u64 {
+        self.stale_after.as_millis() as u64
+    }
 }
 
 pub struct Poller {
@@ -53,6 +74,9 @@ pub struct Poller {
     api: Arc<StripeApi>,
     sink: Arc<StatusSink>,
     limiter: Arc<RateLimiter>,
+    /// Search's own budget (Stripe limits Search apart from retrieves), taken on top of
+    /// `limiter` by a lookup of a row without an intent id.
+    search_limiter: Arc<RateLimiter>,
     clock: Clock,
     cfg: PollerConfig,
     in_flight: Arc<Mutex<HashSet<String>>>,
@@ -92,6 +116,7 @@ impl Poller {
         api: Arc<StripeApi>,
         sink: Arc<StatusSink>,
         limiter: Arc<RateLimiter>,
+        search_limiter: Arc<RateLimiter>,
         clock: Clock,
         cfg: PollerConfig,
         ownership: Arc<Ownership>,
@@ -101,6 +126,7 @@ impl Poller {
             api,
             sink,
             limiter,
+            search_limiter,
             clock,
             cfg,
             in_flight: Arc::default(),
@@ -121,11 +147,17 @@ impl Poller {
     }
 
     /// When a payment Stripe calls pending is asked about again: after the fallback interval
-    /// while the feed watches for its resolution, else after one interval.
-    fn pending_interval(&self) -> Duration {
-        match self.cfg.fallback_interval {
+    /// while the feed watches for its resolution, else after one interval; a stale payment
+    /// not sooner than the stale interval.
+    fn pending_interval(&self, e: &Entry, now: u64) -> Duration {
+        let base = match self.cfg.fallback_interval {
             Some(f) if self.feed_healthy() => f,
             _ => self.cfg.interval,
+        };
+        if e.is_stale(now, self.cfg.stale_after_ms()) {
+            base.max(self.cfg.stale_interval)
+        } else {
+            base
         }
     }
 
@@ -236,6 +268,10 @@ impl Poller {
     }
 
     async fn poll_one(&self, e: &Entry) -> Result<(), StateError> {
+        let search = e.stripe_payment_intent_id.is_none();
+        if search {
+            self.search_limiter.acquire().await;
+        }
         self.limiter.acquire().await;
         // Checked again after the rate budget's wait, and again once Stripe answered: a
         // revoke or a lapsed lease in between means another instance may own the payment now.
@@ -248,7 +284,14 @@ impl Poller {
         let started = tokio::time::Instant::now();
         let res = self
             .api
-            .lookup(e.stripe_payment_intent_id.as_deref(), &e.idempotency_key)
+            .lookup(
+                e.stripe_payment_intent_id.as_deref(),
+                &e.idempotency_key,
+                Expected {
+                    amount: &e.amount,
+                    currency: &e.currency,
+                },
+            )
             .await;
         METRICS
             .stripe_request_seconds
@@ -269,41 +312,128 @@ impl Poller {
             // refuses writes without it), and a lost partition drops them.
             tracing::info!(payment_id = %e.id, partition = e.partition, "group lease lapsed while Stripe answered: nothing emitted");
             if !matches!(res, Ok(Lookup::Pending { .. })) {
-                self.reschedule_after_failure(e, now, "fenced", None)?;
+                self.reschedule_after_failure(e, now, "fenced", None, self.cfg.interval)?;
                 return Ok(());
             }
         }
         match res {
-            Ok(Lookup::Pending { stripe_status }) => {
-                METRICS.polls.with_label_values(&["still_pending"]).inc();
-                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(), stripe_status, "poll: still pending");
-                let next = self.pending_interval().as_millis() as u64;
-                self.state.update(&e.id, |x| {
-                    x.failures = 0;
-                    x.record_poll(now, "still_pending", Some(&stripe_status));
-                    x.next_poll_ms = now + next;
-                })?;
-            }
+            Ok(Lookup::Pending {
+                stripe_status,
+                decline,
+            }) => self.record_pending(e, &stripe_status, decline.as_ref(), now)?,
             Ok(Lookup::Final {
                 status,
-                stripe_status,
                 reason,
-                intent_id,
+                seen,
             }) => {
                 METRICS.polls.with_label_values(&[status.as_str()]).inc();
-                self.emit_final(e, status, &stripe_status, reason, intent_id, now, "poll")
+                self.emit_final(e, status, reason, seen, now, "poll")
                     .await?;
+            }
+            Ok(Lookup::Mismatch { kind, detail, seen }) => {
+                self.record_mismatch(e, kind, detail, &seen, now, "poll")?;
             }
             Err(err) => {
                 METRICS.polls.with_label_values(&[err.outcome()]).inc();
                 tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
                     outcome = err.outcome(), error = %err, "poll: no answer, kept pending");
                 if matches!(err, LookupError::RateLimited) {
-                    self.limiter.cooldown(self.cfg.rate_limit_cooldown);
+                    let l = if search {
+                        &self.search_limiter
+                    } else {
+                        &self.limiter
+                    };
+                    l.on_rate_limited(self.cfg.rate_limit_cooldown);
                 }
-                self.reschedule_after_failure(e, now, err.outcome(), None)?;
+                // An unknown intent may never appear (a row whose intent was never created):
+                // it backs off to the stale cadence, not one retry per interval for ever.
+                let cap = match err {
+                    LookupError::NotFound => self.cfg.stale_interval,
+                    _ => self.cfg.interval,
+                };
+                self.reschedule_after_failure(e, now, err.outcome(), None, cap)?;
             }
         }
+        Ok(())
+    }
+
+    /// Stripe still calls the payment pending: asked again after [`Self::pending_interval`].
+    /// A decline is recorded (counted once per attempt) and changes nothing else: the customer
+    /// may retry on the same intent, and the retry may succeed.
+    fn record_pending(
+        &self,
+        e: &Entry,
+        stripe_status: &str,
+        decline: Option<&Decline>,
+        now: u64,
+    ) -> Result<(), StateError> {
+        let outcome = if decline.is_some() {
+            "declined"
+        } else {
+            "still_pending"
+        };
+        METRICS.polls.with_label_values(&[outcome]).inc();
+        let next = self.pending_interval(e, now).as_millis() as u64;
+        let mut new_decline = false;
+        self.state.update(&e.id, |x| {
+            x.failures = 0;
+            x.flag = None;
+            x.record_poll(now, outcome, Some(stripe_status));
+            if let Some(d) = decline {
+                new_decline = x.record_decline(now, &d.code, &d.attempt);
+            }
+            x.next_poll_ms = now + next;
+        })?;
+        match decline {
+            Some(d) if new_decline => {
+                METRICS.declines.inc();
+                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
+                    decline_code = %d.code, declines = e.decline_count() + 1, stripe_status,
+                    "poll: attempt declined; still pending (the customer may retry on the same intent)");
+            }
+            _ => {
+                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
+                    stripe_status, outcome, "poll: still pending");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stripe says `succeeded`, but not with the row's money (or twice): nothing is written.
+    /// The payment is flagged for a person (counted, logged with both sides, shown by `state`),
+    /// and asked about again at the stale cadence.
+    fn record_mismatch(
+        &self,
+        e: &Entry,
+        kind: MismatchKind,
+        detail: String,
+        seen: &Seen,
+        now: u64,
+        via: &'static str,
+    ) -> Result<(), StateError> {
+        METRICS.polls.with_label_values(&[kind.as_str()]).inc();
+        METRICS.mismatches.with_label_values(&[kind.as_str()]).inc();
+        tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = %seen.intent_id,
+            kind = kind.as_str(), detail = %detail, row_amount = %e.amount, row_currency = %e.currency,
+            stripe_amount_received = seen.amount_received, stripe_currency = seen.currency.as_deref(), via,
+            "Stripe says succeeded but the money does not match the row: not written, flagged for a person");
+        let next = now + self.cfg.stale_interval.as_millis() as u64;
+        self.state.update(&e.id, |x| {
+            x.failures = 0;
+            if via == "poll" {
+                x.record_poll(now, kind.as_str(), Some(&seen.stripe_status));
+            }
+            let since_ms = match &x.flag {
+                Some(f) if f.kind == kind.as_str() => f.since_ms,
+                _ => now,
+            };
+            x.flag = Some(Flag {
+                kind: kind.as_str().into(),
+                detail: detail.clone(),
+                since_ms,
+            });
+            x.next_poll_ms = next;
+        })?;
         Ok(())
     }
 
@@ -315,50 +445,60 @@ impl Poller {
         let mut cursor = self.cursor.lock().await;
         let now = self.clock.now_ms();
         let now_s = (now / 1000) as i64;
+        let overlap_s = self.cfg.feed_overlap.as_secs() as i64;
         let start = match *cursor {
             Some(c) => c,
             None => match self.state.stored_offset(feed::CURSOR_TOPIC, 0) {
                 Ok(Some(c)) => c,
                 // First start: everything Stripe still lists, so payments that resolved
                 // before paystream ever ran are found too (a one-time read of the retention).
-                _ => now_s - feed::RETENTION_S + feed::OVERLAP_S + 3600,
+                _ => now_s - feed::RETENTION_S + overlap_s + 3600,
             },
         };
-        let since = (start - feed::OVERLAP_S).max(now_s - feed::RETENTION_S + 3600);
+        let since = (start - overlap_s).max(now_s - feed::RETENTION_S + 3600);
         let mut matches = feed::Matches::default();
+        // The cursor this cycle may move to. Why the newest `created` seen in ONE complete
+        // listing cannot pass an event not yet read: Stripe lists newest first, so the first
+        // page holds the newest events visible when the listing began. An event this listing
+        // did not read is either (a) created after that first page was served, so its
+        // `created` is at or after every event the listing saw (the same second at least:
+        // `since` is inclusive, `gte`), or (b) created earlier but not yet visible (the list
+        // is eventually consistent), which the next cycle's re-read of the overlap before the
+        // cursor covers. Both need the three types in one listing (`types[]`): listed one
+        // after another, a later type's newer events moved the cursor past events of an
+        // earlier type created while the later one was listed. A listing that fails part way
+        // leaves the cursor where it was.
         let mut newest = start;
         let (mut pages, mut events) = (0u64, 0u64);
-        for kind in feed::EVENT_TYPES {
-            let mut after: Option<String> = None;
-            loop {
-                self.limiter.acquire().await;
-                let page = match self
-                    .api
-                    .list_events(kind, since, feed::PAGE, after.as_deref())
-                    .await
-                {
-                    Ok(p) => p,
-                    Err(err) => {
-                        METRICS.feed_pages.with_label_values(&[err.outcome()]).inc();
-                        if matches!(err, LookupError::RateLimited) {
-                            self.limiter.cooldown(self.cfg.rate_limit_cooldown);
-                        }
-                        tracing::warn!(kind, outcome = err.outcome(), error = %err, "events feed page failed; the cycle ends, the cursor stays");
-                        self.on_feed_failure();
-                        return Err(err.into());
+        let mut after: Option<String> = None;
+        loop {
+            self.limiter.acquire().await;
+            let page = match self
+                .api
+                .list_events(&feed::EVENT_TYPES, since, feed::PAGE, after.as_deref())
+                .await
+            {
+                Ok(p) => p,
+                Err(err) => {
+                    METRICS.feed_pages.with_label_values(&[err.outcome()]).inc();
+                    if matches!(err, LookupError::RateLimited) {
+                        self.limiter.on_rate_limited(self.cfg.rate_limit_cooldown);
                     }
-                };
-                pages += 1;
-                METRICS.feed_pages.with_label_values(&["ok"]).inc();
-                events += page.data.len() as u64;
-                for ev in page.data {
-                    newest = newest.max(ev.created);
-                    after = Some(ev.id.clone());
-                    matches.add(ev);
+                    tracing::warn!(outcome = err.outcome(), error = %err, "events feed page failed; the cycle ends, the cursor stays");
+                    self.on_feed_failure();
+                    return Err(err.into());
                 }
-                if !page.has_more || after.is_none() {
-                    break;
-                }
+            };
+            pages += 1;
+            METRICS.feed_pages.with_label_values(&["ok"]).inc();
+            events += page.data.len() as u64;
+            for ev in page.data {
+                newest = newest.max(ev.created);
+                after = Some(ev.id.clone());
+                matches.add(ev);
+            }
+            if !page.has_more || after.is_none() {
+                break;
             }
         }
         METRICS.feed_events.inc_by(events);
@@ -381,11 +521,15 @@ impl Poller {
                 match verdict {
                     feed::Verdict::Resolve(Lookup::Final {
                         status,
-                        stripe_status,
                         reason,
-                        intent_id,
-                    }) => finals.push((e, status, stripe_status, reason, intent_id)),
+                        seen,
+                    }) => finals.push((e, status, reason, seen)),
                     feed::Verdict::Resolve(Lookup::Pending { .. }) => {}
+                    feed::Verdict::Resolve(Lookup::Mismatch { kind, detail, seen }) => {
+                        if self.ownership.may_act(e.partition) {
+                            self.record_mismatch(&e, kind, detail, &seen, now, "feed")?;
+                        }
+                    }
                     feed::Verdict::Confirm(why) => {
                         if !self.ownership.may_act(e.partition) {
                             continue;
@@ -401,7 +545,7 @@ impl Poller {
             // The resolutions are written concurrently: one at a time, a cycle that found
             // 20,000 took 32 s on this machine (each waits for the sink to store it).
             let emits = futures::stream::iter(finals.into_iter().map(
-                |(e, status, stripe_status, reason, intent_id)| async move {
+                |(e, status, reason, seen)| async move {
                     // Owned partitions only, under the lease, as a poll (scale-out).
                     let Some(guard) = self.ownership.begin_poll(e.partition) else {
                         return Ok(false);
@@ -414,9 +558,7 @@ impl Poller {
                         .lock()
                         .expect("in-flight lock")
                         .insert(e.id.clone());
-                    let r = self
-                        .emit_final(&e, status, &stripe_status, reason, intent_id, now, "feed")
-                        .await;
+                    let r = self.emit_final(&e, status, reason, seen, now, "feed").await;
                     self.in_flight.lock().expect("in-flight lock").remove(&e.id);
                     r.map(|()| true)
                 },
@@ -449,18 +591,35 @@ impl Poller {
 
     /// Emits a final answer (from a poll or from the events feed, `via`) and marks the payment
     /// emitted once the sink stored it; a failed store keeps it pending for another poll.
-    #[allow(clippy::too_many_arguments)]
     async fn emit_final(
         &self,
         e: &Entry,
         status: FinalStatus,
-        stripe_status: &str,
         reason: Option<String>,
-        intent_id: String,
+        seen: Seen,
         now: u64,
         via: &'static str,
     ) -> Result<(), StateError> {
-        let stripe_status = stripe_status.to_string();
+        // A double charge stays flagged whatever one of its intents says later: only a person
+        // (who refunds one and writes the row) settles it.
+        if let Some(f) = e
+            .flag
+            .as_ref()
+            .filter(|f| f.kind == MismatchKind::DoubleCharge.as_str())
+        {
+            if status == FinalStatus::Succeeded {
+                let detail = f.detail.clone();
+                return self.record_mismatch(
+                    e,
+                    MismatchKind::DoubleCharge,
+                    detail,
+                    &seen,
+                    now,
+                    via,
+                );
+            }
+        }
+        let stripe_status = seen.stripe_status.clone();
         // The CDC stream may have removed it while we asked (someone else finalized the
         // row): then there is nothing to write back.
         if self.state.get(&e.id)?.is_none() {
@@ -468,14 +627,7 @@ impl Poller {
                         stripe_status, "poll: final answer for a payment no longer tracked; not emitted");
             return Ok(());
         }
-        let ev = StatusEvent::new(
-            e,
-            status.as_str(),
-            &stripe_status,
-            reason,
-            Some(intent_id),
-            now,
-        );
+        let ev = StatusEvent::new(e, status.as_str(), reason, &seen, now);
         match self.sink.send_status(&ev).await {
             Ok(()) => {
                 METRICS
@@ -501,24 +653,32 @@ impl Poller {
             Err(err) => {
                 tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
                             error = %err, "status event not produced; will poll again");
-                self.reschedule_after_failure(e, now, "produce_failed", Some(&stripe_status))?;
+                self.reschedule_after_failure(
+                    e,
+                    now,
+                    "produce_failed",
+                    Some(&stripe_status),
+                    self.cfg.interval,
+                )?;
             }
         }
         Ok(())
     }
 
+    /// No answer: asked again after a jittered backoff that doubles per failure, up to `cap`.
     fn reschedule_after_failure(
         &self,
         e: &Entry,
         now: u64,
         outcome: &str,
         stripe_status: Option<&str>,
+        cap: Duration,
     ) -> Result<(), StateError> {
         self.state.update(&e.id, |x| {
             x.failures += 1;
             x.record_poll(now, outcome, stripe_status);
-            x.next_poll_ms = now
-                + backoff(self.cfg.retry_backoff, x.failures, self.cfg.interval).as_millis() as u64;
+            x.next_poll_ms =
+                now + backoff(self.cfg.retry_backoff, x.failures, cap).as_millis() as u64;
         })?;
         Ok(())
     }

@@ -29,18 +29,102 @@ impl FinalStatus {
     }
 }
 
+/// What Stripe said about the intent an answer rests on. The status event carries it, so a
+/// ledger downstream does not have to ask Stripe again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub intent_id: String,
+    pub stripe_status: String,
+    /// `amount_received`, in the currency's minor unit; `None` when the answer lacks it.
+    pub amount_received: Option<i64>,
+    /// Lower case, as Stripe writes it.
+    pub currency: Option<String>,
+}
+
+impl Seen {
+    pub fn of(pi: &IntentView) -> Seen {
+        Seen {
+            intent_id: pi.id.clone(),
+            stripe_status: pi.status.clone(),
+            amount_received: pi.amount_received,
+            currency: pi.currency.clone(),
+        }
+    }
+}
+
+/// What the row says was charged: the other side of the amount check.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// The row's exact decimal, in major units.
+    pub amount: &'a str,
+    pub currency: &'a str,
+}
+
+/// A declined attempt: Stripe returned the intent to `requires_payment_method` with a
+/// `last_payment_error`, and the customer may retry on the same intent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decline {
+    /// Stripe's `decline_code`, else its error `code`, else `payment_failed`.
+    pub code: String,
+    /// What tells this attempt from an earlier one when the same decline is seen again by the
+    /// next poll: the failed charge's id, else the payment method's, else the code.
+    pub attempt: String,
+}
+
+/// Why Stripe's `succeeded` cannot be written: the flag's kind (also the poll outcome label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MismatchKind {
+    /// The amount received or the currency differs from the row (a wrong intent, a tampered
+    /// amount, a partial capture), or the answer lacks them.
+    Amount,
+    /// More than one intent succeeded for the row's idempotency key: the customer may have
+    /// been charged twice.
+    DoubleCharge,
+}
+
+impl MismatchKind {
+    pub const ALL: [MismatchKind; 2] = [MismatchKind::Amount, MismatchKind::DoubleCharge];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MismatchKind::Amount => "amount_mismatch",
+            MismatchKind::DoubleCharge => "double_charge",
+        }
+    }
+}
+
 /// The answer of one lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
+    /// Stripe's final answer, checked against the row: write it.
     Final {
         status: FinalStatus,
-        stripe_status: String,
         reason: Option<String>,
-        intent_id: String,
+        seen: Seen,
     },
+    /// Not final yet (a decline included: the customer may retry on the same intent).
     Pending {
         stripe_status: String,
+        decline: Option<Decline>,
     },
+    /// Stripe says `succeeded`, but the money does not match the row: never written, flagged
+    /// for a person, asked about again at the stale cadence.
+    Mismatch {
+        kind: MismatchKind,
+        /// Both sides, for the log line and `paystream state`.
+        detail: String,
+        seen: Seen,
+    },
+}
+
+impl Lookup {
+    /// The intent status Stripe reported.
+    pub fn stripe_status(&self) -> &str {
+        match self {
+            Lookup::Final { seen, .. } | Lookup::Mismatch { seen, .. } => &seen.stripe_status,
+            Lookup::Pending { stripe_status, .. } => stripe_status,
+        }
+    }
 }
 
 /// Why a lookup gave no answer. None of these resolves a payment: it stays pending and is
@@ -109,6 +193,14 @@ impl From<ClientError> for LookupError {
 pub struct IntentView {
     pub id: String,
     pub status: String,
+    /// What was captured, in the currency's minor unit (0 until the intent succeeds).
+    #[serde(default)]
+    pub amount_received: Option<i64>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// Why a canceled intent was canceled (`abandoned`, `duplicate`, ...), when given.
+    #[serde(default)]
+    pub cancellation_reason: Option<String>,
     #[serde(default)]
     pub last_payment_error: Option<PaymentError>,
     #[serde(default)]
@@ -121,6 +213,17 @@ pub struct PaymentError {
     pub code: Option<String>,
     #[serde(default)]
     pub decline_code: Option<String>,
+    /// The failed charge (card errors).
+    #[serde(default)]
+    pub charge: Option<String>,
+    #[serde(default)]
+    pub payment_method: Option<PaymentMethodRef>,
+}
+
+/// `last_payment_error.payment_method`: only its id is read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PaymentMethodRef {
+    pub id: String,
 }
 
 #[derive(serde::Serialize)]
@@ -133,54 +236,119 @@ struct SearchResult {
     data: Vec<IntentView>,
 }
 
-/// Maps a PaymentIntent to paystream's answer. Only `succeeded`, `canceled`, and
-/// `requires_payment_method` with a `last_payment_error` are final; every other status,
-/// including ones Stripe may add later, keeps the payment pending.
-pub fn classify(pi: &IntentView) -> Lookup {
-    let fin = |status, reason: Option<String>| Lookup::Final {
-        status,
-        stripe_status: pi.status.clone(),
-        reason,
-        intent_id: pi.id.clone(),
-    };
-    match (pi.status.as_str(), &pi.last_payment_error) {
-        ("succeeded", _) => fin(FinalStatus::Succeeded, None),
-        ("canceled", _) => fin(FinalStatus::Failed, Some("canceled".into())),
-        ("requires_payment_method", Some(err)) => {
-            let reason = err
-                .code
-                .clone()
-                .or_else(|| err.decline_code.clone())
-                .unwrap_or_else(|| "payment_failed".into());
-            fin(FinalStatus::Failed, Some(reason))
-        }
-        (other, _) => Lookup::Pending {
+/// Maps a PaymentIntent to paystream's answer, checked against what the row says was charged.
+///
+/// Only two statuses are final (Stripe's PaymentIntent lifecycle): `succeeded` and `canceled`.
+/// A decline is not: Stripe returns the intent to `requires_payment_method` with a
+/// `last_payment_error` so that the customer can retry on the same intent, and the retry may
+/// succeed. Every other status, including ones Stripe may add later, keeps the payment pending.
+///
+/// `succeeded` is written only when the currency matches the row (case-insensitive) and
+/// `amount_received` equals the row's amount in minor units, exactly; anything else (a wrong
+/// intent, a tampered amount, a partial capture, an answer without the amounts) is a
+/// [`Lookup::Mismatch`]: money moved, but not the money the row says, so a person must look.
+pub fn classify(pi: &IntentView, row: Expected<'_>) -> Lookup {
+    match pi.status.as_str() {
+        "succeeded" => match check_money(pi, row) {
+            Ok(()) => Lookup::Final {
+                status: FinalStatus::Succeeded,
+                reason: None,
+                seen: Seen::of(pi),
+            },
+            Err(detail) => Lookup::Mismatch {
+                kind: MismatchKind::Amount,
+                detail,
+                seen: Seen::of(pi),
+            },
+        },
+        "canceled" => Lookup::Final {
+            status: FinalStatus::Failed,
+            reason: Some(
+                pi.cancellation_reason
+                    .clone()
+                    .unwrap_or_else(|| "canceled".into()),
+            ),
+            seen: Seen::of(pi),
+        },
+        other => Lookup::Pending {
             stripe_status: other.to_string(),
+            decline: match (other, &pi.last_payment_error) {
+                ("requires_payment_method", Some(err)) => Some(decline_of(err)),
+                _ => None,
+            },
         },
     }
 }
 
-/// Several intents carry the same idempotency key: one that succeeded means the money moved;
-/// all failed means failed; anything else is doubt, so still pending.
-fn classify_many(found: &[IntentView]) -> Option<Lookup> {
-    let answers: Vec<Lookup> = found.iter().map(classify).collect();
-    if let Some(s) = answers.iter().find(|a| {
-        matches!(
-            a,
-            Lookup::Final {
-                status: FinalStatus::Succeeded,
-                ..
-            }
-        )
-    }) {
-        return Some(s.clone());
+fn decline_of(err: &PaymentError) -> Decline {
+    let code = err
+        .decline_code
+        .clone()
+        .or_else(|| err.code.clone())
+        .unwrap_or_else(|| "payment_failed".into());
+    let attempt = err
+        .charge
+        .clone()
+        .or_else(|| err.payment_method.as_ref().map(|p| p.id.clone()))
+        .unwrap_or_else(|| code.clone());
+    Decline { code, attempt }
+}
+
+/// The amount check: `Err` says both sides.
+fn check_money(pi: &IntentView, row: Expected<'_>) -> Result<(), String> {
+    let want = super::money::to_minor_units(row.amount, row.currency);
+    let (Some(got), Some(cur)) = (pi.amount_received, pi.currency.as_deref()) else {
+        return Err(format!(
+            "Stripe's answer lacks amount_received or currency; row {} {}",
+            row.amount, row.currency
+        ));
+    };
+    if !cur.eq_ignore_ascii_case(row.currency.trim()) {
+        return Err(format!(
+            "currency: Stripe {cur}, row {} (amount_received {got}, row amount {})",
+            row.currency, row.amount
+        ));
     }
-    if !answers.is_empty() && answers.iter().all(|a| matches!(a, Lookup::Final { .. })) {
-        return answers.into_iter().next();
+    match want {
+        Ok(w) if w == got => Ok(()),
+        Ok(w) => Err(format!(
+            "amount: Stripe received {got} {cur}, row {} {} = {w}",
+            row.amount, row.currency
+        )),
+        Err(e) => Err(format!("Stripe received {got} {cur}; {e}")),
     }
-    answers
-        .into_iter()
-        .find(|a| matches!(a, Lookup::Pending { .. }))
+}
+
+/// Several intents carry the row's idempotency key (found by Search). Search is eventually
+/// consistent and may miss intents, so it resolves only what it cannot be wrong about: exactly
+/// one intent that succeeded (and passes the amount check). Two that succeeded are a double
+/// charge, flagged; canceled hits are never taken as the payment's failure (a newer intent may
+/// not be indexed yet), so the payment stays pending.
+fn classify_many(found: &[IntentView], row: Expected<'_>) -> Option<Lookup> {
+    let succeeded: Vec<&IntentView> = found.iter().filter(|pi| pi.status == "succeeded").collect();
+    match succeeded.as_slice() {
+        [] => found.first().map(|pi| match classify(pi, row) {
+            Lookup::Final { seen, .. } => Lookup::Pending {
+                stripe_status: seen.stripe_status,
+                decline: None,
+            },
+            other => other,
+        }),
+        [one] => Some(classify(one, row)),
+        [first, ..] => Some(Lookup::Mismatch {
+            kind: MismatchKind::DoubleCharge,
+            detail: format!(
+                "{} intents succeeded for one idempotency key: {}",
+                succeeded.len(),
+                succeeded
+                    .iter()
+                    .map(|pi| pi.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            seen: Seen::of(first),
+        }),
+    }
 }
 
 /// One `payment_intent.*` event: its id, when Stripe created it (Unix seconds), its type, and
@@ -208,8 +376,9 @@ pub struct EventPage {
 
 #[derive(serde::Serialize)]
 struct EventQuery<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
+    /// Several types in one listing (serialized `types[0]=…&types[1]=…`, as Stripe reads
+    /// arrays).
+    types: &'a [&'a str],
     created: CreatedSince,
     limit: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -248,18 +417,18 @@ impl StripeApi {
             .map_err(|e| LookupError::Parse(e.to_string()))
     }
 
-    /// One page of events of `kind` created at or after `since` (Unix seconds), continuing
-    /// after `starting_after`. Stripe pages newest first, the emulator oldest first: callers
-    /// read every page and do not rely on the order.
+    /// One page of events of any of `types` created at or after `since` (Unix seconds),
+    /// continuing after `starting_after`. Stripe pages newest first (the feed's cursor relies
+    /// on it: see `Poller::reconcile`).
     pub async fn list_events(
         &self,
-        kind: &str,
+        types: &[&str],
         since: i64,
         limit: u32,
         starting_after: Option<&str>,
     ) -> Result<EventPage, LookupError> {
         let query = EventQuery {
-            kind,
+            types,
             created: CreatedSince { gte: since },
             limit,
             starting_after,
@@ -272,11 +441,14 @@ impl StripeApi {
 
     /// Looks a payment up: by its intent id when the row has one, else by searching the
     /// idempotency key in the intent's metadata (eventually consistent: a miss is `NotFound`,
-    /// retried later, never a failure).
+    /// retried later, never a failure; see [`classify_many`] for what a hit may resolve). The
+    /// payment service must set `metadata[idempotency_key]` on every intent it creates, or a row
+    /// without an intent id is never found.
     pub async fn lookup(
         &self,
         intent_id: Option<&str>,
         idempotency_key: &str,
+        row: Expected<'_>,
     ) -> Result<Lookup, LookupError> {
         match intent_id {
             Some(id) => {
@@ -291,7 +463,7 @@ impl StripeApi {
                     .await?;
                 let pi: IntentView = serde_json::from_value(v)
                     .map_err(|e| LookupError::Parse(format!("payment_intent: {e}")))?;
-                Ok(classify(&pi))
+                Ok(classify(&pi, row))
             }
             None => {
                 let escaped = idempotency_key.replace('\\', "\\\\").replace('\'', "\\'");
@@ -320,7 +492,7 @@ impl StripeApi {
                             == Some(idempotency_key)
                     })
                     .collect();
-                classify_many(&exact).ok_or(LookupError::NotFound)
+                classify_many(&exact, row).ok_or(LookupError::NotFound)
             }
         }
     }
@@ -341,38 +513,63 @@ mod tests {
             LookupError::Parse(String::new()),
             LookupError::Rejected(401, String::new()),
         ];
-        let outcomes = errors.iter().map(|e| e.outcome()).chain([
-            FinalStatus::Succeeded.as_str(),
-            FinalStatus::Failed.as_str(),
-            "still_pending",
-        ]);
+        let outcomes = errors
+            .iter()
+            .map(|e| e.outcome())
+            .chain(MismatchKind::ALL.map(MismatchKind::as_str))
+            .chain([
+                FinalStatus::Succeeded.as_str(),
+                FinalStatus::Failed.as_str(),
+                "still_pending",
+                "declined",
+            ]);
         for o in outcomes {
             assert!(crate::metrics::POLL_OUTCOMES.contains(&o), "{o}");
         }
     }
 
+    const ROW: Expected<'static> = Expected {
+        amount: "12.50",
+        currency: "usd",
+    };
+
     fn pi(status: &str, err: Option<&str>) -> IntentView {
         IntentView {
             id: "pi_1".into(),
             status: status.into(),
+            amount_received: Some(if status == "succeeded" { 1250 } else { 0 }),
+            currency: Some("usd".into()),
+            cancellation_reason: None,
             last_payment_error: err.map(|c| PaymentError {
                 code: Some(c.into()),
                 decline_code: None,
+                charge: Some("ch_1".into()),
+                payment_method: None,
             }),
             metadata: None,
         }
     }
 
+    fn status_of(l: &Lookup) -> Option<FinalStatus> {
+        match l {
+            Lookup::Final { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
     #[test]
-    fn only_final_answers_resolve() {
-        assert!(matches!(
-            classify(&pi("succeeded", None)),
-            Lookup::Final {
-                status: FinalStatus::Succeeded,
-                ..
+    fn only_succeeded_and_canceled_are_final() {
+        let ok = classify(&pi("succeeded", None), ROW);
+        assert_eq!(status_of(&ok), Some(FinalStatus::Succeeded));
+        match ok {
+            Lookup::Final { seen, .. } => {
+                assert_eq!(seen.amount_received, Some(1250));
+                assert_eq!(seen.currency.as_deref(), Some("usd"));
+                assert_eq!(seen.intent_id, "pi_1");
             }
-        ));
-        match classify(&pi("canceled", None)) {
+            other => panic!("{other:?}"),
+        }
+        match classify(&pi("canceled", None), ROW) {
             Lookup::Final {
                 status: FinalStatus::Failed,
                 reason,
@@ -380,12 +577,10 @@ mod tests {
             } => assert_eq!(reason.as_deref(), Some("canceled")),
             other => panic!("{other:?}"),
         }
-        match classify(&pi("requires_payment_method", Some("card_declined"))) {
-            Lookup::Final {
-                status: FinalStatus::Failed,
-                reason,
-                ..
-            } => assert_eq!(reason.as_deref(), Some("card_declined")),
+        let mut abandoned = pi("canceled", None);
+        abandoned.cancellation_reason = Some("abandoned".into());
+        match classify(&abandoned, ROW) {
+            Lookup::Final { reason, .. } => assert_eq!(reason.as_deref(), Some("abandoned")),
             other => panic!("{other:?}"),
         }
         for s in [
@@ -397,35 +592,136 @@ mod tests {
             "some_future_status",
         ] {
             assert!(
-                matches!(classify(&pi(s, None)), Lookup::Pending { .. }),
+                matches!(
+                    classify(&pi(s, None), ROW),
+                    Lookup::Pending { decline: None, .. }
+                ),
                 "{s}"
             );
         }
     }
 
     #[test]
-    fn several_intents_resolve_only_without_doubt() {
-        let ok = pi("succeeded", None);
-        let failed = pi("canceled", None);
-        let waiting = pi("requires_action", None);
+    fn a_decline_is_an_attempt_not_the_end() {
+        match classify(&pi("requires_payment_method", Some("card_declined")), ROW) {
+            Lookup::Pending {
+                stripe_status,
+                decline: Some(d),
+            } => {
+                assert_eq!(stripe_status, "requires_payment_method");
+                assert_eq!(d.code, "card_declined");
+                assert_eq!(d.attempt, "ch_1");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The decline code is the more precise one when Stripe gives both.
+        let mut p = pi("requires_payment_method", Some("card_declined"));
+        p.last_payment_error.as_mut().unwrap().decline_code = Some("insufficient_funds".into());
+        p.last_payment_error.as_mut().unwrap().charge = None;
+        match classify(&p, ROW) {
+            Lookup::Pending {
+                decline: Some(d), ..
+            } => {
+                assert_eq!(d.code, "insufficient_funds");
+                assert_eq!(d.attempt, "insufficient_funds");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A stale error on an intent the customer is retrying is no decline of this attempt.
         assert!(matches!(
-            classify_many(&[failed.clone(), ok]),
-            Some(Lookup::Final {
-                status: FinalStatus::Succeeded,
-                ..
-            })
+            classify(&pi("processing", Some("card_declined")), ROW),
+            Lookup::Pending { decline: None, .. }
         ));
+    }
+
+    fn succeeded(received: Option<i64>, currency: Option<&str>) -> IntentView {
+        let mut p = pi("succeeded", None);
+        p.amount_received = received;
+        p.currency = currency.map(str::to_string);
+        p
+    }
+
+    #[test]
+    fn succeeded_is_written_only_when_the_money_matches() {
+        let mismatch = |p: &IntentView, row| match classify(p, row) {
+            Lookup::Mismatch { kind, detail, .. } => {
+                assert_eq!(kind, MismatchKind::Amount);
+                detail
+            }
+            other => panic!("{other:?}"),
+        };
+        // Currency compared case-insensitively.
+        assert!(status_of(&classify(&succeeded(Some(1250), Some("USD")), ROW)).is_some());
+        // A partial capture, a tampered amount, another currency, a missing amount.
+        let d = mismatch(&succeeded(Some(1000), Some("usd")), ROW);
+        assert!(
+            d.contains("1000") && d.contains("12.50") && d.contains("1250"),
+            "{d}"
+        );
+        mismatch(&succeeded(Some(125), Some("usd")), ROW);
+        let d = mismatch(&succeeded(Some(1250), Some("eur")), ROW);
+        assert!(d.contains("eur") && d.contains("usd"), "{d}");
+        mismatch(&succeeded(None, Some("usd")), ROW);
+        mismatch(&succeeded(Some(1250), None), ROW);
+        // A row amount no Stripe amount equals.
+        mismatch(
+            &succeeded(Some(1234), Some("usd")),
+            Expected {
+                amount: "12.345",
+                currency: "usd",
+            },
+        );
+        // Zero- and three-decimal currencies.
+        let jpy = Expected {
+            amount: "500",
+            currency: "jpy",
+        };
+        assert!(status_of(&classify(&succeeded(Some(500), Some("jpy")), jpy)).is_some());
+        mismatch(&succeeded(Some(50000), Some("jpy")), jpy);
+        let kwd = Expected {
+            amount: "5.120",
+            currency: "KWD",
+        };
+        assert!(status_of(&classify(&succeeded(Some(5120), Some("kwd")), kwd)).is_some());
+        mismatch(&succeeded(Some(512), Some("kwd")), kwd);
+        // A canceled intent fails whatever its amounts.
+        assert_eq!(
+            status_of(&classify(&pi("canceled", None), jpy)),
+            Some(FinalStatus::Failed)
+        );
+    }
+
+    #[test]
+    fn search_hits_resolve_only_without_doubt() {
+        let ok = pi("succeeded", None);
+        let canceled = pi("canceled", None);
+        let waiting = pi("requires_action", None);
+        assert_eq!(
+            status_of(&classify_many(&[canceled.clone(), ok.clone()], ROW).unwrap()),
+            Some(FinalStatus::Succeeded)
+        );
         assert!(matches!(
-            classify_many(&[failed.clone(), waiting]),
+            classify_many(&[canceled.clone(), waiting], ROW),
             Some(Lookup::Pending { .. })
         ));
+        // Search may not have indexed a newer intent yet: canceled hits never fail a payment.
         assert!(matches!(
-            classify_many(&[failed.clone(), failed]),
-            Some(Lookup::Final {
-                status: FinalStatus::Failed,
-                ..
-            })
+            classify_many(&[canceled.clone(), canceled], ROW),
+            Some(Lookup::Pending { .. })
         ));
-        assert!(classify_many(&[]).is_none());
+        // Two intents that succeeded for one key: a double charge, flagged.
+        let mut other = ok.clone();
+        other.id = "pi_2".into();
+        match classify_many(&[ok, other], ROW) {
+            Some(Lookup::Mismatch { kind, detail, .. }) => {
+                assert_eq!(kind, MismatchKind::DoubleCharge);
+                assert!(
+                    detail.contains("pi_1") && detail.contains("pi_2"),
+                    "{detail}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(classify_many(&[], ROW).is_none());
     }
 }

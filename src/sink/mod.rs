@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::rfc3339_ms;
 use crate::kafka::idempotent_producer_config;
 use crate::metrics::METRICS;
+use crate::poll::stripe::Seen;
 use crate::state::Entry;
 
 /// The status event. Schema: `schemas/payment-status-update.schema.json` (and `.avsc`).
@@ -33,6 +34,16 @@ pub struct StatusEvent {
     pub reason: Option<String>,
     pub observed_at: String,
     pub producer: String,
+    /// What Stripe received (`amount_received`), in the currency's minor unit. For `succeeded`
+    /// it equals the row's amount (paystream checked); absent in events written before it.
+    #[serde(default)]
+    pub amount_received: Option<i64>,
+    /// The intent's currency as Stripe reported it (lower case).
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// Declined attempts paystream saw before the final answer.
+    #[serde(default)]
+    pub decline_count: u32,
 }
 
 /// `event_id` for a payment reaching a status: SHA-256 of both, first 16 bytes as a UUID-shaped
@@ -51,24 +62,27 @@ pub fn event_id(payment_id: &str, status: &str) -> String {
 }
 
 impl StatusEvent {
+    /// The event for `e` reaching `status` on what Stripe said (`seen`).
     pub fn new(
         e: &Entry,
         status: &str,
-        stripe_status: &str,
         reason: Option<String>,
-        intent_id: Option<String>,
+        seen: &Seen,
         observed_ms: u64,
     ) -> Self {
         StatusEvent {
             event_id: event_id(&e.id, status),
             payment_id: e.id.clone(),
             idempotency_key: e.idempotency_key.clone(),
-            stripe_payment_intent_id: intent_id.or_else(|| e.stripe_payment_intent_id.clone()),
+            stripe_payment_intent_id: Some(seen.intent_id.clone()),
             status: status.to_string(),
-            stripe_status: stripe_status.to_string(),
+            stripe_status: seen.stripe_status.clone(),
             reason,
             observed_at: rfc3339_ms(observed_ms),
             producer: "paystream".into(),
+            amount_received: seen.amount_received,
+            currency: seen.currency.clone(),
+            decline_count: e.decline_count(),
         }
     }
 }
@@ -516,6 +530,9 @@ mod tests {
             reason: Some("canceled".into()),
             observed_at: "2026-11-22T00:00:00.000Z".into(),
             producer: "paystream".into(),
+            amount_received: Some(0),
+            currency: Some("usd".into()),
+            decline_count: 2,
         };
         let avsc = apache_avro::Schema::parse_str(include_str!(
             "../../schemas/payment-status-update.avsc"
@@ -547,6 +564,45 @@ mod tests {
         props.sort();
         fields.sort();
         assert_eq!(props, fields);
+    }
+
+    /// The schema before `amount_received`, `currency` and `decline_count` were added.
+    const STATUS_AVSC_V1: &str = r#"{"type": "record", "name": "PaymentStatusUpdate", "namespace": "dev.paystream",
+      "fields": [
+        {"name": "event_id", "type": "string"}, {"name": "payment_id", "type": "string"},
+        {"name": "idempotency_key", "type": "string"},
+        {"name": "stripe_payment_intent_id", "type": ["null", "string"], "default": null},
+        {"name": "status", "type": {"type": "enum", "name": "FinalStatus", "symbols": ["succeeded", "failed"]}},
+        {"name": "stripe_status", "type": "string"},
+        {"name": "reason", "type": ["null", "string"], "default": null},
+        {"name": "observed_at", "type": "string"}, {"name": "producer", "type": "string"}]}"#;
+
+    #[test]
+    fn events_written_before_the_stripe_fields_still_read() {
+        let old = serde_json::json!({
+            "event_id": "e", "payment_id": "1", "idempotency_key": "k",
+            "stripe_payment_intent_id": "pi_1", "status": "succeeded", "stripe_status": "succeeded",
+            "reason": null, "observed_at": "2026-11-22T00:00:00.000Z", "producer": "paystream"
+        });
+        let ev: StatusEvent = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!((ev.amount_received, ev.decline_count), (None, 0));
+        // Avro: a datum of the old schema read with it as the writer's schema, as the updater
+        // does with the id the event carries.
+        let v1 = apache_avro::Schema::parse_str(STATUS_AVSC_V1).unwrap();
+        let datum = apache_avro::to_avro_datum(
+            &v1,
+            apache_avro::to_value(&old).unwrap().resolve(&v1).unwrap(),
+        )
+        .unwrap();
+        let read = apache_avro::from_avro_datum(&v1, &mut &datum[..], None).unwrap();
+        let ev: StatusEvent = apache_avro::from_value(&read).unwrap();
+        assert_eq!((ev.currency, ev.decline_count), (None, 0));
+        // And the new schema reads old data through resolution (backward compatible): every
+        // added field has a default.
+        let new = apache_avro::Schema::parse_str(STATUS_AVSC).unwrap();
+        let resolved = apache_avro::from_avro_datum(&v1, &mut &datum[..], Some(&new)).unwrap();
+        let ev: StatusEvent = apache_avro::from_value(&resolved).unwrap();
+        assert_eq!(ev.decline_count, 0);
     }
 
     #[test]

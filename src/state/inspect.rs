@@ -36,6 +36,27 @@ pub struct PaymentView {
     /// The row as the last CDC event showed it.
     pub last_cdc: Option<CdcView>,
     pub status_event: Option<StatusEventView>,
+    /// Declined attempts so far (none is final: the customer may retry on the same intent).
+    #[serde(default)]
+    pub declines: Option<DeclinesView>,
+    /// Why Stripe's final answer is not written, when it is not: a person must look.
+    #[serde(default)]
+    pub flag: Option<FlagView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclinesView {
+    pub count: u32,
+    pub last_code: String,
+    pub last_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlagView {
+    /// `amount_mismatch` or `double_charge`.
+    pub kind: String,
+    pub detail: String,
+    pub since: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +139,16 @@ impl PaymentView {
                 event_id: x.event_id.clone(),
                 emitted_at: rfc3339_ms(x.at_ms),
             }),
+            declines: e.declines.as_ref().map(|d| DeclinesView {
+                count: d.count,
+                last_code: d.last_code.clone(),
+                last_at: rfc3339_ms(d.last_at_ms),
+            }),
+            flag: e.flag.as_ref().map(|f| FlagView {
+                kind: f.kind.clone(),
+                detail: f.detail.clone(),
+                since: rfc3339_ms(f.since_ms),
+            }),
         }
     }
 }
@@ -162,6 +193,8 @@ pub struct ListQuery {
     /// Only payments first seen at least this long ago.
     pub older_than: Option<Duration>,
     pub status: Option<Status>,
+    /// Only payments flagged for a person (amount mismatch, double charge).
+    pub flagged: bool,
     pub limit: usize,
 }
 
@@ -178,6 +211,9 @@ impl ListQuery {
         if let Some(s) = self.status {
             q.push(format!("status={}", s.as_str()));
         }
+        if self.flagged {
+            q.push("flagged=true".into());
+        }
         q.join("&")
     }
 
@@ -187,11 +223,13 @@ impl ListQuery {
             due: false,
             older_than: None,
             status: None,
+            flagged: false,
             limit: DEFAULT_LIST_LIMIT,
         };
         for (k, v) in query_pairs(q) {
             match k.as_str() {
                 "due" => out.due = v == "true",
+                "flagged" => out.flagged = v == "true",
                 "older_than_ms" => {
                     out.older_than = Some(Duration::from_millis(
                         v.parse().map_err(|_| format!("older_than_ms: {v:?}"))?,
@@ -230,7 +268,8 @@ pub fn list(
     store.scan(|e| {
         let keep = status.is_none_or(|s| Status::of(&e) == s)
             && (!q.due || e.next_poll_ms <= now_ms)
-            && cutoff.is_none_or(|c| e.first_seen_ms <= c);
+            && cutoff.is_none_or(|c| e.first_seen_ms <= c)
+            && (!q.flagged || e.flag.is_some());
         if keep && q.limit > 0 {
             let order = if q.due {
                 e.next_poll_ms
@@ -277,6 +316,17 @@ pub struct StatsReport {
     pub due_now: u64,
     pub due_next_interval: u64,
     pub poll_interval: String,
+    /// Pending payments first seen at least `stale_after` ago (polled at the stale cadence).
+    #[serde(default)]
+    pub stale: u64,
+    #[serde(default)]
+    pub stale_after: String,
+    /// Pending payments flagged for a person (amount mismatch, double charge).
+    #[serde(default)]
+    pub flagged: u64,
+    /// Pending payments with at least one declined attempt.
+    #[serde(default)]
+    pub declined: u64,
     pub by_age: Vec<AgeCount>,
     pub offsets: Vec<OffsetView>,
     pub last_checkpoint: Option<String>,
@@ -310,8 +360,13 @@ pub fn stats(
     dir: &Path,
     now_ms: u64,
     interval: Duration,
+    stale_after: Duration,
 ) -> Result<StatsReport, StateError> {
-    let s = store.stats(now_ms, interval.as_millis() as u64)?;
+    let s = store.stats(
+        now_ms,
+        interval.as_millis() as u64,
+        stale_after.as_millis() as u64,
+    )?;
     let last_cp = store.last_checkpoint_ms()?;
     let secs = |ms: u64| now_ms.saturating_sub(ms) as f64 / 1000.0;
     let mut offsets: Vec<OffsetView> = store
@@ -337,6 +392,10 @@ pub fn stats(
         due_now: s.due_now,
         due_next_interval: s.due_next_interval,
         poll_interval: humantime::format_duration(interval).to_string(),
+        stale: s.stale,
+        stale_after: humantime::format_duration(stale_after).to_string(),
+        flagged: s.flagged,
+        declined: s.declined,
         by_age: AGE_BUCKETS
             .iter()
             .zip(s.by_age)
@@ -423,6 +482,7 @@ mod tests {
             due: true,
             older_than: Some(Duration::from_secs(7200)),
             status: Some(Status::AwaitingCdc),
+            flagged: true,
             limit: 7,
         };
         assert_eq!(ListQuery::from_query(&q.to_query()).unwrap(), q);

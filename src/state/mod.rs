@@ -183,6 +183,37 @@ pub struct Entry {
     /// Set once the final status was produced: no more polls, waiting for the CDC stream to show
     /// the row non-pending (or deleted) before the entry is dropped.
     pub emitted: Option<Emitted>,
+    /// Declined attempts Stripe reported. None is final: the customer may retry on the same
+    /// intent, so the payment stays pending and is polled again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declines: Option<Declines>,
+    /// Set while Stripe's final answer cannot be written (the money does not match the row, or
+    /// a double charge): a person must look. Cleared by the next answer that can be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<Flag>,
+}
+
+/// The declines of one payment's intent so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Declines {
+    pub count: u32,
+    /// Stripe's decline code of the newest one.
+    pub last_code: String,
+    pub last_at_ms: u64,
+    /// What tells the newest attempt from an earlier one (`poll::stripe::Decline::attempt`):
+    /// a poll that sees the same decline again does not count it twice.
+    pub last_attempt: String,
+}
+
+/// Why a payment Stripe calls final is not written (see [`Entry::flag`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flag {
+    /// `amount_mismatch` or `double_charge` (the poll outcome label).
+    pub kind: String,
+    /// Both sides, as the warning logged them.
+    pub detail: String,
+    /// When it was first seen (clock ms).
+    pub since_ms: u64,
 }
 
 impl Entry {
@@ -201,6 +232,41 @@ impl Entry {
 
     pub fn last_outcome(&self) -> Option<&str> {
         self.history.last().map(|p| p.outcome.as_str())
+    }
+
+    /// Records a decline seen by a poll; returns whether it is a new attempt's (counted once,
+    /// however many polls see it).
+    pub fn record_decline(&mut self, at_ms: u64, code: &str, attempt: &str) -> bool {
+        match &mut self.declines {
+            Some(d) if d.last_attempt == attempt => false,
+            Some(d) => {
+                d.count += 1;
+                d.last_code = code.to_string();
+                d.last_at_ms = at_ms;
+                d.last_attempt = attempt.to_string();
+                true
+            }
+            None => {
+                self.declines = Some(Declines {
+                    count: 1,
+                    last_code: code.to_string(),
+                    last_at_ms: at_ms,
+                    last_attempt: attempt.to_string(),
+                });
+                true
+            }
+        }
+    }
+
+    /// Declines seen so far.
+    pub fn decline_count(&self) -> u32 {
+        self.declines.as_ref().map_or(0, |d| d.count)
+    }
+
+    /// Stale: first seen at least `stale_after_ms` ago and still pending. Polled at the stale
+    /// cadence; staleness alone never resolves anything.
+    pub fn is_stale(&self, now_ms: u64, stale_after_ms: u64) -> bool {
+        self.emitted.is_none() && now_ms.saturating_sub(self.first_seen_ms) >= stale_after_ms
     }
 }
 
@@ -247,6 +313,12 @@ pub struct Stats {
     pub oldest_pending: Option<(String, u64)>,
     /// Pending payments per [`AGE_BUCKETS`] entry.
     pub by_age: [u64; AGE_BUCKETS.len()],
+    /// Pending payments first seen at least the stale age ago ([`Entry::is_stale`]).
+    pub stale: u64,
+    /// Pending payments flagged for a person ([`Entry::flag`]).
+    pub flagged: u64,
+    /// Pending payments with at least one declined attempt.
+    pub declined: u64,
 }
 
 /// The result of one checkpoint: the offsets now durable, to commit to the group.
@@ -1005,6 +1077,8 @@ impl Store {
                 history: Vec::new(),
                 last_cdc: None,
                 emitted: None,
+                declines: None,
+                flag: None,
             });
             ov.entries.insert(p.id.clone(), Some(e));
             applied
@@ -1439,8 +1513,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Counts at `now_ms`, for a poll interval of `interval_ms` (one scan).
-    pub fn stats(&self, now_ms: u64, interval_ms: u64) -> Result<Stats, StateError> {
+    /// Counts at `now_ms`, for a poll interval of `interval_ms` and a stale age of
+    /// `stale_after_ms` (one scan).
+    pub fn stats(
+        &self,
+        now_ms: u64,
+        interval_ms: u64,
+        stale_after_ms: u64,
+    ) -> Result<Stats, StateError> {
         let mut s = Stats::default();
         self.scan(|e| {
             if e.emitted.is_some() {
@@ -1459,6 +1539,9 @@ impl Store {
                 .position(|(_, upper)| age < *upper)
                 .unwrap_or(AGE_BUCKETS.len() - 1);
             s.by_age[bucket] += 1;
+            s.stale += u64::from(e.is_stale(now_ms, stale_after_ms));
+            s.flagged += u64::from(e.flag.is_some());
+            s.declined += u64::from(e.declines.is_some());
             if s.oldest_pending
                 .as_ref()
                 .is_none_or(|(_, t)| e.first_seen_ms < *t)
@@ -1616,7 +1699,10 @@ mod tests {
             .map(|e| e.id)
             .collect();
         assert_eq!(due, vec!["a"], "an emitted payment is not polled again");
-        assert_eq!(s.stats(600, 100).unwrap().awaiting_confirmation, 1);
+        assert_eq!(
+            s.stats(600, 100, u64::MAX).unwrap().awaiting_confirmation,
+            1
+        );
         // A pending-status update keeps the schedule and the emission.
         apply(&s, &create("b", "pending"), None, 3, 700, 100);
         assert!(s.get("b").unwrap().unwrap().emitted.is_some());
@@ -1837,7 +1923,7 @@ mod tests {
             })
         })
         .unwrap();
-        let st = s.stats(30 * h, 600_000).unwrap();
+        let st = s.stats(30 * h, 600_000, 24 * h).unwrap();
         assert_eq!((st.pending, st.awaiting_confirmation), (4, 1));
         // p0, p2, p3 are overdue; p4 is due 10 min after it was seen, within the next interval.
         assert_eq!((st.due_now, st.due_next_interval), (3, 1));
@@ -1847,6 +1933,9 @@ mod tests {
             "<10m, 10m-1h, 1h-6h, 6h-24h, >=24h"
         );
         assert_eq!(st.oldest_pending, Some(("p0".to_string(), 0)));
+        // Seen 24 h ago or more and still pending: p0 and p2 (p1 is emitted).
+        assert_eq!(st.stale, 2);
+        assert_eq!((st.flagged, st.declined), (0, 0));
     }
 
     #[test]

@@ -155,6 +155,18 @@ pub fn intent_with_card_keyed(
     (id, pi["status"].as_str().unwrap_or("").into())
 }
 
+/// The customer retries a declined intent with another card: a new attempt on the same intent,
+/// as Stripe allows (the emulator's wrapper adds it). Returns the intent's status after it.
+pub fn retry_intent(base: &str, id: &str, number: &str) -> String {
+    let pm = card_pm(base, number);
+    let pi = stripe_post(
+        base,
+        &format!("/v1/payment_intents/{id}/confirm"),
+        &[("payment_method", pm.as_str())],
+    );
+    pi["status"].as_str().unwrap_or("").to_string()
+}
+
 pub fn intent_canceled(base: &str, amount: &str) -> String {
     let pi = stripe_post(
         base,
@@ -774,6 +786,9 @@ pub fn status_event(id: i64, status: &str) -> Vec<u8> {
         reason: None,
         observed_at: "2026-11-22T00:00:00.000Z".into(),
         producer: "paystream".into(),
+        amount_received: Some(if status == "succeeded" { 1000 } else { 0 }),
+        currency: Some("usd".into()),
+        decline_count: 0,
     })
     .unwrap()
 }
