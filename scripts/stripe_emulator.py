@@ -43,14 +43,42 @@ And adds, for paystream's tests:
   paystream), metadata idempotency_key = key_prefix + i, and answers {"ids": [...]};
   POST /_paystream/bulk_confirm {"ids": [...]} confirms them (each records its event) and
   answers {"confirmed": n, "at": <emulator time>}.
+- Stripe Connect: a request with `Stripe-Account: acct_…` acts on that connected account.
+  PaymentIntents created in an account belong to it; a retrieve, cancel, confirm, capture,
+  search or events list sees only the objects of its own account (the platform's when the
+  header is absent), as on Stripe; another account's intent is a 404.
+- Restricted keys (`rk_test_…`, `rk_live_…`) are accepted like secret keys; one whose name
+  contains `_read_` is read-only, as a restricted key with only read permissions is on Stripe:
+  every POST under /v1/ answers 403 `permission_error` (localstripe checks no permission).
+- Stripe's limits and lags, per API key: POST /_paystream/config {"key": "sk_…",
+  "rate_limit_rps": N, "search_lag_ms": M}. With a rate limit, that key's requests beyond N in
+  any one second answer 429 `rate_limit` with `Stripe-Should-Retry: true`, as Stripe does; with
+  a search lag, Search does not find an intent until M ms after it was created (Stripe's Search
+  is eventually consistent: usually under a minute). Omitted values are off.
 - Stats: GET /_paystream/stats returns {"requests", "by_path", "max_per_second"} over all /v1/
   requests; with ?key=sk_... only that key's: its "max_per_second" (the most requests that
   started in any one-second window) and "log", every request as [t_seconds, method, path,
   status]. Tests give each daemon its own key, so parallel tests never mix.
+
+Where it still differs from Stripe (none of it is something paystream's tests rely on):
+- Search understands only `metadata['idempotency_key']:'…'`, exactly.
+- Events: only payment_intent.succeeded, .payment_failed and .canceled are recorded; no
+  `pending_webhooks`; `data.object` is rendered in one API version.
+- `last_payment_error` has no `type` or `decline_code`; a decline's 402 says
+  `invalid_request_error` where Stripe says `card_error`.
+- The `Idempotency-Key` header is ignored: a repeated POST acts again.
+- Connect: only PaymentIntents (and their events) belong to an account; payment methods are
+  shared.
+- Restricted keys are read-only by name (`_read_`), not by per-resource permission.
+- The rate limit is one per key, not per endpoint.
+- A partial capture refunds the rest (localstripe) instead of releasing it; `amount_received`
+  is right either way.
+- Three-decimal currencies' last-digit-0 rule and minimum amounts are not enforced.
 """
 import argparse
 import asyncio
 import collections
+import contextvars
 import re
 import time
 
@@ -63,6 +91,36 @@ from localstripe.errors import UserError
 # localstripe's handlers in its `extra_apis` list, so they must run before its server module is
 # imported: that import binds the list's functions to routes.
 PI = resources.PaymentIntent
+_init_orig = PI.__init__
+_retrieve_orig = PI._api_retrieve.__func__
+# The connected account of the request being served (`Stripe-Account`), None for the platform.
+ACCOUNT = contextvars.ContextVar("account", default=None)
+
+
+def pi_init(self, *args, **kwargs):
+    _init_orig(self, *args, **kwargs)
+    CREATED_AT[self.id] = time.monotonic()
+    self._account = ACCOUNT.get()
+
+
+def pi_retrieve(cls, id):
+    obj = _retrieve_orig(cls, id)
+    if getattr(obj, "_account", None) != ACCOUNT.get():
+        raise UserError(404, "No such payment_intent: '" + id + "'")
+    return obj
+
+
+PI.__init__ = pi_init
+PI._api_retrieve = classmethod(pi_retrieve)
+_event_init_orig = resources.Event.__init__
+
+
+def event_init(self, type, data):
+    _event_init_orig(self, type, data)
+    self._account = getattr(data, "_account", None)
+
+
+resources.Event.__init__ = event_init
 _confirm_orig = PI._api_confirm
 _cancel_orig = PI._api_cancel
 _capture_orig = PI._api_capture
@@ -156,6 +214,9 @@ def _list_all(cls, url, limit=None, starting_after=None, **kwargs):
 resources.StripeObject._api_list_all = classmethod(_list_all)
 
 FAULTS = []
+# Per API key: {"rate_limit_rps": N, "search_lag_ms": M} (see the module doc).
+CONFIG = collections.defaultdict(dict)
+CREATED_AT = {}  # intent id -> monotonic time of its creation (for the search lag)
 SEARCH = re.compile(r"^metadata\['idempotency_key'\]:'((?:[^'\\]|\\.)*)'$")
 
 
@@ -224,6 +285,8 @@ def injected(fault, request):
 @web.middleware
 async def paystream_middleware(request, handler):
     path = request.path
+    # Set for every request (a keep-alive connection serves its requests in one task).
+    ACCOUNT.set(request.headers.get("Stripe-Account"))
     # Control endpoints are answered here, before localstripe's auth middleware.
     if path == "/_paystream/faults" and request.method == "POST":
         data = await request.json()
@@ -232,6 +295,10 @@ async def paystream_middleware(request, handler):
     if path == "/_paystream/faults" and request.method == "DELETE":
         FAULTS.clear()
         return web.json_response({"faults": FAULTS})
+    if path == "/_paystream/config" and request.method == "POST":
+        data = await request.json()
+        CONFIG[data.pop("key", "")].update(data)
+        return web.json_response(dict(CONFIG))
     if path == "/_paystream/bulk_intents" and request.method == "POST":
         return bulk_intents(await request.json())
     if path == "/_paystream/bulk_confirm" and request.method == "POST":
@@ -246,7 +313,18 @@ async def paystream_middleware(request, handler):
     meters = [ALL, BY_KEY[key]]
     started = [m.start(request.method, path) for m in meters]
     response = None
-    for fault in FAULTS:
+    limit = CONFIG[key].get("rate_limit_rps")
+    if limit is not None and len(BY_KEY[key].recent) > limit:
+        response = web.json_response(
+            {"error": {"type": "invalid_request_error", "code": "rate_limit",
+                       "message": "Too many requests hit the API too quickly."}},
+            status=429, headers={"Stripe-Should-Retry": "true"})
+    if response is None and key.startswith("rk_") and "_read_" in key and request.method == "POST":
+        response = web.json_response({"error": {
+            "type": "invalid_request_error", "code": "permission_error",
+            "message": f"The provided key '{key[:12]}…' does not have the required permissions "
+                       "for this endpoint (rak_payment_intent_write)."}}, status=403)
+    for fault in FAULTS if response is None else ():
         if (fault["count"] > 0 and path.startswith(fault.get("path", "/v1/"))
                 and fault.get("key", key) == key):
             fault["count"] -= 1
@@ -255,9 +333,14 @@ async def paystream_middleware(request, handler):
             response = injected(fault, request)
             break
     if response is None and path == "/v1/payment_intents/search" and request.method == "GET":
-        response = search_intents(request)
+        response = search_intents(request, CONFIG[key].get("search_lag_ms", 0) / 1000)
     if response is None and path == "/v1/events" and request.method == "GET":
         response = list_events(request)
+    if response is None and key.startswith("rk_"):
+        # localstripe knows only secret keys: hand it the request as a secret key's.
+        headers = dict(request.headers)
+        headers["Authorization"] = "Bearer sk_" + key[len("rk_"):]
+        request = request.clone(headers=headers)
     if response is None:
         try:
             response = await handler(request)
@@ -268,7 +351,7 @@ async def paystream_middleware(request, handler):
     return response
 
 
-def search_intents(request):
+def search_intents(request, lag_s):
     m = SEARCH.match(request.query.get("query", ""))
     if not m:
         body = {"error": {"type": "invalid_request_error",
@@ -276,9 +359,12 @@ def search_intents(request):
                                      "not " + request.query_string}}
         return web.json_response(body, status=400)
     wanted = re.sub(r"\\(.)", r"\1", m.group(1))
+    visible_before = time.monotonic() - lag_s
+    account = ACCOUNT.get()
     hits = [obj._export() for k, obj in list(resources.store.items())
-            if k.startswith("payment_intent:")
-            and (getattr(obj, "metadata", None) or {}).get("idempotency_key") == wanted]
+            if k.startswith("payment_intent:") and getattr(obj, "_account", None) == account
+            and (getattr(obj, "metadata", None) or {}).get("idempotency_key") == wanted
+            and CREATED_AT.get(obj.id, 0) <= visible_before]
     return web.json_response({"object": "search_result", "url": "/v1/payment_intents/search",
                               "has_more": False, "next_page": None, "data": hits})
 
@@ -315,8 +401,9 @@ def list_events(request):
     test = {"gt": lambda c, v: c > v, "gte": lambda c, v: c >= v, "lt": lambda c, v: c < v,
             "lte": lambda c, v: c <= v, "eq": lambda c, v: c == v}
     # The store keeps events in creation order: reversed, newest first, as Stripe lists.
+    account = ACCOUNT.get()
     evs = [e for e in (resources.store[k] for k in reversed(list(BY_TYPE["event"])))
-           if (not types or e.type in types) and all(test[op](e.created, v) for op, v in bounds)]
+           if getattr(e, "_account", None) == account and (not types or e.type in types) and all(test[op](e.created, v) for op, v in bounds)]
     ids = [e.id for e in evs]
     cursor = q.get("starting_after") or q.get("ending_before")
     if cursor is not None and cursor not in ids:

@@ -148,6 +148,11 @@ pub struct ColumnArgs {
     /// The status value that means "pending" in the table.
     #[arg(long, env = "PAYSTREAM_PENDING_STATUS", default_value = "pending")]
     pub pending_status: String,
+    /// Stripe Connect: the column holding each payment's connected account (`acct_…`); its
+    /// intent is looked up in that account (the `Stripe-Account` header). A row whose column
+    /// is NULL uses --stripe-account, or the platform account.
+    #[arg(long, env = "PAYSTREAM_ACCOUNT_COLUMN")]
+    pub account_column: Option<String>,
 }
 
 impl ColumnArgs {
@@ -175,6 +180,7 @@ impl ColumnArgs {
             stripe_payment_intent_id: self.column_stripe_payment_intent_id.clone(),
             created_at: self.column_created_at.clone(),
             updated_at: self.column_updated_at.clone(),
+            account: self.account_column.clone(),
         }
     }
 }
@@ -310,6 +316,10 @@ pub struct RunConfig {
     /// the payment service, hence the low default.
     #[arg(long, env = "PAYSTREAM_STRIPE_RPS", default_value = DEFAULT_STRIPE_RPS)]
     pub stripe_rps: f64,
+    /// Stripe Connect: the connected account (`acct_…`) every request acts on (the
+    /// `Stripe-Account` header), unless --account-column names one for the row.
+    #[arg(long, env = "PAYSTREAM_STRIPE_ACCOUNT")]
+    pub stripe_account: Option<String>,
     /// Most Stripe Search requests per second (rows without an intent id), on top of
     /// --stripe-rps; Stripe limits Search to 20/s of its own.
     #[arg(long, env = "PAYSTREAM_STRIPE_SEARCH_RPS", default_value = DEFAULT_STRIPE_SEARCH_RPS)]
@@ -371,6 +381,14 @@ pub struct RunConfig {
     /// an amount mismatch or a double charge are asked about.
     #[arg(long, env = "PAYSTREAM_STALE_POLL_INTERVAL", default_value = DEFAULT_STALE_POLL_INTERVAL, value_parser = duration)]
     pub stale_poll_interval: Duration,
+    /// Off by default. Cancel in Stripe (cancellation_reason=abandoned, with an Idempotency-Key)
+    /// the intent of a payment still pending this long after it was first seen, while Stripe
+    /// lets it be canceled (requires_payment_method, requires_confirmation, requires_action,
+    /// requires_capture); the payment resolves failed (reason abandoned) only when Stripe
+    /// answers canceled. Needs a key that may write PaymentIntents. Rows without an intent id
+    /// are never canceled.
+    #[arg(long, env = "PAYSTREAM_CANCEL_ABANDONED_AFTER", value_parser = duration)]
+    pub cancel_abandoned_after: Option<Duration>,
     /// Where changes come from: the Debezium topic (kafka), or the table's logical replication
     /// read directly (postgres: embedded mode, no Kafka or Debezium).
     #[arg(long, env = "PAYSTREAM_SOURCE", value_enum, default_value = "kafka")]
@@ -539,6 +557,16 @@ impl RunConfig {
         if !(self.stripe_rps.is_finite() && self.stripe_rps > 0.0) {
             return Err(bad("--stripe-rps", "must be a positive number"));
         }
+        if self
+            .stripe_account
+            .as_deref()
+            .is_some_and(|a| !crate::poll::stripe::is_account_id(a))
+        {
+            return Err(bad(
+                "--stripe-account",
+                "must be a connected account id (acct_…)",
+            ));
+        }
         if !(self.stripe_search_rps.is_finite() && self.stripe_search_rps > 0.0) {
             return Err(bad("--stripe-search-rps", "must be a positive number"));
         }
@@ -573,6 +601,15 @@ impl RunConfig {
         }
         if self.retry_backoff.is_zero() {
             return Err(bad("--retry-backoff", "must be positive"));
+        }
+        if self
+            .cancel_abandoned_after
+            .is_some_and(|d| d < self.poll_interval)
+        {
+            return Err(bad(
+                "--cancel-abandoned-after",
+                "must be at least --poll-interval",
+            ));
         }
         if self.stale_poll_interval < self.poll_interval {
             return Err(bad(

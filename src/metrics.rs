@@ -77,6 +77,9 @@ pub struct Metrics {
     /// Stripe answers `succeeded` that were not written because the money did not match the
     /// row, by kind (amount_mismatch, double_charge).
     pub mismatches: IntCounterVec,
+    /// `--cancel-abandoned-after`: cancels of abandoned intents, by result (canceled,
+    /// not_canceled).
+    pub abandoned: IntCounterVec,
     /// Pending payments first seen at least --stale-after ago.
     pub stale_payments: IntGauge,
     /// Pending payments flagged for a person (amount mismatch, double charge).
@@ -185,6 +188,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         feed_matches: counter(&r, "paystream_feed_matches_total", "Events feed: pending payments an event was about, by verdict (resolved: no retrieve; confirm: retrieved now)", &["verdict"]),
         declines: int_counter(&r, "paystream_declines_total", "Declined payment attempts seen, each once; a decline is not final (the customer may retry on the same intent)"),
         mismatches: counter(&r, "paystream_mismatches_total", "Stripe succeeded answers not written because the money does not match the row, by kind (amount_mismatch, double_charge)", &["kind"]),
+        abandoned: counter(&r, "paystream_abandoned_cancels_total", "With --cancel-abandoned-after: cancels of abandoned intents in Stripe, by result (canceled: resolved failed/abandoned; not_canceled: nothing written)", &["result"]),
         stale_payments: int_gauge(&r, "paystream_stale_payments", "Pending payments first seen at least --stale-after ago (polled every --stale-poll-interval)"),
         flagged_payments: int_gauge(&r, "paystream_flagged_payments", "Pending payments flagged for a person: Stripe says succeeded but the money does not match the row, or a double charge"),
         declined_payments: int_gauge(&r, "paystream_declined_payments", "Pending payments with at least one declined attempt"),
@@ -193,11 +197,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 });
 
 /// Every poll outcome label (`LookupError::outcome`, the final statuses, a decline, the flags).
-pub const POLL_OUTCOMES: [&str; 13] = [
+pub const POLL_OUTCOMES: [&str; 15] = [
     "succeeded",
     "failed",
     "still_pending",
     "declined",
+    "cancel_failed",
     "amount_mismatch",
     "double_charge",
     "not_found",
@@ -207,6 +212,7 @@ pub const POLL_OUTCOMES: [&str; 13] = [
     "transport_error",
     "parse_error",
     "rejected",
+    "search_unavailable",
 ];
 
 /// Creates the daemon's labelled series at 0, so a dashboard or an `increase()` sees a series
@@ -245,6 +251,9 @@ pub fn init_run_series() {
     }
     for k in ["amount_mismatch", "double_charge"] {
         m.mismatches.with_label_values(&[k]);
+    }
+    for r in ["canceled", "not_canceled"] {
+        m.abandoned.with_label_values(&[r]);
     }
     m.feed_pages.with_label_values(&["ok"]);
 }

@@ -441,6 +441,7 @@ pub(crate) async fn stripe_and_sinks(
         &cfg.stripe_api_base,
         &key,
         cfg.stripe_timeout,
+        cfg.stripe_account.as_deref(),
     )?);
     let kafka = if cfg.uses_kafka() {
         let encoding = match (cfg.status_format, &decoder.registry) {
@@ -502,6 +503,7 @@ pub(crate) fn poller(
             feed_overlap: cfg.events_feed_overlap,
             stale_after: cfg.stale_after,
             stale_interval: cfg.stale_poll_interval,
+            cancel_abandoned_after: cfg.cancel_abandoned_after,
         },
         ownership,
     )

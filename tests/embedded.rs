@@ -373,3 +373,122 @@ async fn an_unreadable_row_is_dead_lettered_and_the_stream_goes_on() {
     );
     t.finish(&mut run).await;
 }
+
+/// Stripe never cancels an incomplete intent by itself. Without `--cancel-abandoned-after`
+/// nothing is written however long a payment waits; with it and a read-only restricted key,
+/// the cancel is refused, reported naming the permission, and nothing is written; with a key
+/// that may write, the intents are canceled in Stripe (reason `abandoned`) and only then do
+/// the payments resolve `failed` with that reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_payments_are_closed_only_when_asked_and_only_by_stripe() {
+    let t = env("embaband", false).await;
+    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
+    // The customer never chose a card, or never finished 3-D Secure.
+    let no_card = stripe_post(
+        &s.stripe,
+        "/v1/payment_intents",
+        &[("amount", "1000"), ("currency", "usd")],
+    );
+    assert_eq!(no_card["status"], "requires_payment_method");
+    let no_card = no_card["id"].as_str().unwrap().to_string();
+    let (three_ds, st) = intent_with_card(&s.stripe, "777", "4000002760003184");
+    assert_eq!(st, "requires_action");
+    let a = insert(db, &n.table, "a", "10.00", Some(&no_card)).await;
+    let b = insert(db, &n.table, "b", "7.77", Some(&three_ds)).await;
+    // Paid after the first run: the read-only key's run resolves it (reads are all it needs).
+    let (paid, _) = intent(
+        &s.stripe,
+        &Intent {
+            card: "4000002500003155",
+            amount: "500",
+            ..Intent::default()
+        },
+    );
+    let c = insert(db, &n.table, "c", "5.00", Some(&paid)).await;
+    let intent_of = |id: &str| stripe_get(&s.stripe, &format!("/v1/payment_intents/{id}"));
+
+    // No closure asked for: polled, never written.
+    let port = free_port();
+    let mut run = spawn(
+        &embedded_args(s, n, dir.path(), port, &[]),
+        &logs.join("run.log"),
+    );
+    wait_for("both polled twice", 30, || async {
+        metric(
+            port,
+            "paystream_polls_total",
+            &["outcome=\"still_pending\""],
+        ) >= 4.0
+    })
+    .await;
+    assert!(run.term().success());
+    assert_eq!(status(db, &n.table, a).await, "pending");
+    let secret = intent_of(&paid)["client_secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    stripe_post(
+        &s.stripe,
+        &format!("/v1/payment_intents/{paid}/_authenticate"),
+        &[("client_secret", secret.as_str()), ("success", "true")],
+    );
+    assert_eq!(intent_of(&paid)["status"], "succeeded");
+
+    // A read-only restricted key: the cancel is refused and reported; nothing written.
+    let read_only = format!("rk_test_read_{}", n.slot);
+    let port = free_port();
+    let mut run = spawn(
+        &embedded_args(
+            s,
+            n,
+            dir.path(),
+            port,
+            &["--stripe-key", &read_only, "--cancel-abandoned-after", "1s"],
+        ),
+        &logs.join("run-read-only.log"),
+    );
+    wait_for("both cancels refused, the paid one written", 30, || async {
+        metric(
+            port,
+            "paystream_abandoned_cancels_total",
+            &["result=\"not_canceled\""],
+        ) >= 2.0
+            && status(db, &n.table, c).await == "succeeded"
+    })
+    .await;
+    assert!(run.term().success());
+    for id in [a, b] {
+        assert_eq!(status(db, &n.table, id).await, "pending");
+    }
+    assert_eq!(intent_of(&no_card)["status"], "requires_payment_method");
+    let log = std::fs::read_to_string(logs.join("run-read-only.log")).unwrap();
+    assert!(
+        log.contains("may not write PaymentIntents"),
+        "the refusal names the permission"
+    );
+
+    // A key that may cancel: canceled in Stripe, then resolved from Stripe's answer.
+    let port = free_port();
+    let mut run = spawn(
+        &embedded_args(s, n, dir.path(), port, &["--cancel-abandoned-after", "1s"]),
+        &logs.join("run.log"),
+    );
+    wait_for("both abandoned payments failed", 30, || async {
+        status(db, &n.table, a).await == "failed" && status(db, &n.table, b).await == "failed"
+    })
+    .await;
+    for pi in [&no_card, &three_ds] {
+        let now = intent_of(pi);
+        assert_eq!(now["status"], "canceled");
+        assert_eq!(now["cancellation_reason"], "abandoned");
+    }
+    assert_eq!(
+        metric(
+            port,
+            "paystream_abandoned_cancels_total",
+            &["result=\"canceled\""]
+        ),
+        2.0
+    );
+    t.finish(&mut run).await;
+}

@@ -130,7 +130,9 @@ async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
     for i in 0..4 {
         let (pi, st) = intent_with_card(&s.stripe, &(800 + i).to_string(), "4242424242424242");
         assert_eq!(st, "succeeded");
-        rows.push(insert_payment(&db, &format!("{}-ok-{i}", t.run), "8.00", Some(&pi)).await);
+        // The row says what the intent charged (8.00 to 8.03): paystream checks it.
+        let amount = format!("8.{i:02}");
+        rows.push(insert_payment(&db, &format!("{}-ok-{i}", t.run), &amount, Some(&pi)).await);
     }
     let unknown_pi = format!("pi_unknown{}", t.run);
     let unknown = insert_payment(
@@ -178,6 +180,10 @@ async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
             "--retry-backoff",
             "200ms",
             "--poll-interval",
+            "4s",
+            // An unknown intent backs off up to the stale cadence: here the interval itself,
+            // so its gaps below are capped at 4 s.
+            "--stale-poll-interval",
             "4s",
         ],
     );
@@ -290,7 +296,7 @@ async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
     );
 
     // Backoff: the unknown intent only ever fails, so after its n-th failure it waits
-    // base·2^(n-1) (capped at the 4 s interval) times a random factor in [0.5, 1] — plus
+    // base·2^(n-1) (capped at the 4 s stale interval) times a random factor in [0.5, 1] — plus
     // whatever the rate budget and 429 cooldowns add, which only lengthen a gap. So each gap has
     // a floor that doubles until the cap, and the capped gaps differ (jitter).
     // The log is in order of completion (a delayed answer completes late): sort by start.

@@ -236,3 +236,64 @@ fn decode_cli_reads_lines_and_reports_failures() {
         "{line}"
     );
 }
+
+/// Three-decimal amounts (Stripe's BHD, JOD, KWD, OMR, TND), as Debezium writes them for a
+/// `NUMERIC(p,3)` column (Connect Decimal of scale 3) and for the unconstrained `NUMERIC` of
+/// schemas/payments.sql (VariableScaleDecimal: the scale travels with each value), with
+/// schemas on and off. Built from the shared precise-mode capture by changing only the amount.
+#[test]
+fn three_decimal_amounts_decode_exactly() {
+    let base: serde_json::Value =
+        serde_json::from_slice(&read("payments/pg-decimal-precise-schema-payments.json")).unwrap();
+    let amount_schema = |v: &mut serde_json::Value, schema: serde_json::Value| {
+        for part in v["schema"]["fields"].as_array_mut().unwrap() {
+            if let Some(fields) = part["fields"].as_array_mut() {
+                for f in fields.iter_mut().filter(|f| f["field"] == "amount") {
+                    *f = schema.clone();
+                }
+            }
+        }
+    };
+    let amount = |v: &serde_json::Value| {
+        decode_value(
+            Some(&serde_json::to_vec(v).unwrap()),
+            &DecodeOptions::default(),
+        )
+        .unwrap()
+        .payment
+        .unwrap()
+        .amount
+    };
+    // (unscaled as Debezium's base64 two's complement, the exact text)
+    for (b64, text) in [("FAU=", "5.125"), ("6oQ=", "-5.500"), ("AQ==", "0.001")] {
+        let mut fixed = base.clone();
+        amount_schema(
+            &mut fixed,
+            serde_json::json!({"type": "bytes", "optional": false, "name": "org.apache.kafka.connect.data.Decimal",
+                "version": 1, "parameters": {"scale": "3", "connect.decimal.precision": "15"}, "field": "amount"}),
+        );
+        fixed["payload"]["after"]["amount"] = b64.into();
+        assert_eq!(amount(&fixed), Col::Set(text.into()), "Decimal {b64}");
+
+        let mut variable = base.clone();
+        amount_schema(
+            &mut variable,
+            serde_json::json!({"type": "struct", "optional": false, "name": "io.debezium.data.VariableScaleDecimal",
+                "version": 1, "doc": "Variable scaled decimal", "field": "amount", "fields": [
+                    {"type": "int32", "optional": false, "field": "scale"},
+                    {"type": "bytes", "optional": false, "field": "value"}]}),
+        );
+        variable["payload"]["after"]["amount"] = serde_json::json!({"scale": 3, "value": b64});
+        assert_eq!(
+            amount(&variable),
+            Col::Set(text.into()),
+            "VariableScaleDecimal {b64}"
+        );
+        // Schemas off: the payload alone.
+        assert_eq!(
+            amount(&variable["payload"]),
+            Col::Set(text.into()),
+            "VariableScaleDecimal without schema {b64}"
+        );
+    }
+}

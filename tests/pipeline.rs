@@ -98,8 +98,9 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
         ) >= 1.0
     })
     .await;
+    // (paystream_declines_total counts each attempt once across restarts: the first run may
+    // have recorded this one already, so the restarted process need not count it.)
     assert_eq!(read_payment(&db, declined.id).await.status, "pending");
-    assert!(metric(metrics_port, "paystream_declines_total", &[]) >= 1.0);
     // The customer retries on the same intent with another card, and pays.
     assert_eq!(
         retry_intent(&s.stripe, &pi_declined, "4242424242424242"),

@@ -109,3 +109,80 @@ async fn one_batch_writes_the_first_event_per_row_and_only_pending_rows() {
         .await
         .unwrap();
 }
+
+/// A payment found by Search on its idempotency key (its row had no intent id) gets the intent
+/// that answered, from the status event; a row that names its intent keeps it, and a row
+/// already final is not touched at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intent_found_by_search_is_filled_in_only_where_the_row_had_none() {
+    let s = stack();
+    let db = pg(&s.pg_url).await;
+    let table = unique("updater_intent_");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (LIKE payments INCLUDING DEFAULTS);
+         ALTER TABLE {table} ADD PRIMARY KEY (id);
+         INSERT INTO {table} (id, idempotency_key, amount, currency, status, stripe_payment_intent_id) VALUES
+           (1, 'k-1', 10.00, 'usd', 'pending', NULL),
+           (2, 'k-2', 10.00, 'usd', 'pending', 'pi_own'),
+           (3, 'k-3', 10.00, 'usd', 'succeeded', NULL);"
+    ))
+    .await
+    .unwrap();
+    let topic = unique("updater-intent-");
+    create_topics(&s.brokers, &[(&topic, 1)]).await;
+    let p = producer(&s.brokers);
+    for id in [1, 2, 3] {
+        let key = id.to_string();
+        // status_event names pi_<id> as the intent that answered.
+        publish(
+            &p,
+            &topic,
+            Some(key.as_bytes()),
+            Some(&status_event(id, "succeeded")),
+        )
+        .await;
+    }
+    let logs = log_dir(&table);
+    let port = free_port();
+    let args = updater_args(
+        s,
+        &topic,
+        &unique("updater-"),
+        &[
+            "--table",
+            &table,
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let mut updater = spawn(&args, &logs.join("updater.log"));
+    wait_for("three status events counted", 60, || async {
+        http_get(port, "/metrics")
+            .is_some_and(|(_, m)| sample(&m, "paystream_updater_rows_total", &[]) == 3.0)
+    })
+    .await;
+    let rows = db
+        .query(
+            &format!("SELECT id, status, stripe_payment_intent_id FROM {table} ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "succeeded".into(), Some("pi_1".into())),
+            (2, "succeeded".into(), Some("pi_own".into())),
+            (3, "succeeded".into(), None),
+        ]
+    );
+    updater.term();
+    assert_no_panic(&logs);
+    db.batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}

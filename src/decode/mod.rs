@@ -46,6 +46,8 @@ pub struct ColumnNames {
     pub stripe_payment_intent_id: String,
     pub created_at: String,
     pub updated_at: String,
+    /// Stripe Connect: the column of the payment's connected account, if the table has one.
+    pub account: Option<String>,
 }
 
 impl Default for ColumnNames {
@@ -59,6 +61,7 @@ impl Default for ColumnNames {
             stripe_payment_intent_id: "stripe_payment_intent_id".into(),
             created_at: "created_at".into(),
             updated_at: "updated_at".into(),
+            account: None,
         }
     }
 }
@@ -179,6 +182,9 @@ pub struct Payment {
     pub created_at: Col<Option<String>>,
     #[serde(skip_serializing_if = "Col::is_unknown")]
     pub updated_at: Col<Option<String>>,
+    /// Stripe Connect: the payment's connected account (`--account-column`).
+    #[serde(skip_serializing_if = "Col::is_unknown")]
+    pub account: Col<Option<String>>,
 }
 
 /// A decoded Debezium message value.
@@ -872,6 +878,7 @@ fn payment_from(
         stripe_payment_intent_id: Col::Unknown,
         created_at: Col::Unknown,
         updated_at: Col::Unknown,
+        account: Col::Unknown,
     };
     if !full {
         return Ok(p);
@@ -912,6 +919,9 @@ fn payment_from(
     p.stripe_payment_intent_id = optional(&c.stripe_payment_intent_id)?;
     p.created_at = optional(&c.created_at)?;
     p.updated_at = optional(&c.updated_at)?;
+    if let Some(name) = &c.account {
+        p.account = optional(name)?;
+    }
     Ok(p)
 }
 

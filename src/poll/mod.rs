@@ -61,6 +61,9 @@ pub struct PollerConfig {
     pub stale_after: Duration,
     /// How often stale, unknown and flagged payments are asked about.
     pub stale_interval: Duration,
+    /// `--cancel-abandoned-after`: cancel in Stripe an intent still cancelable this long after
+    /// its payment was first seen. `None`: never.
+    pub cancel_abandoned_after: Option<Duration>,
 }
 
 impl PollerConfig {
@@ -291,6 +294,7 @@ impl Poller {
                     amount: &e.amount,
                     currency: &e.currency,
                 },
+                e.account.as_deref(),
             )
             .await;
         METRICS
@@ -320,7 +324,16 @@ impl Poller {
             Ok(Lookup::Pending {
                 stripe_status,
                 decline,
-            }) => self.record_pending(e, &stripe_status, decline.as_ref(), now)?,
+            }) => match (&e.stripe_payment_intent_id, self.cfg.cancel_abandoned_after) {
+                (Some(intent), Some(after))
+                    if stripe::CANCELABLE.contains(&stripe_status.as_str())
+                        && now.saturating_sub(e.first_seen_ms) >= after.as_millis() as u64 =>
+                {
+                    self.cancel_abandoned(e, intent, &stripe_status, now)
+                        .await?
+                }
+                _ => self.record_pending(e, &stripe_status, decline.as_ref(), now)?,
+            },
             Ok(Lookup::Final {
                 status,
                 reason,
@@ -355,6 +368,66 @@ impl Poller {
             }
         }
         Ok(())
+    }
+
+    /// `--cancel-abandoned-after`: the intent is still cancelable that long after the payment
+    /// was first seen, so it is canceled in Stripe (reason `abandoned`, one idempotent request
+    /// in the same budget). Only Stripe's `canceled` answer resolves the payment (`failed`,
+    /// reason `abandoned`); a cancel that fails or answers anything else is doubt: nothing is
+    /// written, and the payment is asked about again after a backoff.
+    async fn cancel_abandoned(
+        &self,
+        e: &Entry,
+        intent: &str,
+        stripe_status: &str,
+        now: u64,
+    ) -> Result<(), StateError> {
+        self.limiter.acquire().await;
+        let res = self
+            .api
+            .cancel_abandoned(intent, e.account.as_deref())
+            .await;
+        let row = Expected {
+            amount: &e.amount,
+            currency: &e.currency,
+        };
+        match res.map(|pi| stripe::classify(&pi, row)) {
+            Ok(Lookup::Final {
+                status: FinalStatus::Failed,
+                reason,
+                seen,
+            }) => {
+                METRICS.abandoned.with_label_values(&["canceled"]).inc();
+                METRICS.polls.with_label_values(&["failed"]).inc();
+                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = intent,
+                    stripe_status, "abandoned intent canceled in Stripe");
+                self.emit_final(e, FinalStatus::Failed, reason, seen, now, "poll")
+                    .await
+            }
+            other => {
+                METRICS.abandoned.with_label_values(&["not_canceled"]).inc();
+                METRICS.polls.with_label_values(&["cancel_failed"]).inc();
+                let why = match &other {
+                    Err(LookupError::Rejected(s @ (401 | 403), m)) => format!(
+                        "Stripe refused the cancel ({s}: {m}): the key may not write PaymentIntents (a restricted key needs PaymentIntents write for --cancel-abandoned-after)"
+                    ),
+                    Err(err) => err.to_string(),
+                    Ok(l) => format!("Stripe answered {} to the cancel", l.stripe_status()),
+                };
+                tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = intent,
+                    stripe_status, error = %why, "cancel of an abandoned intent failed: nothing written, kept pending");
+                if matches!(other, Err(LookupError::RateLimited)) {
+                    self.limiter.on_rate_limited(self.cfg.rate_limit_cooldown);
+                }
+                self.reschedule_after_failure(
+                    e,
+                    now,
+                    "cancel_failed",
+                    Some(stripe_status),
+                    self.cfg.stale_interval,
+                )
+            }
+        }
     }
 
     /// Stripe still calls the payment pending: asked again after [`Self::pending_interval`].

@@ -152,6 +152,11 @@ pub enum LookupError {
     /// until the configuration is fixed, but the payment is still never resolved on it.
     #[error("Stripe rejected the request ({0}): {1}")]
     Rejected(u16, String),
+    /// Stripe refused a Search for this account (Search is not available everywhere): the
+    /// account's setting, not the key; rows without an intent id cannot be found until the
+    /// payment service writes their intent id.
+    #[error("Stripe refused the search ({0}): {1}")]
+    SearchUnavailable(u16, String),
 }
 
 impl LookupError {
@@ -165,6 +170,7 @@ impl LookupError {
             LookupError::Transport(_) => "transport_error",
             LookupError::Parse(_) => "parse_error",
             LookupError::Rejected(..) => "rejected",
+            LookupError::SearchUnavailable(..) => "search_unavailable",
         }
     }
 }
@@ -224,6 +230,41 @@ pub struct PaymentError {
 #[derive(Debug, Clone, Deserialize)]
 pub struct PaymentMethodRef {
     pub id: String,
+}
+
+#[derive(serde::Serialize)]
+struct CancelForm {
+    cancellation_reason: &'static str,
+}
+
+/// The statuses from which Stripe lets an intent be canceled (its cancel endpoint's reference;
+/// `processing` only for some payment methods, so not here).
+pub const CANCELABLE: [&str; 4] = [
+    "requires_payment_method",
+    "requires_confirmation",
+    "requires_action",
+    "requires_capture",
+];
+
+/// A Search that Stripe refuses for the account, not for the key (Search is not available in
+/// every region or account: a 400 naming it), is its own outcome: `rejected` means the key is
+/// wrong, and would page someone for the wrong thing.
+fn search_refusal(e: LookupError) -> LookupError {
+    match e {
+        LookupError::Rejected(s, m) if s != 401 && s != 403 => LookupError::SearchUnavailable(s, m),
+        other => other,
+    }
+}
+
+/// A connected account id as Stripe writes it.
+pub fn is_account_id(id: &str) -> bool {
+    id.strip_prefix("acct_")
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// An id paystream puts in a URL path: Stripe ids are `[A-Za-z0-9_]`.
+fn is_intent_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 #[derive(serde::Serialize)]
@@ -396,25 +437,80 @@ pub struct StripeApi {
 }
 
 impl StripeApi {
-    pub fn new(api_base: &str, key: &str, timeout: Duration) -> Result<Self, LookupError> {
-        let client = stripe::ClientBuilder::new(key)
+    /// `account`: Stripe Connect's connected account every request acts on (`Stripe-Account`),
+    /// unless a request names its own.
+    pub fn new(
+        api_base: &str,
+        key: &str,
+        timeout: Duration,
+        account: Option<&str>,
+    ) -> Result<Self, LookupError> {
+        let mut builder = stripe::ClientBuilder::new(key)
             .url(api_base)
             .timeout(timeout)
-            .request_strategy(RequestStrategy::Once)
-            .build()
-            .map_err(LookupError::from)?;
+            .request_strategy(RequestStrategy::Once);
+        if let Some(a) = account {
+            builder = builder.account_id(stripe::AccountId::from(a));
+        }
+        let client = builder.build().map_err(LookupError::from)?;
         Ok(StripeApi { client, timeout })
     }
 
-    async fn get(&self, req: RequestBuilder) -> Result<serde_json::Value, LookupError> {
-        let v: miniserde::json::Value = req
+    async fn get(
+        &self,
+        req: RequestBuilder,
+        account: Option<&str>,
+    ) -> Result<serde_json::Value, LookupError> {
+        self.send(req, RequestStrategy::Once, account).await
+    }
+
+    /// Sends once with `strategy`, in `account` when given (else the client's).
+    async fn send(
+        &self,
+        req: RequestBuilder,
+        strategy: RequestStrategy,
+        account: Option<&str>,
+    ) -> Result<serde_json::Value, LookupError> {
+        let mut req = req
             .customize()
-            .request_strategy(RequestStrategy::Once)
-            .timeout(self.timeout)
-            .send(&self.client)
-            .await?;
+            .request_strategy(strategy)
+            .timeout(self.timeout);
+        if let Some(a) = account {
+            req = req.account_id(stripe::AccountId::from(a));
+        }
+        let v: miniserde::json::Value = req.send(&self.client).await?;
         serde_json::from_str(&miniserde::json::to_string(&v))
             .map_err(|e| LookupError::Parse(e.to_string()))
+    }
+
+    /// Cancels an abandoned intent (`cancellation_reason=abandoned`), once, under an
+    /// `Idempotency-Key` derived from the intent: a cancel repeated after a crash or a timeout
+    /// is the same request to Stripe. Returns the intent as Stripe answered; only a `canceled`
+    /// answer may resolve anything.
+    pub async fn cancel_abandoned(
+        &self,
+        intent_id: &str,
+        account: Option<&str>,
+    ) -> Result<IntentView, LookupError> {
+        if !is_intent_id(intent_id) {
+            return Err(LookupError::NotFound);
+        }
+        let key = stripe_client_core::IdempotencyKey::new(format!("paystream-abandon-{intent_id}"))
+            .map_err(|e| LookupError::Rejected(0, e.to_string()))?;
+        let v = self
+            .send(
+                RequestBuilder::new(
+                    StripeMethod::Post,
+                    format!("/payment_intents/{intent_id}/cancel"),
+                )
+                .form(&CancelForm {
+                    cancellation_reason: "abandoned",
+                }),
+                RequestStrategy::Idempotent(key),
+                account,
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| LookupError::Parse(format!("payment_intent: {e}")))
     }
 
     /// One page of events of any of `types` created at or after `since` (Unix seconds),
@@ -434,7 +530,10 @@ impl StripeApi {
             starting_after,
         };
         let v = self
-            .get(RequestBuilder::new(StripeMethod::Get, "/events").query(&query))
+            .get(
+                RequestBuilder::new(StripeMethod::Get, "/events").query(&query),
+                None,
+            )
             .await?;
         serde_json::from_value(v).map_err(|e| LookupError::Parse(format!("events page: {e}")))
     }
@@ -449,17 +548,18 @@ impl StripeApi {
         intent_id: Option<&str>,
         idempotency_key: &str,
         row: Expected<'_>,
+        account: Option<&str>,
     ) -> Result<Lookup, LookupError> {
         match intent_id {
             Some(id) => {
-                if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                if !is_intent_id(id) {
                     return Err(LookupError::NotFound);
                 }
                 let v = self
-                    .get(RequestBuilder::new(
-                        StripeMethod::Get,
-                        format!("/payment_intents/{id}"),
-                    ))
+                    .get(
+                        RequestBuilder::new(StripeMethod::Get, format!("/payment_intents/{id}")),
+                        account,
+                    )
                     .await?;
                 let pi: IntentView = serde_json::from_value(v)
                     .map_err(|e| LookupError::Parse(format!("payment_intent: {e}")))?;
@@ -476,8 +576,10 @@ impl StripeApi {
                     .get(
                         RequestBuilder::new(StripeMethod::Get, "/payment_intents/search")
                             .query(&query),
+                        account,
                     )
-                    .await?;
+                    .await
+                    .map_err(search_refusal)?;
                 let res: SearchResult = serde_json::from_value(v)
                     .map_err(|e| LookupError::Parse(format!("search result: {e}")))?;
                 // Search matches loosely; keep only exact metadata matches.
@@ -512,6 +614,7 @@ mod tests {
             LookupError::Transport(String::new()),
             LookupError::Parse(String::new()),
             LookupError::Rejected(401, String::new()),
+            LookupError::SearchUnavailable(400, String::new()),
         ];
         let outcomes = errors
             .iter()

@@ -191,6 +191,9 @@ pub struct Entry {
     /// a double charge): a person must look. Cleared by the next answer that can be written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flag: Option<Flag>,
+    /// Stripe Connect: the connected account the intent lives in (`--account-column`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 /// The declines of one payment's intent so far.
@@ -1079,6 +1082,7 @@ impl Store {
                 emitted: None,
                 declines: None,
                 flag: None,
+                account: None,
             });
             ov.entries.insert(p.id.clone(), Some(e));
             applied
@@ -1103,6 +1107,7 @@ impl Store {
         set(&mut e.stripe_payment_intent_id, &p.stripe_payment_intent_id);
         set(&mut e.created_at, &p.created_at);
         set(&mut e.updated_at, &p.updated_at);
+        set(&mut e.account, &p.account);
         e.partition = partition;
         e.last_cdc = Some(CdcSeen {
             op: ev.op.as_str().to_string(),

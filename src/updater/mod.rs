@@ -1,8 +1,11 @@
 //! `paystream updater`: applies status events to the Postgres master, forward only.
 //!
 //! Each batch is one set-based statement (one implicit transaction), in effect
-//! `UPDATE payments SET status = ev.status, updated_at = now() FROM <batch> ev
-//!  WHERE id = ev.id AND status = 'pending'`:
+//! `UPDATE payments SET status = ev.status, stripe_payment_intent_id =
+//!  COALESCE(stripe_payment_intent_id, ev.intent), updated_at = now() FROM <batch> ev
+//!  WHERE id = ev.id AND status = 'pending'`
+//! (the intent id is filled in only where the row had none: a payment found by Search on its
+//! idempotency key gets the intent that answered):
 //! a row changes only while it is still pending, so duplicates, replays and late events are
 //! harmless. Kafka offsets are committed only after the statement committed; a crash in
 //! between replays the batch, which changes nothing the second time. Unknown ids and rows
@@ -111,11 +114,17 @@ async fn build_sql(
     };
     let id_type = column_type(&c.column_id).await?;
     let status_type = column_type(&c.column_status).await?;
-    let (t, id, status, updated) = (
+    // A table without the intent column (the updater needs only id, status, updated_at) is
+    // written without filling it in.
+    let has_intent = column_type(&c.column_stripe_payment_intent_id)
+        .await
+        .is_ok();
+    let (t, id, status, updated, intent) = (
         quote_ident(table),
         quote_ident(&c.column_id),
         quote_ident(&c.column_status),
         quote_ident(&c.column_updated_at),
+        quote_ident(&c.column_stripe_payment_intent_id),
     );
     // One statement per batch, set-based: the events arrive as two parallel arrays (id, status)
     // numbered by their position. Only the first event per id in the batch may write, as if the
@@ -123,13 +132,18 @@ async fn build_sql(
     // A row changes only while it is still pending. Per event the statement answers whether it
     // wrote and whether the row exists, which tells "already final" from "unknown id"; the
     // existence check reads the snapshot from before the UPDATE, which is what we want.
+    let fill_intent = if has_intent {
+        format!("{intent} = COALESCE({t}.{intent}, first.intent), ")
+    } else {
+        String::new()
+    };
     let apply = format!(
         "WITH ev AS ( \
-             SELECT e.ord, (e.id)::{id_type} AS id, (e.status)::{status_type} AS status \
-             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS e(id, status, ord)), \
-         first AS (SELECT DISTINCT ON (id) ord, id, status FROM ev ORDER BY id, ord), \
+             SELECT e.ord, (e.id)::{id_type} AS id, (e.status)::{status_type} AS status, e.intent \
+             FROM unnest($1::text[], $2::text[], $4::text[]) WITH ORDINALITY AS e(id, status, intent, ord)), \
+         first AS (SELECT DISTINCT ON (id) ord, id, status, intent FROM ev ORDER BY id, ord), \
          upd AS ( \
-             UPDATE {t} SET {status} = first.status, {updated} = now() FROM first \
+             UPDATE {t} SET {status} = first.status, {fill_intent}{updated} = now() FROM first \
              WHERE {t}.{id} = first.id AND {t}.{status} = ($3::text)::{status_type} RETURNING first.ord) \
          SELECT (upd.ord IS NOT NULL), EXISTS (SELECT 1 FROM {t} WHERE {t}.{id} = ev.id) \
          FROM ev LEFT JOIN upd ON upd.ord = ev.ord ORDER BY ev.ord"
@@ -147,8 +161,12 @@ async fn apply_batch(
 ) -> Result<Vec<RowResult>, tokio_postgres::Error> {
     let ids: Vec<&str> = events.iter().map(|e| e.payment_id.as_str()).collect();
     let statuses: Vec<&str> = events.iter().map(|e| e.status.as_str()).collect();
+    let intents: Vec<Option<&str>> = events
+        .iter()
+        .map(|e| e.stripe_payment_intent_id.as_deref())
+        .collect();
     let rows = client
-        .query(&sql.apply, &[&ids, &statuses, &pending])
+        .query(&sql.apply, &[&ids, &statuses, &pending, &intents])
         .await?;
     Ok(rows
         .iter()

@@ -27,9 +27,21 @@ pub async fn insert(
     amount: &str,
     intent: Option<&str>,
 ) -> i64 {
+    insert_in(db, table, key, amount, "usd", intent).await
+}
+
+/// [`insert`] in another currency.
+pub async fn insert_in(
+    db: &tokio_postgres::Client,
+    table: &str,
+    key: &str,
+    amount: &str,
+    currency: &str,
+    intent: Option<&str>,
+) -> i64 {
     db.query_one(
-        &format!("INSERT INTO {table} (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, 'usd', $3) RETURNING id"),
-        &[&key, &amount, &intent],
+        &format!("INSERT INTO {table} (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, $3, $4) RETURNING id"),
+        &[&key, &amount, &currency, &intent],
     )
     .await
     .unwrap()
