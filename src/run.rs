@@ -10,7 +10,7 @@ use crate::admin;
 use crate::clock::Clock;
 use crate::config::{RunConfig, SinkKind, SourceKind};
 use crate::metrics::{self, METRICS};
-use crate::poll::ratelimit::RateLimiter;
+use crate::poll::ratelimit::{Budgets, RateLimiter};
 use crate::poll::stripe::{LookupError, StripeApi};
 use crate::poll::{Poller, PollerConfig};
 use crate::sink::{DeadLetterFile, DeadLetters, Sink, StatusEncoding, StatusFormat, StatusSink};
@@ -490,8 +490,11 @@ pub(crate) fn poller(
         state,
         api,
         sink,
-        Arc::new(RateLimiter::new(cfg.stripe_rps).with_gauge(METRICS.stripe_rate_limit.clone())),
-        Arc::new(RateLimiter::new(cfg.stripe_search_rps)),
+        Budgets {
+            requests: RateLimiter::new(cfg.stripe_rps)
+                .with_gauge(METRICS.stripe_rate_limit.clone()),
+            search: RateLimiter::new(cfg.stripe_search_rps),
+        },
         clock,
         PollerConfig {
             interval: cfg.poll_interval,

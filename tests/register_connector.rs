@@ -41,9 +41,9 @@ fn connect_url() -> &'static str {
 
 /// The tests that use the real worker take turns: there is one worker, and each registration
 /// rebalances it.
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    static WORKER: Mutex<()> = Mutex::new(());
-    WORKER.lock().unwrap_or_else(|e| e.into_inner())
+async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static WORKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    WORKER.lock().await
 }
 
 /// A connector of the test's own: its name, slot, publication and topic prefix.
@@ -121,7 +121,7 @@ impl Registration {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn registers_updates_and_deletes_on_real_connect() {
-    let _turn = turn();
+    let _turn = turn().await;
     let r = Registration::new("regok");
     let (code, out, err) = r.script(&[], &[]);
     assert_eq!(code, 0, "{out}{err}");
@@ -178,7 +178,7 @@ async fn registers_updates_and_deletes_on_real_connect() {
 #[tokio::test(flavor = "multi_thread")]
 async fn real_connect_refusals_each_have_their_code_and_cause() {
     // A wrong password: Postgres refuses it during Connect's validation; nothing registered.
-    let _turn = turn();
+    let _turn = turn().await;
     let r = Registration::new("regpw");
     let (code, _, err) = r.script(
         &[

@@ -10,9 +10,9 @@ use common::*;
 /// The tests take turns: the first asserts that its events share one batch, which another
 /// updater starting beside it on two cores may disturb (one run with both started together
 /// failed that test; its output was not kept, so the cause is not known for sure).
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    TURN.lock().unwrap_or_else(|e| e.into_inner())
+async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
 }
 
 /// Publishes `events` (payment id, status) to a status topic of their own before the updater
@@ -55,7 +55,7 @@ async fn run_updater(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_writes_the_first_event_per_row_and_only_pending_rows() {
-    let _turn = turn();
+    let _turn = turn().await;
     let s = stack();
     let db = pg(&s.pg_url).await;
     let table = unique("updater_enum_");
@@ -129,7 +129,7 @@ async fn one_batch_writes_the_first_event_per_row_and_only_pending_rows() {
 /// already final is not touched at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_intent_found_by_search_is_filled_in_only_where_the_row_had_none() {
-    let _turn = turn();
+    let _turn = turn().await;
     let s = stack();
     let db = pg(&s.pg_url).await;
     let table = unique("updater_intent_");

@@ -28,6 +28,13 @@ const FLOOR_SHARE: f64 = 1.0 / 64.0;
 /// A second 429 within this time of a halving is part of the same refusal.
 const HALVE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
+/// Stripe's budgets paystream keeps: every request, and Search's own on top (Stripe limits
+/// Search apart from the rest).
+pub struct Budgets {
+    pub requests: RateLimiter,
+    pub search: RateLimiter,
+}
+
 pub struct RateLimiter {
     ceiling: f64,
     /// What to report the current rate to (a gauge), if anything.
