@@ -21,8 +21,7 @@ pub struct Metrics {
     pub oldest_pending_age_seconds: Gauge,
     /// Pending payments whose poll is due now (overdue included).
     pub polls_due: IntGauge,
-    /// Polls by outcome: succeeded, failed, still_pending, not_found, rate_limited,
-    /// server_error, timeout, error.
+    /// Polls by outcome ([`POLL_OUTCOMES`]).
     pub polls: IntCounterVec,
     pub stripe_request_seconds: Histogram,
     pub status_events: IntCounterVec,

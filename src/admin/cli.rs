@@ -445,6 +445,13 @@ fn write_stats(out: &mut impl Write, r: &StatsReport) -> std::io::Result<()> {
     writeln!(out, "due now           {}", r.due_now)?;
     writeln!(
         out,
+        "stale             {} (pending since {} or more)",
+        r.stale, r.stale_after
+    )?;
+    writeln!(out, "flagged           {}", r.flagged)?;
+    writeln!(out, "with a decline    {}", r.declined)?;
+    writeln!(
+        out,
         "due next {:<8} {}",
         r.poll_interval, r.due_next_interval
     )?;
@@ -546,6 +553,20 @@ fn write_payment(out: &mut impl Write, p: &PaymentView) -> std::io::Result<()> {
         "polls             {} ({} unanswered in a row)",
         p.polls, p.failures
     )?;
+    if let Some(d) = &p.declines {
+        writeln!(
+            out,
+            "declines          {} (last {} at {}; not final: the customer may retry)",
+            d.count, d.last_code, d.last_at
+        )?;
+    }
+    if let Some(f) = &p.flag {
+        writeln!(
+            out,
+            "flagged           {} since {}: {}",
+            f.kind, f.since, f.detail
+        )?;
+    }
     match &p.status_event {
         Some(s) => writeln!(
             out,
