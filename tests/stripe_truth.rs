@@ -21,6 +21,19 @@ async fn world(prefix: &str) -> (Env, String) {
     (env, key)
 }
 
+/// Starts the daemon on the test's world with its own key and `extra` flags; returns its admin
+/// port and the process.
+fn start(t: &Env, key: &str, extra: &[&str]) -> (u16, Proc) {
+    let port = free_port();
+    let mut flags = vec!["--stripe-key", key];
+    flags.extend_from_slice(extra);
+    let run = spawn(
+        &embedded_args(t.s, &t.n, t.dir.path(), port, &flags),
+        &t.logs.join("run.log"),
+    );
+    (port, run)
+}
+
 fn flagged(port: u16) -> Vec<serde_json::Value> {
     let (code, body) = http_get(port, "/state/list?flagged=true").unwrap();
     assert_eq!(code, 200, "{body}");
@@ -30,7 +43,7 @@ fn flagged(port: u16) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread")]
 async fn succeeded_is_written_only_when_the_money_matches_the_row() {
     let (t, key) = world("money").await;
-    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
+    let (s, db, n, logs) = (t.s, &t.db, &t.n, &t.logs);
     let base = &s.stripe;
     let (jpy, st) = intent(
         base,
@@ -81,11 +94,7 @@ async fn succeeded_is_written_only_when_the_money_matches_the_row() {
             insert_in(db, &n.table, name, amount, currency, Some(pi)).await,
         );
     }
-    let port = free_port();
-    let mut run = spawn(
-        &embedded_args(s, n, dir.path(), port, &["--stripe-key", &key]),
-        &logs.join("run.log"),
-    );
+    let (port, mut run) = start(&t, &key, &[]);
     // Captured after paystream saw them authorized: 600 of 1,000, and all of it.
     wait_for("the authorizations polled", 30, || async {
         metric(
@@ -149,7 +158,7 @@ async fn succeeded_is_written_only_when_the_money_matches_the_row() {
 #[tokio::test(flavor = "multi_thread")]
 async fn search_finds_late_never_fails_and_flags_a_double_charge() {
     let (t, key) = world("search").await;
-    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
+    let (s, db, n) = (t.s, &t.db, &t.n);
     let base = &s.stripe;
     // Search does not see an intent until 3 s after it was created.
     emulator_post(
@@ -197,17 +206,7 @@ async fn search_finds_late_never_fails_and_flags_a_double_charge() {
     let a = insert(db, &n.table, &late, "10.00", None).await;
     let b = insert(db, &n.table, &twice, "10.00", None).await;
     let c = insert(db, &n.table, &gone, "10.00", None).await;
-    let port = free_port();
-    let mut run = spawn(
-        &embedded_args(
-            s,
-            n,
-            dir.path(),
-            port,
-            &["--stripe-key", &key, "--retry-backoff", "300ms"],
-        ),
-        &logs.join("run.log"),
-    );
+    let (port, mut run) = start(&t, &key, &["--retry-backoff", "300ms"]);
     wait_for("the late intent found and written", 30, || async {
         status(db, &n.table, a).await == "succeeded"
     })
@@ -253,7 +252,7 @@ async fn search_finds_late_never_fails_and_flags_a_double_charge() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_429_storm_lowers_the_rate_and_loses_nothing() {
     let (t, key) = world("storm").await;
-    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
+    let (s, db, n) = (t.s, &t.db, &t.n);
     let base = &s.stripe;
     let intents = bulk_intents(base, 30, "4242424242424242", &format!("{}-", n.slot));
     confirm(base, &intents);
@@ -267,23 +266,10 @@ async fn a_429_storm_lowers_the_rate_and_loses_nothing() {
         "/_paystream/config",
         &serde_json::json!({"key": key, "rate_limit_rps": 3}),
     );
-    let port = free_port();
-    let mut run = spawn(
-        &embedded_args(
-            s,
-            n,
-            dir.path(),
-            port,
-            &[
-                "--stripe-key",
-                &key,
-                "--stripe-rps",
-                "10",
-                "--retry-backoff",
-                "500ms",
-            ],
-        ),
-        &logs.join("run.log"),
+    let (port, mut run) = start(
+        &t,
+        &key,
+        &["--stripe-rps", "10", "--retry-backoff", "500ms"],
     );
     let mut lowest = f64::MAX;
     let (ids_ref, table) = (&ids, &n.table);
@@ -333,7 +319,7 @@ async fn a_429_storm_lowers_the_rate_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_accounts_scope_every_lookup() {
     let (t, key) = world("connect").await;
-    let (s, db, n, dir, logs) = (t.s, &t.db, &t.n, &t.dir, &t.logs);
+    let (s, db, n) = (t.s, &t.db, &t.n);
     let base = &s.stripe;
     db.batch_execute(&format!("ALTER TABLE {} ADD COLUMN account text", n.table))
         .await
@@ -376,23 +362,10 @@ async fn connect_accounts_scope_every_lookup() {
     let w = row("w", pi_waiting, Some("acct_A1")).await;
     let b = row("b", pi_b, None).await;
     let p = row("p", pi_platform, None).await;
-    let port = free_port();
-    let mut run = spawn(
-        &embedded_args(
-            s,
-            n,
-            dir.path(),
-            port,
-            &[
-                "--stripe-key",
-                &key,
-                "--stripe-account",
-                "acct_B2",
-                "--account-column",
-                "account",
-            ],
-        ),
-        &logs.join("run.log"),
+    let (port, mut run) = start(
+        &t,
+        &key,
+        &["--stripe-account", "acct_B2", "--account-column", "account"],
     );
     wait_for("both connected accounts' payments written", 30, || async {
         status(db, &n.table, a).await == "succeeded" && status(db, &n.table, b).await == "succeeded"
