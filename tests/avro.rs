@@ -6,7 +6,8 @@
 //! - Schema evolution: a second schema id with an added optional column decodes without restart.
 //! - Policy: an unknown id or an unreachable registry sends the message to the dead letters with
 //!   the reason; each id is fetched once.
-//! - Pipeline: Avro in and Avro out through the real broker, the updater reading Avro.
+//! - Pipeline: real Debezium writing Avro through Confluent's AvroConverter (registering its
+//!   schemas with the double), Avro out through the real broker, the updater reading Avro.
 
 mod common;
 
@@ -289,31 +290,48 @@ async fn basic_auth_is_sent() {
         .unwrap();
 }
 
-/// Avro in and Avro out through the real broker: the daemon reads Debezium's Avro, polls the
-/// emulator, writes an Avro status event under a registered schema, the updater reads it and
-/// writes Postgres; an Avro message with an unknown schema id goes to the dead letters.
+/// Avro in and Avro out through the real broker, with real Debezium writing Avro: a connector
+/// of the test's own registered with `scripts/register-connector --avro`, Confluent's
+/// AvroConverter on Connect registering its schemas with the registry double. The daemon reads
+/// Debezium's snapshot of the pending row, polls the emulator, writes an Avro status event
+/// under a registered schema, the updater reads it and writes the row, and Debezium's Avro
+/// update of that write removes the payment. An Avro message with an unknown schema id (by
+/// hand: Debezium never writes one) goes to the dead letters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_with_avro_in_and_avro_out() {
     let s = stack();
     let reg = RegistryDouble::start().await;
-    let t = topics(s, "avro", 1).await;
+    let db = pg(&s.pg_url).await;
+    let run = unique("avro");
+    let table = format!("avro_{run}");
+    let t = Topics {
+        cdc: format!("{table}.public.{table}"),
+        status: format!("{run}-status"),
+        dlq: format!("{run}-dlq"),
+        run: run.clone(),
+        table: table.clone(),
+    };
+    create_topics(&s.brokers, &[(&t.cdc, 1), (&t.status, 1), (&t.dlq, 1)]).await;
+    create_payments_table(&db, &table).await;
     let logs = log_dir(&t.run);
-    let v1 = reg.register(&format!("{}-value", t.cdc), V1);
-    let key_id = reg.register(&format!("{}-key", t.cdc), KEY);
 
+    // Pending before the connector starts: Debezium's snapshot reads it.
     let (pi_ok, st) = intent_with_card(&s.stripe, "4999", "4242424242424242");
     assert_eq!(st, "succeeded");
-    let db = pg(&s.pg_url).await;
-    let ok = insert_payment(&db, &format!("{}-ok", t.run), "49.99", Some(&pi_ok)).await;
+    let ok = insert_payment(&db, &table, &format!("{}-ok", t.run), "49.99", Some(&pi_ok)).await;
+    script("connect-up");
+    let url = reg.url.clone();
+    let tbl = table.clone();
+    tokio::task::spawn_blocking(move || {
+        register_table_connector(&tbl, &["--avro"], &[("SCHEMA_REGISTRY_URL", url.as_str())])
+    })
+    .await
+    .unwrap();
+    let (key_id, _) = reg
+        .latest(&format!("{}-key", t.cdc))
+        .expect("Debezium's AvroConverter registered the key schema");
 
     let p = producer(&s.brokers);
-    publish(
-        &p,
-        &t.cdc,
-        Some(&avro_key(key_id, ok.id)),
-        Some(&avro_value(V1, v1, "c", &ok, None)),
-    )
-    .await;
     let unknown = avro_value(V1, 4242, "c", &row(1, "1.00", None), None);
     publish(&p, &t.cdc, Some(&avro_key(key_id, 1)), Some(&unknown)).await;
 
@@ -327,12 +345,24 @@ async fn pipeline_with_avro_in_and_avro_out() {
         &logs.join("run.log"),
     );
     let mut updater = spawn(
-        &updater_args(s, &t.status, &format!("{}-updater", t.run), &registry),
+        &table_updater_args(s, &t, &registry),
         &logs.join("updater.log"),
     );
     wait_for("the status written to Postgres", 90, || async {
-        read_payment(&db, ok.id).await.status == "succeeded"
+        read_payment(&db, &table, ok.id).await.status == "succeeded"
     })
+    .await;
+    wait_for(
+        "Debezium's Avro update of that write applied",
+        90,
+        || async {
+            metric(
+                port,
+                "paystream_cdc_events_total",
+                &["op=\"u\"", "outcome=\"removed\""],
+            ) >= 1.0
+        },
+    )
     .await;
 
     // The status event is Avro, written with the schema registered under <topic>-value.
@@ -357,6 +387,32 @@ async fn pipeline_with_avro_in_and_avro_out() {
     );
     assert_eq!(ev.stripe_payment_intent_id.as_deref(), Some(pi_ok.as_str()));
 
+    // What Debezium's converter wrote decodes exactly: the snapshot read of the pending row
+    // and the update to succeeded, the amount as the row holds it.
+    let d = decoder(&reg.url, 1);
+    let mut seen = Vec::new();
+    for (_, v, _) in read_topic(&s.brokers, &t.cdc).await {
+        let Some(v) = v else { continue };
+        if v == unknown {
+            continue;
+        }
+        let ev = d.value(Some(&v)).await.unwrap();
+        let p = ev.payment.unwrap();
+        assert_eq!(p.id, ok.id.to_string());
+        assert_eq!(p.amount, paystream::decode::Col::Set("49.99".into()));
+        seen.push((ev.op, format!("{:?}", p.status)));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (paystream::decode::Op::Read, "Set(\"pending\")".to_string()),
+            (
+                paystream::decode::Op::Update,
+                "Set(\"succeeded\")".to_string()
+            )
+        ]
+    );
+
     // The unknown schema id went to the dead letters, with the reason.
     let dlq = read_topic(&s.brokers, &t.dlq).await;
     assert_eq!(dlq.len(), 1, "{dlq:?}");
@@ -374,6 +430,7 @@ async fn pipeline_with_avro_in_and_avro_out() {
     assert!(daemon.term().success());
     assert!(updater.term().success());
     assert_no_panic(&logs);
+    drop_table_connector(&db, &table).await;
 }
 
 /// `paystream decode` reads Avro as hex per line and as a binary file of one message, and
