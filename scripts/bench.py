@@ -4,6 +4,7 @@ dev stack). Each benchmark runs the release binary as users do and reads what it
 """
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -40,6 +41,9 @@ SIZES = {
     "restore": (20_000, 2_000),  # pending payments in the changelog (the sqlite broker slows as topics grow)
     # pending payments, --stripe-rps, poll interval s, rounds, share resolved (and new) per round
     "feed": ((100_000, 25, 60, 3, 0.10), (1_000, 10, 3, 2, 0.10)),
+    # through real Debezium: (payments a minute, minutes) at the quoted load; then payments
+    # inserted as fast as one connection does, 100 a statement
+    "debezium": (((1_000, 1), 3_000), ((600, 0.1), 200)),
 }
 
 
@@ -602,7 +606,187 @@ BENCHES = {
     "updater": bench_updater,
     "restore": bench_restore,
     "feed": bench_feed,
+    "debezium": bench_debezium,
 }
+
+
+def connect_up():
+    run([os.path.join(ROOT, "scripts/connect-up")])
+
+
+DBZ_CONNECTOR, DBZ_PUBLICATION = "paystream-bench", "paystream_bench"
+
+
+def bench_connector():
+    """One connector for the benchmark's tables (`bench_dbz_*` → `bench.public.<table>`), made
+    like the tests' suite connector: the publication is ours, each table added before its rows."""
+    connect_up()
+    if not psql(f"SELECT 1 FROM pg_publication WHERE pubname = '{DBZ_PUBLICATION}'").strip():
+        psql(f"CREATE PUBLICATION {DBZ_PUBLICATION}")
+    doc = json.load(open(os.path.join(ROOT, "connectors/payments.json")))
+    doc["config"].update({"table.include.list": r"public\.bench_dbz_.*", "topic.prefix": "bench",
+                          "slot.name": DBZ_PUBLICATION, "publication.name": DBZ_PUBLICATION,
+                          "publication.autocreate.mode": "disabled", "snapshot.mode": "no_data"})
+    cfg = os.path.join(WORK, "bench-connector.json")
+    with open(cfg, "w") as f:
+        json.dump(doc, f)
+    host, port = "127.0.0.1", PG_URL.split("port=")[1].split()[0]
+    run([os.path.join(ROOT, "scripts/register-connector"), "--connect-url",
+         "http://127.0.0.1:" + os.environ.get("PAYSTREAM_CONNECT_PORT", "28083"), "--config", cfg, "--timeout", "180"],
+        env={**os.environ, "CONNECTOR_NAME": DBZ_CONNECTOR, "POSTGRES_HOST": host, "POSTGRES_PORT": port,
+             "DEBEZIUM_USER": "postgres", "DEBEZIUM_PASSWORD": "unused-trust", "HEARTBEAT_INTERVAL_MS": "1000"})
+
+
+def pct(values, q):
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000) if values else None
+
+
+def stages(rows, cdc_ts, durable_at, observed, written):
+    """p50/p99/max per stage, ms: commit → on the CDC topic (Connect's record timestamp),
+    topic → durable in paystream's state (stored offset), Stripe's answer seen → row written
+    (the audit trigger's clock_timestamp()), and commit → row written (which includes the wait
+    for the first poll, one --poll-interval)."""
+    out = {}
+    for name, pairs in {
+        "capture": [(rows[i], cdc_ts.get(i)) for i in rows],
+        "durable": [(cdc_ts.get(i), durable_at.get(i)) for i in rows],
+        "answer_to_row": [(observed.get(i), written.get(i)) for i in rows],
+        "insert_to_row": [(rows[i], written.get(i)) for i in rows],
+    }.items():
+        d = [b - a for a, b in pairs if a is not None and b is not None]
+        out[name] = {"n": len(d), "p50_ms": pct(d, 0.5), "p99_ms": pct(d, 0.99), "max_ms": pct(d, 1.0)}
+    return out
+
+
+def bench_debezium(quick):
+    """Insert → status written back to the row, through real Debezium 3.6.3 on Kafka Connect
+    3.9 (the dev broker), `paystream run`, the status topic and `paystream updater`: at the
+    load the platform quotes (1,000 payments a minute), and with rows inserted as fast as one
+    connection does. Every intent has succeeded in the emulator before its row is inserted, so
+    the first poll (one --poll-interval after the event) resolves it."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    (per_min, minutes), burst = size("debezium", quick)
+    bench_connector()
+    results = {}
+    for label, n, rate in (("quoted_load", int(per_min * minutes), per_min / 60.0), ("max", burst, None)):
+        tag = uuid.uuid4().hex[:8]
+        table = f"bench_dbz_{tag}"
+        ddl = open(os.path.join(ROOT, "schemas/payments.sql")).read().replace("public.payments", f"public.{table}")
+        psql(ddl + f"CREATE TABLE {table}_changes (id bigint, at double precision);"
+             f"CREATE FUNCTION {table}_audit() RETURNS trigger AS $$ BEGIN INSERT INTO {table}_changes "
+             f"VALUES (NEW.id, extract(epoch FROM clock_timestamp())); RETURN NEW; END $$ LANGUAGE plpgsql;"
+             f"CREATE TRIGGER audit AFTER UPDATE ON {table} FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) "
+             f"EXECUTE FUNCTION {table}_audit();")
+        psql(f"ALTER PUBLICATION {DBZ_PUBLICATION} ADD TABLE public.{table}")
+        cdc, status = f"bench.public.{table}", f"bench-dbz-status-{tag}"
+        create_topic(cdc, BROKERS)
+        create_topic(status, BROKERS)
+        intents = emulator("/_paystream/bulk_intents", {"n": n, "key_prefix": f"dbz-{tag}-"})["ids"]
+        emulator("/_paystream/bulk_confirm", {"ids": intents})
+        d = os.path.join(WORK, f"state-dbz-{tag}")
+        port, up_port = free_port(), free_port()
+        logf = open(os.path.join(WORK, f"dbz-{tag}.log"), "w")
+        common = ["--brokers", BROKERS, "--kafka-option", "session.timeout.ms=6000"]
+        daemon = subprocess.Popen([BIN, "run", *common, "--cdc-topic", cdc, "--status-topic", status,
+                                   "--dlq-topic", f"bench-dbz-dlq-{tag}", "--group-id", f"bench-dbz-{tag}",
+                                   "--data-dir", d, "--poll-interval", "1s", "--stripe-rps", "200",
+                                   "--stripe-api-base", STRIPE, "--stripe-key", f"sk_test_dbz_{tag}",
+                                   "--metrics-addr", f"127.0.0.1:{port}"], stdout=logf, stderr=logf)
+        updater = subprocess.Popen([BIN, "updater", *common, "--status-topic", status, "--group-id",
+                                    f"bench-dbz-up-{tag}", "--postgres-url", PG_URL, "--table", table,
+                                    "--metrics-addr", f"127.0.0.1:{up_port}", "--batch-linger", "5ms"],
+                                   stdout=logf, stderr=logf)
+        durable_seen = []  # (time, durable next offset)
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                try:
+                    durable_seen.append((time.time(), scrape(port).get('paystream_stored_offset{partition="0"}', 0)))
+                except Exception:
+                    pass
+                time.sleep(0.01)
+
+        try:
+            while not (ready(port) and ready(up_port)):
+                if daemon.poll() is not None or updater.poll() is not None:
+                    raise RuntimeError(f"a process exited; see {logf.name}")
+                time.sleep(0.1)
+            w = threading.Thread(target=watch)
+            w.start()
+            committed = {}  # id → commit time
+            start = time.time()
+            step = 1 if rate else 100
+            for i in range(0, n, step):
+                if rate:
+                    time.sleep(max(0.0, start + i / rate - time.time()))
+                chunk = intents[i:i + step]
+                vals = ",".join(f"('dbz-{tag}-{i + j}', 10.00, 'usd', '{pi}')" for j, pi in enumerate(chunk))
+                ids = psql(f"INSERT INTO {table} (idempotency_key, amount, currency, stripe_payment_intent_id) "
+                           f"VALUES {vals} RETURNING id").split()
+                now = time.time()
+                for pid in ids:
+                    committed[int(pid)] = now
+            inserted_s = time.time() - start
+            deadline = time.time() + 120 + n / 20
+            while time.time() < deadline:
+                if int(psql(f"SELECT count(*) FROM {table}_changes")) >= n:
+                    break
+                time.sleep(0.2)
+            stop.set()
+            w.join()
+        finally:
+            for p in (daemon, updater):
+                p.terminate()
+                p.wait(60)
+            logf.close()
+        written = {int(a): float(b) for a, b in (l.split("|") for l in psql(f"SELECT id, min(at) FROM {table}_changes GROUP BY id").split())}
+        # The CDC records: Connect's timestamps and offsets, by row id (the first record of each
+        # row is its insert).
+        c = Consumer({"bootstrap.servers": BROKERS, "group.id": f"bench-read-{tag}", "enable.auto.commit": False,
+                      "broker.address.family": "v4"})
+        c.assign([TopicPartition(cdc, 0, 0)])
+        cdc_ts, offset_of, observed = {}, {}, {}
+        idle = time.time()
+        while time.time() - idle < 5:
+            m = c.poll(0.5)
+            if m is None or m.error() or m.value() is None:
+                continue
+            idle = time.time()
+            v = json.loads(m.value())
+            p = v.get("payload", v)
+            if p.get("op") == "c":
+                rid = int(p["after"]["id"])
+                cdc_ts[rid] = m.timestamp()[1] / 1000.0
+                offset_of[rid] = m.offset()
+        c.close()
+        c = Consumer({"bootstrap.servers": BROKERS, "group.id": f"bench-read-s-{tag}", "enable.auto.commit": False,
+                      "broker.address.family": "v4"})
+        c.assign([TopicPartition(status, 0, 0)])
+        idle = time.time()
+        while time.time() - idle < 5:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            idle = time.time()
+            ev = json.loads(m.value())
+            at = datetime.datetime.fromisoformat(ev["observed_at"].replace("Z", "+00:00")).timestamp()
+            observed.setdefault(int(ev["payment_id"]), at)
+        c.close()
+        durable_at = {}
+        j = 0
+        for rid, off in sorted(offset_of.items(), key=lambda kv: kv[1]):
+            while j < len(durable_seen) and durable_seen[j][1] < off + 1:
+                j += 1
+            if j < len(durable_seen):
+                durable_at[rid] = durable_seen[j][0]
+        span = (max(written.values()) - start) if written else None
+        results[label] = {"payments": n, "inserted_per_s": round(n / inserted_s, 1),
+                          "rows_written": len(written), "written_per_s": round(len(written) / span, 1) if span else None,
+                          **{k: v for k, v in stages(committed, cdc_ts, durable_at, observed, written).items()}}
+    return results
 
 
 def machine():

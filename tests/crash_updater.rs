@@ -36,7 +36,7 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
     eprintln!("logs: {}", logs.display());
 
     let db = pg(&s.pg_url).await;
-    install_status_audit(&db).await;
+    install_status_audit(&db, "payments").await;
     let base: i64 =
         run.trim_start_matches("upd").parse::<i64>().unwrap() % 1_000_000 * 1_000_000 + 500_000;
     insert_pending_rows(&db, base, rows, "upd").await;
@@ -179,7 +179,7 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
     );
     let changes: Vec<(i64, i64)> = db
         .query(
-            "SELECT id, count(*) FROM status_changes WHERE id BETWEEN $1 AND $2 GROUP BY id HAVING count(*) <> 1 OR bool_or(old_status <> 'pending')",
+            "SELECT id, count(*) FROM payments_changes WHERE id BETWEEN $1 AND $2 GROUP BY id HAVING count(*) <> 1 OR bool_or(old_status <> 'pending')",
             &[&base, &(base + rows - 1)],
         )
         .await
@@ -193,7 +193,7 @@ async fn updater_killed_mid_batch_writes_each_row_once_forward_only() {
     );
     let changed: i64 = count(
         &db,
-        "SELECT count(DISTINCT id) FROM status_changes WHERE id BETWEEN $1 AND $2",
+        "SELECT count(DISTINCT id) FROM payments_changes WHERE id BETWEEN $1 AND $2",
         &[&base, &(base + rows - 1)],
     )
     .await;

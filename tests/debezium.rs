@@ -14,10 +14,7 @@ use std::time::Duration;
 use common::*;
 
 async fn create_table(db: &tokio_postgres::Client, name: &str) {
-    let ddl = std::fs::read_to_string(root().join("schemas/payments.sql")).unwrap();
-    db.batch_execute(&ddl.replace("public.payments", &format!("public.{name}")))
-        .await
-        .unwrap();
+    create_payments_table(db, name).await;
     db.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS {name}_changes (id bigint, old_status text, new_status text);
          CREATE OR REPLACE FUNCTION {name}_audit() RETURNS trigger AS $$
@@ -52,43 +49,9 @@ async fn status_of(db: &tokio_postgres::Client, table: &str, id: i64) -> String 
         .get(0)
 }
 
-fn connect_port() -> String {
-    std::env::var("PAYSTREAM_CONNECT_PORT").unwrap_or_else(|_| "28083".into())
-}
-
-/// Registers the connector of `table` with the project's script (its config file with the
-/// table swapped in), waiting for RUNNING.
+/// Registers the connector of `table` with the project's script, waiting for RUNNING.
 fn register(table: &str) {
-    let mut doc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("connectors/payments.json")).unwrap(),
-    )
-    .unwrap();
-    doc["config"]["table.include.list"] = format!("public.{table}").into();
-    let cfg = root().join(format!("target/test-logs/{table}-connector.json"));
-    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    std::fs::write(&cfg, doc.to_string()).unwrap();
-    let (code, out, err) = output(
-        std::process::Command::new(root().join("scripts/register-connector"))
-            .args([
-                "--connect-url",
-                &format!("http://127.0.0.1:{}", connect_port()),
-            ])
-            .args(["--config", cfg.to_str().unwrap(), "--timeout", "120"])
-            .env("CONNECTOR_NAME", table)
-            .env("SLOT_NAME", table)
-            .env("PUBLICATION_NAME", table)
-            .env("TOPIC_PREFIX", table)
-            .env("POSTGRES_HOST", "127.0.0.1")
-            .env(
-                "POSTGRES_PORT",
-                std::env::var("PAYSTREAM_PG_PORT").unwrap_or_else(|_| "25432".into()),
-            )
-            .env("DEBEZIUM_USER", "postgres")
-            .env("DEBEZIUM_PASSWORD", "unused-trust")
-            // Heartbeats move the slot on a quiet table.
-            .env("HEARTBEAT_INTERVAL_MS", "1000"),
-    );
-    assert_eq!(code, 0, "register-connector: {out}{err}");
+    register_table_connector(table, &[], &[]);
 }
 
 fn kill9_connect() {
@@ -112,6 +75,7 @@ async fn real_debezium_carries_payments_in_and_statuses_back() {
         status: format!("{run}-status"),
         dlq: format!("{run}-dlq"),
         run: run.clone(),
+        table: table.clone(),
     };
     create_topics(&s.brokers, &[(&t.cdc, 1), (&t.status, 1), (&t.dlq, 1)]).await;
     let db = pg(&s.pg_url).await;
@@ -228,39 +192,8 @@ async fn real_debezium_carries_payments_in_and_statuses_back() {
     assert!(daemon.term().success());
 
     // Clean up Connect and Postgres: the connector, its slot and publication.
-    let (code, out, err) = output(
-        std::process::Command::new(root().join("scripts/register-connector"))
-            .args([
-                "--connect-url",
-                &format!("http://127.0.0.1:{}", connect_port()),
-            ])
-            .args(["--delete"])
-            .env("CONNECTOR_NAME", &table),
-    );
-    assert_eq!(code, 0, "{out}{err}");
-    for _ in 0..40 {
-        let left: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&table],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        let _ = db
-            .query(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&table],
-            )
-            .await;
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    db.batch_execute(&format!(
-        "DROP PUBLICATION IF EXISTS {table}; DROP TABLE {table}; DROP TABLE {table}_changes;"
-    ))
-    .await
-    .unwrap();
+    drop_table_connector(&db, &table).await;
+    db.batch_execute(&format!("DROP TABLE {table}_changes;"))
+        .await
+        .unwrap();
 }

@@ -29,11 +29,18 @@ fn inject(base: &str, faults: serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripe_errors_back_off_and_never_resolve() {
     let s = stack();
-    let t = topics(s, "ft", 1).await;
+    let db = pg(&s.pg_url).await;
+    let t = cdc_topics(s, &db, "ft", 1).await;
     let (pi, st) = intent_with_card(&s.stripe, "700", "4242424242424242");
     assert_eq!(st, "succeeded");
-    let db = pg(&s.pg_url).await;
-    let row = insert_payment(&db, &format!("{}-faulty", t.run), "7.00", Some(&pi)).await;
+    let row = insert_payment(
+        &db,
+        &t.table,
+        &format!("{}-faulty", t.run),
+        "7.00",
+        Some(&pi),
+    )
+    .await;
 
     // The next five lookups of this intent fail: two 429s, two 503s, one answer slower than
     // the 500 ms timeout.
@@ -58,7 +65,6 @@ async fn stripe_errors_back_off_and_never_resolve() {
         &["--retry-backoff", "200ms", "--stripe-timeout", "500ms"],
     );
     let mut daemon = spawn(&args, &logs.path().join("run.log"));
-    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
 
     let end = Instant::now() + Duration::from_secs(90);
     while metric(port, "paystream_status_events_total", &[]) < 1.0 {
@@ -119,10 +125,10 @@ fn stripe_stats(base: &str, key: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
     let s = stack();
-    let t = topics(s, "storm", 1).await;
+    let db = pg(&s.pg_url).await;
+    let t = cdc_topics(s, &db, "storm", 1).await;
     let key = format!("sk_test_{}", t.run);
     let logs = log_dir(&t.run);
-    let db = pg(&s.pg_url).await;
 
     // Four payments Stripe will say succeeded; one unknown intent; one row without an intent
     // whose search finds nothing.
@@ -132,17 +138,28 @@ async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
         assert_eq!(st, "succeeded");
         // The row says what the intent charged (8.00 to 8.03): paystream checks it.
         let amount = format!("8.{i:02}");
-        rows.push(insert_payment(&db, &format!("{}-ok-{i}", t.run), &amount, Some(&pi)).await);
+        rows.push(
+            insert_payment(
+                &db,
+                &t.table,
+                &format!("{}-ok-{i}", t.run),
+                &amount,
+                Some(&pi),
+            )
+            .await,
+        );
     }
     let unknown_pi = format!("pi_unknown{}", t.run);
     let unknown = insert_payment(
         &db,
+        &t.table,
         &format!("{}-unknown", t.run),
         "9.00",
         Some(&unknown_pi),
     )
     .await;
-    let unsearchable = insert_payment(&db, &format!("{}-nosuch", t.run), "9.50", None).await;
+    let unsearchable =
+        insert_payment(&db, &t.table, &format!("{}-nosuch", t.run), "9.50", None).await;
 
     // The next 27 requests with this key fail, in this order.
     let path = "/v1/payment_intents";
@@ -188,10 +205,6 @@ async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
         ],
     );
     let mut daemon = spawn(&args, &logs.join("run.log"));
-    let p = producer(&s.brokers);
-    for r in rows.iter().chain([&unknown, &unsearchable]) {
-        publish_row(&p, &t.cdc, "c", r, false).await;
-    }
 
     let end = Instant::now() + Duration::from_secs(120);
     let answered = |outcome: &str| {
@@ -339,10 +352,17 @@ async fn a_storm_of_faults_resolves_nothing_keeps_the_rate_and_backs_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_stripe_is_a_transport_error_not_an_answer() {
     let s = stack();
-    let t = topics(s, "nostripe", 1).await;
-    let logs = log_dir(&t.run);
     let db = pg(&s.pg_url).await;
-    let row = insert_payment(&db, &format!("{}-x", t.run), "1.00", Some("pi_whatever")).await;
+    let t = cdc_topics(s, &db, "nostripe", 1).await;
+    let logs = log_dir(&t.run);
+    let row = insert_payment(
+        &db,
+        &t.table,
+        &format!("{}-x", t.run),
+        "1.00",
+        Some("pi_whatever"),
+    )
+    .await;
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     // Nothing listens on the discard port: connection refused.
@@ -361,7 +381,6 @@ async fn an_unreachable_stripe_is_a_transport_error_not_an_answer() {
         ],
     );
     let mut daemon = spawn(&args, &logs.join("run.log"));
-    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
     wait_for("three refused polls", 60, || async {
         metric(port, "paystream_polls_total", &["transport_error"]) >= 3.0
     })

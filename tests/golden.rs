@@ -362,7 +362,10 @@ fn real_debezium_captures_decode_to_what_the_sql_wrote() {
             // The state path's decoder reads the same record the same way.
             let fast = paystream::decode::decode_for_state(value, &o).unwrap();
             if (fast.op, &fast.payment, &fast.source) != (ev.op, &ev.payment, &ev.source) {
-                failures.push(format!("{name}:{}: decode_for_state differs: {fast:?}", n + 1));
+                failures.push(format!(
+                    "{name}:{}: decode_for_state differs: {fast:?}",
+                    n + 1
+                ));
             }
             let want_op = if topic == data_topic {
                 None
@@ -390,7 +393,10 @@ fn real_debezium_captures_decode_to_what_the_sql_wrote() {
         if bless {
             std::fs::write(&golden, &rendered).unwrap();
         } else if std::fs::read_to_string(&golden).ok().as_deref() != Some(rendered.as_str()) {
-            failures.push(format!("{name}: rendering differs from {}", golden.display()));
+            failures.push(format!(
+                "{name}: rendering differs from {}",
+                golden.display()
+            ));
         }
         // Transaction metadata and messages arrived where they were asked for.
         let txmeta = name.contains("txmeta");

@@ -23,7 +23,7 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
     eprintln!("postgres outage of {outage:?}; logs: {}", logs.display());
 
     let db = pg(&s.pg_url).await;
-    install_status_audit(&db).await;
+    install_status_audit(&db, "payments").await;
     let base: i64 =
         run.trim_start_matches("pgout").parse::<i64>().unwrap() % 1_000_000 * 1_000_000 + 700_000;
     let n = 300i64;
@@ -123,7 +123,7 @@ async fn postgres_outage_holds_offsets_and_applies_everything_after() {
     assert_eq!(rows, n, "every update applied");
     let changes: i64 = count(
         &db,
-        "SELECT count(*) FROM status_changes WHERE id BETWEEN $1 AND $2",
+        "SELECT count(*) FROM payments_changes WHERE id BETWEEN $1 AND $2",
         &[&base, &(base + n - 1)],
     )
     .await;

@@ -204,13 +204,24 @@ async fn real_connect_refusals_each_have_their_code_and_cause() {
         &std::fs::read_to_string(common::root().join("connectors/payments.json")).unwrap(),
     )
     .unwrap();
-    doc["config"]["table.include.list"] = json!("public.no_such_table");
+    doc["config"]["table.include.list"] = json!(format!("public.{}", missing.name));
     std::fs::write(cfg.path(), doc.to_string()).unwrap();
     let (code, out, err) = missing.script(&[], &["--config", cfg.path().to_str().unwrap()]);
     assert_eq!(code, 5, "{out}{err}");
     assert!(out.contains("task 0: FAILED"), "{out}");
     assert!(err.contains("No table filters found"), "{err}");
+    // The cause fixed, a re-run restarts the task that failed on this same config (an update
+    // alone would not: Connect restarts tasks only when their config changes).
+    let db = common::pg(&common::stack().pg_url).await;
+    common::create_payments_table(&db, &missing.name).await;
+    let (code, out, err) = missing.script(&[], &["--config", cfg.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("restarting the FAILED task"), "{out}");
+    assert!(out.contains("task 0: RUNNING"), "{out}");
     missing.drop_all().await;
+    db.batch_execute(&format!("DROP TABLE {}", missing.name))
+        .await
+        .unwrap();
 
     // A connector class the worker does not have.
     doc["config"]["connector.class"] = json!("io.debezium.connector.mysql.MySqlConnector");

@@ -1,5 +1,5 @@
 //! Scale-out on the consumer group, with real processes on the dev broker: two, then three
-//! instances share a 6-partition CDC topic; one is killed with SIGKILL while new payments keep
+//! instances share a 6-partition CDC topic fed by real Debezium (`common::cdc`); one is killed with SIGKILL while new payments keep
 //! arriving; one is stopped and a stale one comes back. Every Stripe call is logged by the
 //! emulator under the calling instance's own API key, so the test sees who polled what, when.
 //!
@@ -165,14 +165,14 @@ fn one_poller_each(all: &BTreeMap<&str, Vec<(f64, String)>>, from: f64, to: f64,
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_share_partitions_and_hand_state_over() {
     let s = stack();
-    let t = topics(s, "scale", 6).await;
+    let db = pg(&s.pg_url).await;
+    let t = cdc_topics(s, &db, "scale", 6).await;
     let logs = log_dir(&t.run);
     let dir = tempfile::tempdir().unwrap();
     eprintln!("logs: {}", logs.display());
     let base: i64 =
         t.run.trim_start_matches("scale").parse::<i64>().unwrap() % 1_000_000 * 1_000_000;
-    let db = pg(&s.pg_url).await;
-    install_status_audit(&db).await;
+    install_status_audit(&db, &t.table).await;
 
     let mut rows = Vec::new();
     let mut intents = BTreeSet::new();
@@ -187,13 +187,11 @@ async fn instances_share_partitions_and_hand_state_over() {
             status: "pending".into(),
             intent: Some(pi),
         };
-        insert_payment_with_id(&db, &r).await;
         rows.push(r);
     }
     let (first, later) = rows.split_at(30);
-    let p = producer(&s.brokers);
     for r in first {
-        publish_row(&p, &t.cdc, "c", r, false).await;
+        cdc_insert(&db, &t, r).await;
     }
 
     // One instance, then two, then three.
@@ -241,7 +239,7 @@ async fn instances_share_partitions_and_hand_state_over() {
     let killed = Instant::now();
     a.proc.as_mut().unwrap().kill9();
     for r in later {
-        publish_row(&p, &t.cdc, "c", r, false).await;
+        cdc_insert(&db, &t, r).await;
     }
     wait_balanced(&[&b, &c], 60).await;
     let rebalanced_in = killed.elapsed();
@@ -362,15 +360,15 @@ async fn instances_share_partitions_and_hand_state_over() {
     for pi in &intents {
         stripe_post(&s.stripe, &format!("/v1/payment_intents/{pi}/cancel"), &[]);
     }
-    let mut updater = spawn(
-        &updater_args(s, &t.status, &format!("{}-updater", t.run), &[]),
-        &logs.join("updater.log"),
-    );
+    let mut updater = spawn(&table_updater_args(s, &t, &[]), &logs.join("updater.log"));
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     wait_for("all 42 rows resolved", 90, || async {
         count(
             &db,
-            "SELECT count(*) FROM payments WHERE id = ANY($1) AND status = 'failed'",
+            &format!(
+                "SELECT count(*) FROM {} WHERE id = ANY($1) AND status = 'failed'",
+                t.table
+            ),
             &[&ids],
         )
         .await
@@ -380,7 +378,10 @@ async fn instances_share_partitions_and_hand_state_over() {
     assert_eq!(
         count(
             &db,
-            "SELECT count(*) FROM status_changes WHERE id = ANY($1)",
+            &format!(
+                "SELECT count(*) FROM {} WHERE id = ANY($1)",
+                audit_table(&t.table)
+            ),
             &[&ids]
         )
         .await,
@@ -424,13 +425,13 @@ fn signal(p: &Proc, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_instance_that_lost_its_partitions_emits_nothing() {
     let s = stack();
-    let t = topics(s, "zombie", 2).await;
+    let db = pg(&s.pg_url).await;
+    let t = cdc_topics(s, &db, "zombie", 2).await;
     let logs = log_dir(&t.run);
     let dir = tempfile::tempdir().unwrap();
     eprintln!("logs: {}", logs.display());
     let base: i64 =
         t.run.trim_start_matches("zombie").parse::<i64>().unwrap() % 1_000_000 * 1_000_000;
-    let p = producer(&s.brokers);
     let mut intents = Vec::new();
     for i in 0..10 {
         let pi = pending_intent(&s.stripe, &(700 + i).to_string());
@@ -442,7 +443,7 @@ async fn a_paused_instance_that_lost_its_partitions_emits_nothing() {
             status: "pending".into(),
             intent: Some(pi.clone()),
         };
-        publish_row(&p, &t.cdc, "c", &r, false).await;
+        cdc_insert(&db, &t, &r).await;
         intents.push(pi);
     }
     let a = Instance::start(s, &t, "a", dir.path(), &logs);

@@ -223,7 +223,8 @@ async fn a_data_dir_in_use_by_another_instance_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_store_that_fails_its_recovery_check_stops_the_daemon() {
     let s = stack();
-    let t = topics(s, "corrupt", 1).await;
+    let db = pg(&s.pg_url).await;
+    let t = cdc_topics(s, &db, "corrupt", 1).await;
     let data = tempfile::tempdir().unwrap();
     drop(paystream::state::Store::open(data.path()).unwrap());
     {
@@ -232,7 +233,8 @@ async fn a_state_store_that_fails_its_recovery_check_stops_the_daemon() {
         db.insert(b"p\0ghost", &b"not json"[..]).unwrap();
         db.flush().unwrap();
     }
-    // An event to consume: a checkpoint, had one run, would store its offset.
+    // An event to consume (a row Debezium carries): a checkpoint, had one run, would store
+    // its offset.
     let row = Row {
         id: 1,
         idempotency_key: "k-1".into(),
@@ -241,7 +243,15 @@ async fn a_state_store_that_fails_its_recovery_check_stops_the_daemon() {
         status: "pending".into(),
         intent: None,
     };
-    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
+    cdc_insert(&db, &t, &row).await;
+    wait_for("Debezium's event on the topic", 60, || async {
+        high_watermarks(&s.brokers, &t.cdc)
+            .iter()
+            .map(|(_, h)| h)
+            .sum::<i64>()
+            == 1
+    })
+    .await;
     let args = run_args(s, &t, data.path(), free_port(), &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     fails_fast(
@@ -263,7 +273,8 @@ async fn a_state_store_that_fails_its_recovery_check_stops_the_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_logs_help_errors_or_metrics() {
     let s = stack();
-    let t = topics(s, "secret", 1).await;
+    let db = pg(&s.pg_url).await;
+    let t = cdc_topics(s, &db, "secret", 1).await;
     let logs = log_dir(&t.run);
     let data = tempfile::tempdir().unwrap();
     let pg_url = format!("{} password={PG_SECRET}", s.pg_url);
@@ -294,18 +305,23 @@ async fn secrets_never_reach_logs_help_errors_or_metrics() {
     args[k + 1] = STRIPE_SECRET.into();
     let mut daemon = spawn_logging(&args, &logs.join("run.log"), "trace");
     let up_port = free_port();
-    let mut up_args = updater_args(s, &t.status, &format!("{}-updater", t.run), &[]);
+    let mut up_args = table_updater_args(s, &t, &[]);
     let i = up_args.iter().position(|a| a == "--postgres-url").unwrap();
     up_args[i + 1] = pg_url.clone();
     let j = up_args.iter().position(|a| a == "--metrics-addr").unwrap();
     up_args[j + 1] = format!("127.0.0.1:{up_port}");
     let mut updater = spawn_logging(&up_args, &logs.join("updater.log"), "trace");
     let (pi, _) = intent_with_card(&s.stripe, "1200", "4242424242424242");
-    let db = pg(&s.pg_url).await;
-    let row = insert_payment(&db, &format!("{}-secret", t.run), "12.00", Some(&pi)).await;
-    publish_row(&producer(&s.brokers), &t.cdc, "c", &row, false).await;
+    let row = insert_payment(
+        &db,
+        &t.table,
+        &format!("{}-secret", t.run),
+        "12.00",
+        Some(&pi),
+    )
+    .await;
     wait_for("the payment written by the updater", 60, || async {
-        read_payment(&db, row.id).await.status == "succeeded"
+        read_payment(&db, &t.table, row.id).await.status == "succeeded"
     })
     .await;
     let metrics = http_get(port, "/metrics").unwrap().1;

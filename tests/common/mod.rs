@@ -2,8 +2,12 @@
 //! and paystream processes.
 #![allow(dead_code)]
 
+pub mod cdc;
 pub mod embedded;
 pub mod registry;
+
+#[allow(unused_imports)]
+pub use cdc::*;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -343,17 +347,23 @@ pub async fn pg(url: &str) -> tokio_postgres::Client {
     c
 }
 
-/// Audit of every status change, so a test can prove nothing moved twice or backwards.
-pub async fn install_status_audit(c: &tokio_postgres::Client) {
-    c.batch_execute(
-        "CREATE TABLE IF NOT EXISTS status_changes (id bigint, old_status text, new_status text, at timestamptz DEFAULT now());
-         CREATE OR REPLACE FUNCTION audit_status() RETURNS trigger AS $$
-         BEGIN INSERT INTO status_changes(id, old_status, new_status) VALUES (OLD.id, OLD.status, NEW.status); RETURN NEW; END $$ LANGUAGE plpgsql;
-         DROP TRIGGER IF EXISTS audit_status ON payments;
-         CREATE TRIGGER audit_status AFTER UPDATE ON payments FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION audit_status();",
-    )
+/// Audit of every status change of `table` into `<table>_changes` ([`audit_table`]), so a test
+/// can prove nothing moved twice or backwards.
+pub async fn install_status_audit(c: &tokio_postgres::Client, table: &str) {
+    let audit = audit_table(table);
+    c.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {audit} (id bigint, old_status text, new_status text, at timestamptz DEFAULT now());
+         CREATE OR REPLACE FUNCTION {audit}_fn() RETURNS trigger AS $$
+         BEGIN INSERT INTO {audit}(id, old_status, new_status) VALUES (OLD.id, OLD.status, NEW.status); RETURN NEW; END $$ LANGUAGE plpgsql;
+         DROP TRIGGER IF EXISTS audit_status ON {table};
+         CREATE TRIGGER audit_status AFTER UPDATE ON {table} FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION {audit}_fn();",
+    ))
     .await
     .expect("audit trigger");
+}
+
+pub fn audit_table(table: &str) -> String {
+    format!("{table}_changes")
 }
 
 /// A payments row as Debezium would carry it.
@@ -369,13 +379,14 @@ pub struct Row {
 
 pub async fn insert_payment(
     c: &tokio_postgres::Client,
+    table: &str,
     key: &str,
     amount: &str,
     intent: Option<&str>,
 ) -> Row {
     let r = c
         .query_one(
-            "INSERT INTO payments (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, 'usd', $3) RETURNING id, amount::text, status",
+            &format!("INSERT INTO {table} (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, 'usd', $3) RETURNING id, amount::text, status"),
             &[&key, &amount, &intent],
         )
         .await
@@ -390,9 +401,9 @@ pub async fn insert_payment(
     }
 }
 
-pub async fn read_payment(c: &tokio_postgres::Client, id: i64) -> Row {
+pub async fn read_payment(c: &tokio_postgres::Client, table: &str, id: i64) -> Row {
     let r = c
-        .query_one("SELECT idempotency_key, amount::text, currency, status, stripe_payment_intent_id FROM payments WHERE id = $1", &[&id])
+        .query_one(&format!("SELECT idempotency_key, amount::text, currency, status, stripe_payment_intent_id FROM {table} WHERE id = $1"), &[&id])
         .await
         .expect("select");
     Row {
@@ -600,11 +611,15 @@ pub fn read_all(brokers: &str, topic: &str) -> Vec<Record> {
 // ---------- paystream processes ----------
 
 /// A test's own topics, so tests sharing the broker never see each other's records.
+#[derive(Clone)]
 pub struct Topics {
     pub run: String,
     pub cdc: String,
     pub status: String,
     pub dlq: String,
+    /// The payments table whose changes reach `cdc`: the test's own under real Debezium
+    /// ([`cdc_topics`]), `payments` for hand-made events.
+    pub table: String,
 }
 
 pub async fn topics(s: &Stack, prefix: &str, cdc_partitions: i32) -> Topics {
@@ -614,6 +629,7 @@ pub async fn topics(s: &Stack, prefix: &str, cdc_partitions: i32) -> Topics {
         status: format!("{run}-status"),
         dlq: format!("{run}-dlq"),
         run,
+        table: "payments".into(),
     };
     create_topics(
         &s.brokers,
