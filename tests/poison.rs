@@ -1,6 +1,7 @@
 //! Poison input through the real broker: every malformed shape goes to the dead-letter topic,
 //! byte for byte, with its reason and position in headers; the daemon neither panics nor stalls
-//! (a valid event published after them all is applied), and its offsets pass them all.
+//! (a row inserted after them all, which real Debezium carries, is applied), and its offsets
+//! pass them all.
 
 mod common;
 
@@ -55,14 +56,16 @@ fn catalog() -> Vec<Case> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_poison_shape_is_dead_lettered_and_the_daemon_goes_on() {
     let s = stack();
-    let t = topics(s, "poison", 1).await;
+    let db = pg(&s.pg_url).await;
+    let t = cdc_topics(s, &db, "poison", 1).await;
     let logs = log_dir(&t.run);
     let cases = catalog();
     let p = producer(&s.brokers);
     for (_, key, value, _) in &cases {
         publish(&p, &t.cdc, key.as_deref(), Some(value)).await;
     }
-    // And then one good payment: the daemon must get past all of the above to track it.
+    // And then one good payment, a row Debezium carries: the daemon must get past all of the
+    // above to track it.
     let good = Row {
         id: 42,
         idempotency_key: "poison-survivor".into(),
@@ -71,13 +74,7 @@ async fn every_poison_shape_is_dead_lettered_and_the_daemon_goes_on() {
         status: "pending".into(),
         intent: Some("pi_whatever".into()),
     };
-    publish(
-        &p,
-        &t.cdc,
-        Some(&cdc_key(42)),
-        Some(&cdc_value("c", &good, true)),
-    )
-    .await;
+    cdc_insert(&db, &t, &good).await;
 
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
