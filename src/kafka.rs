@@ -92,6 +92,25 @@ pub fn on_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
     tracing::warn!(error = %error, reason, "kafka client error");
 }
 
+/// The context of a reader that asks librdkafka for `enable.partition.eof` (the changelog's
+/// restore reader): librdkafka reports each partition's end through the error callback too,
+/// and rdkafka's default context logs that at ERROR ("PartitionEOF (Broker: No more
+/// messages)"), which operators would alert on. A partition's end is news, not an error: it is
+/// logged at DEBUG; every other error goes through [`on_client_error`].
+pub struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::debug!(reason, "kafka reader reached a partition's end");
+        } else {
+            on_client_error(&error, reason);
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
 /// Whether this client has a live connection to at least one broker, from librdkafka's
 /// statistics. librdkafka reconnects by itself; the watch only makes an outage visible: it
 /// flips readiness, sets `paystream_kafka_brokers_up`, counts `paystream_kafka_outages_total`

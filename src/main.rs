@@ -77,9 +77,12 @@ const DEFAULT_LOG_FILTER: &str = "info,stripe=error,tokio_cron_scheduler=warn";
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into());
+    // Colour only on a terminal: escape codes in a log file or a pipe (`paystream state …
+    // 2>err.txt`, a container's log) are noise to every reader and grep.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

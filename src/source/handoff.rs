@@ -54,7 +54,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::clock::Clock;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, ReaderContext};
 use crate::metrics::METRICS;
 use crate::state::changelog::{
     LogError, OffsetMarker, RestoreError, Restored, OFFSET_KEY, VERSION, VERSION_HEADER,
@@ -466,7 +466,7 @@ impl Changelog {
         Ok(())
     }
 
-    fn reader(&self) -> Result<BaseConsumer, HandoffError> {
+    fn reader(&self) -> Result<BaseConsumer<ReaderContext>, HandoffError> {
         let mut c = client_config(&self.brokers, &[]);
         // No group: it reads by assignment and commits nothing.
         c.set("client.id", "paystream-changelog-restore")
@@ -487,14 +487,15 @@ impl Changelog {
         }) {
             c.set(k, v);
         }
-        c.create().map_err(|e| self.kafka(e))
+        c.create_with_context(ReaderContext)
+            .map_err(|e| self.kafka(e))
     }
 
     /// Reads `partition` of the changelog from its beginning up to `high`. Also returns how
     /// long the first record took to arrive (the broker's share, logged beside the total).
     fn restore(
         &self,
-        reader: &BaseConsumer,
+        reader: &BaseConsumer<ReaderContext>,
         partition: i32,
         high: i64,
     ) -> Result<(Restored, Option<u64>), HandoffError> {

@@ -919,6 +919,12 @@ pub fn assert_no_panic(dir: &Path) {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+        // A log file is not a terminal: no colour codes (they break every grep on the logs).
+        assert!(
+            !text.contains('\u{1b}'),
+            "{} holds ANSI escape codes",
+            p.display()
+        );
     }
 }
 
