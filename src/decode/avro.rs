@@ -1,4 +1,4 @@
-//! Debezium's Avro (Confluent AvroConverter) → the same [`ChangeEvent`] as its JSON.
+//! Debezium's Avro (Confluent AvroConverter) → the same [`ChangeEvent`](super::ChangeEvent) as its JSON.
 //!
 //! A message is the Confluent wire format: byte 0x00, the writer schema's registry id (4 bytes,
 //! big-endian), then the Avro binary datum. The writer schema comes from the schema registry

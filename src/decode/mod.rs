@@ -195,7 +195,7 @@ pub struct ChangeEvent {
     /// The old row. For a delete under `REPLICA IDENTITY DEFAULT` only the key column: Postgres
     /// sends just the key, and Debezium fills the other NOT NULL columns with stand-ins (`""`,
     /// 0, the column default, 1970 timestamps) that are not the row's data, so they are dropped
-    /// here (see [`key_only_image`]).
+    /// here (see `key_only_image`).
     pub before: Option<Map<String, Value>>,
     pub after: Option<Map<String, Value>>,
     pub payment: Option<Payment>,
@@ -460,7 +460,7 @@ pub fn decode_fast(value: &[u8], opts: &DecodeOptions) -> Option<ChangeEvent> {
 
 /// Decodes one Kafka message value for state: the same event as [`decode_value`] without what
 /// state never reads (`before`, `after` and `table` are `None`). Most events
-/// take the fast path (see [`fast`]); every other input, errors included, gets exactly the
+/// take the fast path (the private `fast` module); every other input, errors included, gets exactly the
 /// general decoder's answer.
 pub fn decode_for_state(
     value: Option<&[u8]>,

@@ -6,7 +6,7 @@
 //! describe a table's columns before its first row change in a session (and again after a
 //! schema change); row messages refer to them by relation id, so [`PgOutput`] keeps them.
 //!
-//! Each row goes through [`super::payment_from`], the mapping the Debezium decoder uses, so a
+//! Each row goes through `decode::payment_from`, the mapping the Debezium decoder uses, so a
 //! row means the same payment whichever way it arrived. Values are the server's text output,
 //! which is exact for NUMERIC; the replication session pins `DateStyle=ISO` and `TimeZone=UTC`
 //! so timestamps read the same on every server, and they are written as RFC 3339 like

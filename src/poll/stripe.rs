@@ -540,7 +540,7 @@ impl StripeApi {
 
     /// Looks a payment up: by its intent id when the row has one, else by searching the
     /// idempotency key in the intent's metadata (eventually consistent: a miss is `NotFound`,
-    /// retried later, never a failure; see [`classify_many`] for what a hit may resolve). The
+    /// retried later, never a failure; see `classify_many` for what a hit may resolve). The
     /// payment service must set `metadata[idempotency_key]` on every intent it creates, or a row
     /// without an intent id is never found.
     pub async fn lookup(
