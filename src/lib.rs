@@ -57,6 +57,7 @@ pub mod config;
 pub mod decode;
 pub mod kafka;
 pub mod metrics;
+pub mod pg;
 pub mod poll;
 pub mod replay;
 pub mod run;

@@ -50,6 +50,18 @@ async fn run_updater(
             .is_some_and(|(_, m)| sample(&m, "paystream_updater_rows_total", &[]) == n)
     })
     .await;
+    // A DBA can tell the updater's connection apart in pg_stat_activity (src/pg.rs).
+    let db = pg(&s.pg_url).await;
+    let named = count(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'paystream-updater'",
+        &[],
+    )
+    .await;
+    assert!(
+        named >= 1,
+        "no paystream-updater connection in pg_stat_activity"
+    );
     (port, updater, logs)
 }
 

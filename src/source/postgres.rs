@@ -42,9 +42,9 @@ use crate::clock::Clock;
 use crate::config::RunConfig;
 use crate::decode::pgoutput::{Column, PgOutput};
 use crate::metrics::METRICS;
+use crate::pg::quote_ident;
 use crate::sink::DeadLetter;
 use crate::state::{StateError, Store};
-use crate::updater::quote_ident;
 
 /// How long start-up waits for Postgres to answer before it fails.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -205,12 +205,12 @@ impl PgSource {
         .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(Duration::from_secs(5))
         .with_options(SESSION_OPTIONS)
-        .with_application_name("paystream")
+        .with_application_name("paystream-embedded")
     }
 
     /// A plain connection for the control plane (checks, publication, snapshot).
     async fn control(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+        let (client, conn) = crate::pg::connect(&self.url, "paystream-embedded").await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "postgres control connection ended");

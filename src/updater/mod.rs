@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::config::{ColumnArgs, UpdaterConfig};
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
+use crate::pg::quote_ident;
 use crate::sink::{decode_status, StatusDecodeError, StatusEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -79,15 +80,6 @@ impl rdkafka::consumer::ConsumerContext for UpdaterContext {}
 
 struct Sql {
     apply: String,
-}
-
-/// `[schema.]name` as a quoted SQL identifier (an embedded `"` doubled). Also the embedded
-/// source's, for its publication, slot, table and columns.
-pub(crate) fn quote_ident(s: &str) -> String {
-    s.split('.')
-        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(".")
 }
 
 async fn build_sql(
@@ -274,7 +266,7 @@ async fn connect(
     url: &str,
     ok: &Arc<AtomicBool>,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let (client, conn) = crate::pg::connect(url, "paystream-updater").await?;
     let ok_now = ok.clone();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
