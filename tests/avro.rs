@@ -304,15 +304,7 @@ async fn pipeline_with_avro_in_and_avro_out() {
     let db = pg(&s.pg_url).await;
     let run = unique("avro");
     let table = format!("avro_{run}");
-    let t = Topics {
-        cdc: format!("{table}.public.{table}"),
-        status: format!("{run}-status"),
-        dlq: format!("{run}-dlq"),
-        run: run.clone(),
-        table: table.clone(),
-    };
-    create_topics(&s.brokers, &[(&t.cdc, 1), (&t.status, 1), (&t.dlq, 1)]).await;
-    create_payments_table(&db, &table).await;
+    let t = own_connector_topics(s, &db, &run, &table).await;
     let logs = log_dir(&t.run);
 
     // Pending before the connector starts: Debezium's snapshot reads it.

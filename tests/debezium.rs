@@ -13,42 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn create_table(db: &tokio_postgres::Client, name: &str) {
-    create_payments_table(db, name).await;
-    db.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {name}_changes (id bigint, old_status text, new_status text);
-         CREATE OR REPLACE FUNCTION {name}_audit() RETURNS trigger AS $$
-         BEGIN INSERT INTO {name}_changes VALUES (OLD.id, OLD.status, NEW.status); RETURN NEW; END $$ LANGUAGE plpgsql;
-         CREATE TRIGGER {name}_audit AFTER UPDATE ON {name} FOR EACH ROW
-           WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION {name}_audit();"
-    ))
-    .await
-    .unwrap();
-}
-
-async fn insert(
-    db: &tokio_postgres::Client,
-    table: &str,
-    key: &str,
-    amount: &str,
-    pi: &str,
-) -> i64 {
-    db.query_one(
-        &format!("INSERT INTO {table} (idempotency_key, amount, currency, stripe_payment_intent_id) VALUES ($1, $2::text::numeric, 'usd', $3) RETURNING id"),
-        &[&key, &amount, &pi],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
-async fn status_of(db: &tokio_postgres::Client, table: &str, id: i64) -> String {
-    db.query_one(&format!("SELECT status FROM {table} WHERE id = $1"), &[&id])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Registers the connector of `table` with the project's script, waiting for RUNNING.
 fn register(table: &str) {
     register_table_connector(table, &[], &[]);
@@ -70,24 +34,21 @@ async fn real_debezium_carries_payments_in_and_statuses_back() {
     script("connect-up");
     let run = unique("dbz");
     let table = run.clone();
-    let t = Topics {
-        cdc: format!("{run}.public.{table}"),
-        status: format!("{run}-status"),
-        dlq: format!("{run}-dlq"),
-        run: run.clone(),
-        table: table.clone(),
-    };
-    create_topics(&s.brokers, &[(&t.cdc, 1), (&t.status, 1), (&t.dlq, 1)]).await;
     let db = pg(&s.pg_url).await;
-    create_table(&db, &table).await;
+    let t = own_connector_topics(s, &db, &run, &table).await;
+    install_status_audit(&db, &table).await;
     let logs = log_dir(&run);
 
     // Pending before Debezium starts: its initial snapshot reads them.
     let (pi_ok, _) = intent_with_card(&s.stripe, "4999", "4242424242424242");
     let (pi_3ds, st) = intent_with_card(&s.stripe, "2500", "4000002760003184");
     assert_eq!(st, "requires_action");
-    let ok = insert(&db, &table, "ok", "49.99", &pi_ok).await;
-    let three_ds = insert(&db, &table, "3ds", "25.00", &pi_3ds).await;
+    let ok = insert_payment(&db, &table, "ok", "49.99", Some(&pi_ok))
+        .await
+        .id;
+    let three_ds = insert_payment(&db, &table, "3ds", "25.00", Some(&pi_3ds))
+        .await
+        .id;
     register(&table);
 
     let data = tempfile::tempdir().unwrap();
@@ -107,13 +68,17 @@ async fn real_debezium_carries_payments_in_and_statuses_back() {
     // Streamed while paystream runs.
     let (pi_later, _) = intent_with_card(&s.stripe, "1234", "4242424242424242");
     let pi_canceled = intent_canceled(&s.stripe, "700");
-    let later = insert(&db, &table, "later", "12.34", &pi_later).await;
-    let canceled = insert(&db, &table, "canceled", "7.00", &pi_canceled).await;
+    let later = insert_payment(&db, &table, "later", "12.34", Some(&pi_later))
+        .await
+        .id;
+    let canceled = insert_payment(&db, &table, "canceled", "7.00", Some(&pi_canceled))
+        .await
+        .id;
 
     // kill -9 of paystream once the first status is in the table.
     wait_for("a first status written back", 90, || async {
-        status_of(&db, &table, ok).await != "pending"
-            || status_of(&db, &table, later).await != "pending"
+        read_payment(&db, &table, ok).await.status != "pending"
+            || read_payment(&db, &table, later).await.status != "pending"
     })
     .await;
     daemon.kill9();
@@ -125,22 +90,24 @@ async fn real_debezium_carries_payments_in_and_statuses_back() {
     // offsets the old one stored (the group first waits out the dead member's session).
     let (pi_after, _) = intent_with_card(&s.stripe, "501", "4242424242424242");
     kill9_connect();
-    let after = insert(&db, &table, "after", "5.01", &pi_after).await;
+    let after = insert_payment(&db, &table, "after", "5.01", Some(&pi_after))
+        .await
+        .id;
     script("connect-up");
 
     wait_for("every final answer written back", 120, || async {
         let mut done = 0;
         for id in [ok, later, canceled, after] {
-            done += usize::from(status_of(&db, &table, id).await != "pending");
+            done += usize::from(read_payment(&db, &table, id).await.status != "pending");
         }
         done == 4
     })
     .await;
-    assert_eq!(status_of(&db, &table, ok).await, "succeeded");
-    assert_eq!(status_of(&db, &table, later).await, "succeeded");
-    assert_eq!(status_of(&db, &table, after).await, "succeeded");
-    assert_eq!(status_of(&db, &table, canceled).await, "failed");
-    assert_eq!(status_of(&db, &table, three_ds).await, "pending");
+    assert_eq!(read_payment(&db, &table, ok).await.status, "succeeded");
+    assert_eq!(read_payment(&db, &table, later).await.status, "succeeded");
+    assert_eq!(read_payment(&db, &table, after).await.status, "succeeded");
+    assert_eq!(read_payment(&db, &table, canceled).await.status, "failed");
+    assert_eq!(read_payment(&db, &table, three_ds).await.status, "pending");
 
     // Debezium carried the writes back: paystream holds only the 3DS payment.
     wait_for("paystream dropped the final rows", 60, || async {
@@ -157,7 +124,10 @@ async fn real_debezium_carries_payments_in_and_statuses_back() {
     // Each row changed once, pending → final, whatever Debezium or paystream sent again.
     let changes: Vec<(i64, String, String)> = db
         .query(
-            &format!("SELECT id, old_status, new_status FROM {table}_changes ORDER BY id"),
+            &format!(
+                "SELECT id, old_status, new_status FROM {} ORDER BY id",
+                audit_table(&table)
+            ),
             &[],
         )
         .await
@@ -193,7 +163,7 @@ async fn real_debezium_carries_payments_in_and_statuses_back() {
 
     // Clean up Connect and Postgres: the connector, its slot and publication.
     drop_table_connector(&db, &table).await;
-    db.batch_execute(&format!("DROP TABLE {table}_changes;"))
+    db.batch_execute(&format!("DROP TABLE {};", audit_table(&table)))
         .await
         .unwrap();
 }

@@ -36,6 +36,20 @@ async fn batch(
     ids
 }
 
+/// Whether every row of `ids` holds `succeeded`.
+async fn succeeded(db: &tokio_postgres::Client, t: &Topics, ids: &[i64]) -> bool {
+    count(
+        db,
+        &format!(
+            "SELECT count(*) FROM {} WHERE id = ANY($1) AND status = 'succeeded'",
+            t.table
+        ),
+        &[&ids],
+    )
+    .await
+        == ids.len() as i64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_under_debezium_loses_nothing() {
     let s = stack();
@@ -51,22 +65,7 @@ async fn a_postgres_restart_under_debezium_loses_nothing() {
     );
     let mut updater = spawn(&table_updater_args(s, &t, &[]), &logs.join("updater.log"));
     let first = batch(s, &db, &t, "first", 0).await;
-    let resolved = |want: Vec<i64>| {
-        let (url, table) = (s.pg_url.clone(), t.table.clone());
-        async move {
-            let db = pg(&url).await;
-            count(
-                &db,
-                &format!(
-                    "SELECT count(*) FROM {table} WHERE id = ANY($1) AND status = 'succeeded'"
-                ),
-                &[&want],
-            )
-            .await
-                == want.len() as i64
-        }
-    };
-    wait_for("the first rows resolved", 90, || resolved(first.clone())).await;
+    wait_for("the first rows resolved", 90, || succeeded(&db, &t, &first)).await;
 
     // Rows committed right before the restart: in the WAL, perhaps not yet streamed.
     let before = batch(s, &db, &t, "before", 3).await;
@@ -79,7 +78,7 @@ async fn a_postgres_restart_under_debezium_loses_nothing() {
 
     let all: Vec<i64> = first.iter().chain(&before).chain(&after).copied().collect();
     wait_for("every row resolved after the restart", 180, || {
-        resolved(all.clone())
+        succeeded(&db, &t, &all)
     })
     .await;
     wait_for("Debezium carried every write back", 120, || async {

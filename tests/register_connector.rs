@@ -92,27 +92,7 @@ impl Registration {
     async fn drop_all(&self) {
         let _ = self.script(&[], &["--delete"]);
         let db = common::pg(&common::stack().pg_url).await;
-        // The task lets the slot go a moment after the delete.
-        for _ in 0..40 {
-            let r = db
-                .query(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                    &[&self.name],
-                )
-                .await;
-            let left = db
-                .query_one(
-                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.name],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0);
-            if r.is_ok() && left == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        common::drop_slot(&db, &self.name).await;
         let _ = db
             .batch_execute(&format!("DROP PUBLICATION IF EXISTS \"{}\"", self.name))
             .await;
@@ -200,10 +180,7 @@ async fn real_connect_refusals_each_have_their_code_and_cause() {
     // says why.
     let missing = Registration::new("regtable");
     let cfg = tempfile::NamedTempFile::new().unwrap();
-    let mut doc: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::root().join("connectors/payments.json")).unwrap(),
-    )
-    .unwrap();
+    let mut doc: Value = common::connector_doc();
     doc["config"]["table.include.list"] = json!(format!("public.{}", missing.name));
     std::fs::write(cfg.path(), doc.to_string()).unwrap();
     let (code, out, err) = missing.script(&[], &["--config", cfg.path().to_str().unwrap()]);

@@ -534,12 +534,17 @@ impl Store {
             // (that is the one renamed after its fsync; the log after it is replayed anyway),
             // so it is removed and the open retried once. Only after sled failed: a store
             // another process has open fails on its lock first, and its files are left alone.
-            Err(sled::Error::Corruption { .. }) if !incomplete_snapshots(dir).is_empty() => {
-                for f in incomplete_snapshots(dir) {
-                    tracing::warn!(file = %f.display(), "removing sled's incomplete snapshot left by a crash");
-                    std::fs::remove_file(&f).map_err(|e| io(sled::Error::Io(e)))?;
+            Err(sled::Error::Corruption { at, bt }) => {
+                let partial = incomplete_snapshots(dir);
+                if partial.is_empty() {
+                    Err(sled::Error::Corruption { at, bt })
+                } else {
+                    for f in partial {
+                        tracing::warn!(file = %f.display(), "removing sled's incomplete snapshot left by a crash");
+                        std::fs::remove_file(&f).map_err(|e| io(sled::Error::Io(e)))?;
+                    }
+                    open()
                 }
-                open()
             }
             other => other,
         };

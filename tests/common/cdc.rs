@@ -81,10 +81,7 @@ pub async fn suite_connector(db: &tokio_postgres::Client) {
     tokio::task::spawn_blocking(|| {
         READY.get_or_init(|| {
             script("connect-up");
-            let mut doc: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(root().join("connectors/payments.json")).unwrap(),
-            )
-            .unwrap();
+            let mut doc = connector_doc();
             let c = &mut doc["config"];
             c["table.include.list"] = r"public\.cdc_.*".into();
             c["topic.prefix"] = PREFIX.into();
@@ -133,10 +130,7 @@ pub async fn cdc_topics(
         &[(&t.cdc, cdc_partitions), (&t.status, 1), (&t.dlq, 1)],
     )
     .await;
-    let ddl = std::fs::read_to_string(root().join("schemas/payments.sql")).unwrap();
-    db.batch_execute(&ddl.replace("public.payments", &format!("public.{table}")))
-        .await
-        .unwrap();
+    create_payments_table(db, &table).await;
     // Its own transaction, committed before any row: see the module doc.
     db.batch_execute(&format!(
         "ALTER PUBLICATION {PUBLICATION} ADD TABLE public.{table}"
@@ -189,7 +183,59 @@ pub async fn cdc_delete(db: &tokio_postgres::Client, t: &Topics, id: i64) {
         .expect("delete");
 }
 
-/// The payments table `name` (schemas/payments.sql), made for a connector of its own.
+/// connectors/payments.json, the production registration the tests' connectors start from.
+pub fn connector_doc() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("connectors/payments.json")).unwrap())
+        .unwrap()
+}
+
+/// Drops the replication slot `slot` once Connect let go of it (a deleted connector's task
+/// releases it a moment later; Debezium leaves the slot behind).
+pub async fn drop_slot(db: &tokio_postgres::Client, slot: &str) {
+    for _ in 0..40 {
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            return;
+        }
+        let _ = db
+            .query(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&slot],
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Topics and a payments table `table` for a connector of the test's own
+/// ([`register_table_connector`]: topic prefix = table, so the CDC topic is
+/// `<table>.public.<table>`), one partition each.
+pub async fn own_connector_topics(
+    s: &Stack,
+    db: &tokio_postgres::Client,
+    run: &str,
+    table: &str,
+) -> Topics {
+    let t = Topics {
+        cdc: format!("{table}.public.{table}"),
+        status: format!("{run}-status"),
+        dlq: format!("{run}-dlq"),
+        run: run.to_string(),
+        table: table.to_string(),
+    };
+    create_topics(&s.brokers, &[(&t.cdc, 1), (&t.status, 1), (&t.dlq, 1)]).await;
+    create_payments_table(db, table).await;
+    t
+}
+
+/// The payments table `name` (schemas/payments.sql).
 pub async fn create_payments_table(db: &tokio_postgres::Client, name: &str) {
     let ddl = std::fs::read_to_string(root().join("schemas/payments.sql")).unwrap();
     db.batch_execute(&ddl.replace("public.payments", &format!("public.{name}")))
@@ -200,10 +246,7 @@ pub async fn create_payments_table(db: &tokio_postgres::Client, name: &str) {
 /// A connector of the test's own for `table` (snapshot, slot and publication named after it),
 /// registered to RUNNING; `args`/`env` add to `register_connector`'s.
 pub fn register_table_connector(table: &str, args: &[&str], env: &[(&str, &str)]) {
-    let mut doc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("connectors/payments.json")).unwrap(),
-    )
-    .unwrap();
+    let mut doc = connector_doc();
     doc["config"]["table.include.list"] = format!("public.{table}").into();
     let mut env = env.to_vec();
     env.extend([
@@ -224,26 +267,7 @@ pub async fn drop_table_connector(db: &tokio_postgres::Client, table: &str) {
             .env("CONNECTOR_NAME", table),
     );
     assert_eq!(code, 0, "{out}{err}");
-    for _ in 0..40 {
-        let left: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&table],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if left == 0 {
-            break;
-        }
-        let _ = db
-            .query(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&table],
-            )
-            .await;
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    drop_slot(db, table).await;
     db.batch_execute(&format!(
         "DROP PUBLICATION IF EXISTS {table}; DROP TABLE IF EXISTS {table} CASCADE;"
     ))
