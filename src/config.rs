@@ -14,6 +14,7 @@ use clap::{Args, CommandFactory};
 
 use crate::decode::registry::RegistrySettings;
 use crate::decode::{ColumnNames, DecodeOptions, Format};
+use crate::secret::Secret;
 
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 pub const DEFAULT_CDC_TOPIC: &str = "payment.public.payments";
@@ -43,33 +44,6 @@ pub const DEFAULT_FALLBACK_POLL_INTERVAL: &str = "6h";
 pub const DEFAULT_STALE_AFTER: &str = "24h";
 pub const DEFAULT_EVENTS_FEED_OVERLAP: &str = "60s";
 pub const DEFAULT_STALE_POLL_INTERVAL: &str = "6h";
-
-/// A secret that never reaches a log line or a `Debug` print.
-#[derive(Clone, Default)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "<unset>"
-        } else {
-            "<redacted>"
-        })
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_string()))
-    }
-}
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use humantime syntax: 10m, 1s, 250ms)"))
@@ -156,6 +130,19 @@ pub struct ColumnArgs {
 }
 
 impl ColumnArgs {
+    /// The columns the Postgres writer touches.
+    pub fn write_columns(&self) -> crate::sink::postgres::Columns {
+        crate::sink::postgres::Columns {
+            id: self.column_id.clone(),
+            status: self.column_status.clone(),
+            stripe_payment_intent_id: self.column_stripe_payment_intent_id.clone(),
+            updated_at: self.column_updated_at.clone(),
+            pending_status: self.pending_status.clone(),
+        }
+    }
+}
+
+impl ColumnArgs {
     /// The columns the forward-only write names (the updater, `--sink postgres`).
     pub fn validate_written(&self) -> Result<(), ConfigError> {
         for (field, c) in [
@@ -235,16 +222,16 @@ impl RegistryArgs {
         Ok(())
     }
 
-    /// The registry client, if a URL is set (one per process part that needs it).
-    pub fn client(&self) -> Option<std::sync::Arc<crate::decode::registry::Registry>> {
-        self.schema_registry_url.as_ref().map(|url| {
-            std::sync::Arc::new(crate::decode::registry::Registry::new(RegistrySettings {
+    /// The registry client's settings, if a URL is set.
+    pub fn settings(&self) -> Option<RegistrySettings> {
+        self.schema_registry_url
+            .as_ref()
+            .map(|url| RegistrySettings {
                 url: url.clone(),
                 auth: self.schema_registry_auth.clone(),
                 timeout: self.schema_registry_timeout,
                 attempts: self.schema_registry_attempts,
-            }))
-        })
+            })
     }
 }
 
@@ -258,15 +245,6 @@ impl DecodeArgs {
             ));
         }
         Ok(())
-    }
-
-    /// The decoder these settings describe (one registry client, shared).
-    pub fn decoder(&self) -> crate::decode::Decoder {
-        crate::decode::Decoder {
-            opts: self.options(),
-            format: self.format,
-            registry: self.registry.client(),
-        }
     }
 
     pub fn options(&self) -> DecodeOptions {
@@ -620,7 +598,7 @@ impl RunConfig {
         if self.changelog {
             // The lease (half the session) must be renewed several times over, or polls and
             // checkpoints would stall between renewals.
-            let session = crate::source::handoff::session_timeout(&self.kafka.kafka_options);
+            let session = crate::scaleout::session_timeout(&self.kafka.kafka_options);
             if self.checkpoint_interval * 4 > session {
                 return Err(bad(
                     "--checkpoint-interval",

@@ -40,10 +40,7 @@ pub fn idempotent_producer_config(
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "30000");
-    for (k, v) in extra
-        .iter()
-        .filter(|(k, _)| crate::sink::is_producer_key(k))
-    {
+    for (k, v) in extra.iter().filter(|(k, _)| is_producer_key(k)) {
         c.set(k, v);
     }
     c
@@ -151,4 +148,20 @@ impl BrokerWatch {
             _ => {}
         }
     }
+}
+
+/// Consumer-only settings from `--kafka-option` are not passed to the producer (librdkafka
+/// would warn on each).
+fn is_producer_key(k: &str) -> bool {
+    !matches!(
+        k,
+        "session.timeout.ms"
+            | "heartbeat.interval.ms"
+            | "max.poll.interval.ms"
+            | "auto.offset.reset"
+            | "partition.assignment.strategy"
+            | "group.instance.id"
+            | "fetch.wait.max.ms"
+            | "isolation.level"
+    )
 }

@@ -52,6 +52,7 @@
 //! `anyhow` appears only in the binary.
 
 pub mod admin;
+pub mod change;
 pub mod clock;
 pub mod config;
 pub mod decode;
@@ -61,6 +62,8 @@ pub mod pg;
 pub mod poll;
 pub mod replay;
 pub mod run;
+pub mod scaleout;
+pub mod secret;
 pub mod sink;
 pub mod source;
 pub mod state;

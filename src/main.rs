@@ -176,7 +176,8 @@ fn decode_inputs(args: &DecodeArgs, input: &str) -> anyhow::Result<Vec<Option<Ve
 
 fn decode_lines(args: &DecodeArgs, input: &str) -> anyhow::Result<bool> {
     args.validate()?;
-    let decoder = args.decoder();
+    let decoder =
+        paystream::decode::Decoder::new(args.format, args.options(), args.registry.settings());
     let inputs = decode_inputs(args, input)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut out = std::io::stdout().lock();

@@ -215,7 +215,9 @@ pub const POLL_OUTCOMES: [&str; 15] = [
 ];
 
 /// Creates the daemon's labelled series at 0, so a dashboard or an `increase()` sees a series
-/// before its first event (Prometheus' advice for label values known in advance).
+/// before its first event (Prometheus' advice for label values known in advance). Label sets
+/// that belong to another module are created by their owner: [`crate::decode::init_series`],
+/// [`crate::state::init_series`].
 pub fn init_run_series() {
     let m = &*METRICS;
     for o in POLL_OUTCOMES {
@@ -223,9 +225,6 @@ pub fn init_run_series() {
     }
     for s in ["succeeded", "failed"] {
         m.status_events.with_label_values(&[s]);
-    }
-    for k in crate::decode::DecodeErrorKind::ALL {
-        m.dlq_messages.with_label_values(&[k.as_str()]);
     }
     m.cdc_events
         .with_label_values(&["unknown", "dead_lettered"]);
@@ -238,9 +237,6 @@ pub fn init_run_series() {
         "changelog",
     ] {
         m.kafka_errors.with_label_values(&[k]);
-    }
-    for (age, _) in crate::state::AGE_BUCKETS {
-        m.pending_by_age.with_label_values(&[age]);
     }
     for s in ["poll", "answer"] {
         m.polls_fenced.with_label_values(&[s]);
@@ -269,25 +265,6 @@ pub fn init_updater_series() {
     for k in ["client", "consume", "commit"] {
         m.kafka_errors.with_label_values(&[k]);
     }
-}
-
-/// Sets the state gauges from one pass of [`crate::state::Store::stats`].
-pub fn set_state_gauges(s: &crate::state::Stats, now_ms: u64) {
-    let m = &*METRICS;
-    m.pending_payments.set(s.pending as i64);
-    m.awaiting_confirmation.set(s.awaiting_confirmation as i64);
-    m.polls_due.set(s.due_now as i64);
-    m.stale_payments.set(s.stale as i64);
-    m.flagged_payments.set(s.flagged as i64);
-    m.declined_payments.set(s.declined as i64);
-    for ((age, _), n) in crate::state::AGE_BUCKETS.iter().zip(s.by_age) {
-        m.pending_by_age.with_label_values(&[age]).set(n as i64);
-    }
-    let oldest = s
-        .oldest_pending
-        .as_ref()
-        .map_or(0, |(_, t)| now_ms.saturating_sub(*t));
-    m.oldest_pending_age_seconds.set(oldest as f64 / 1000.0);
 }
 
 /// The registry in Prometheus text format.

@@ -13,9 +13,10 @@ use crate::metrics::{self, METRICS};
 use crate::poll::ratelimit::{Budgets, RateLimiter};
 use crate::poll::stripe::{LookupError, StripeApi};
 use crate::poll::{Poller, PollerConfig};
+use crate::scaleout::changelog::KafkaChangelog;
+use crate::scaleout::{self, Ownership};
 use crate::sink::{DeadLetterFile, DeadLetters, Sink, StatusEncoding, StatusFormat, StatusSink};
-use crate::source::handoff::{self, Ownership};
-use crate::source::postgres::{PgSource, PgSourceError};
+use crate::source::postgres::{PgSource, PgSourceError, PgSourceSettings};
 use crate::source::{self, CdcConsumer, Health, Pipeline};
 use crate::state::{StateError, Store};
 
@@ -46,11 +47,11 @@ pub enum RunError {
     Postgres(Box<PgSourceError>),
     /// `--sink postgres` could not reach or check the table at start.
     #[error("status write-back (--sink postgres)")]
-    Writer(Box<crate::updater::WriteError>),
+    Writer(Box<crate::sink::postgres::WriteError>),
 }
 
-impl From<crate::updater::WriteError> for RunError {
-    fn from(e: crate::updater::WriteError) -> Self {
+impl From<crate::sink::postgres::WriteError> for RunError {
+    fn from(e: crate::sink::postgres::WriteError) -> Self {
         RunError::Writer(Box::new(e))
     }
 }
@@ -93,6 +94,8 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     let (stop, shutdown) = watch::channel(false);
     let clock = Clock::new();
     metrics::init_run_series();
+    crate::decode::init_series();
+    crate::state::init_series();
     // The recovery check (a full scan: about 5 s at a million entries) runs beside the start,
     // not before it; the checkpoint task waits for it (see `Store::check`).
     let state = Arc::new(Store::open_unchecked(&cfg.data_dir)?);
@@ -185,7 +188,11 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
 
-    let decoder = cfg.decode.decoder();
+    let decoder = crate::decode::Decoder::new(
+        cfg.decode.format,
+        cfg.decode.options(),
+        cfg.decode.registry.settings(),
+    );
     let (api, status_sink, dead_letters) = stripe_and_sinks(&cfg, &decoder).await?;
     let pipeline = Pipeline {
         state: state.clone(),
@@ -218,7 +225,16 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
                 .await
                 .expect("recovery check task")?;
             health.checked.store(true, Ordering::Relaxed);
-            let pg = Arc::new(PgSource::new(&cfg, state.clone(), health.clone()));
+            let settings = PgSourceSettings {
+                url: cfg.postgres_url().to_string(),
+                slot: cfg.slot.clone(),
+                publication: cfg.publication.clone(),
+                table: cfg.table.clone(),
+                pending_status: cfg.decode.columns.pending_status.clone(),
+                resnapshot: cfg.resnapshot,
+                decode: cfg.decode.options(),
+            };
+            let pg = Arc::new(PgSource::new(settings, state.clone(), health.clone()));
             let mut start_shutdown = shutdown.clone();
             let repl = tokio::select! {
                 r = pg.start(&pipeline, &mut start_shutdown) => r?,
@@ -369,7 +385,7 @@ async fn feed_cycle(p: Arc<crate::poll::Poller>) {
 async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64, stale_ms: u64) {
     let now = clock.now_ms();
     match tokio::task::spawn_blocking(move || state.stats(now, interval_ms, stale_ms)).await {
-        Ok(Ok(s)) => metrics::set_state_gauges(&s, now),
+        Ok(Ok(s)) => crate::state::set_gauges(&s, now),
         Ok(Err(e)) => tracing::error!(error = %e, "state gauges not refreshed"),
         Err(e) => tracing::error!(error = %e, "state gauges job failed"),
     }
@@ -384,12 +400,12 @@ fn kafka_source_setup(
     clock: Clock,
 ) -> Result<(Arc<CdcConsumer>, Arc<Ownership>), RunError> {
     let ownership = Arc::new(if cfg.changelog {
-        Ownership::leased(clock, handoff::session_timeout(&cfg.kafka.kafka_options))
+        Ownership::leased(clock, scaleout::session_timeout(&cfg.kafka.kafka_options))
     } else {
         Ownership::unleased(clock)
     });
     let changelog = if cfg.changelog {
-        let log = handoff::Changelog::new(
+        let log = KafkaChangelog::new(
             &cfg.kafka.brokers,
             &cfg.kafka.kafka_options,
             &cfg.group_id,
@@ -466,8 +482,13 @@ pub(crate) async fn stripe_and_sinks(
         (SinkKind::Kafka, Some(sink)) => StatusSink::Kafka(sink.clone()),
         (SinkKind::Kafka, None) => unreachable!("--sink kafka uses Kafka"),
         (SinkKind::Postgres, _) => StatusSink::Postgres(Box::new(
-            crate::updater::Writer::connect(cfg.postgres_url(), &cfg.table, &cfg.decode.columns)
-                .await?,
+            crate::sink::postgres::Writer::connect(
+                cfg.postgres_url(),
+                crate::sink::postgres::APP_NAME,
+                &cfg.table,
+                &cfg.decode.columns.write_columns(),
+            )
+            .await?,
         )),
     };
     let dead_letters = match kafka {

@@ -186,7 +186,7 @@ async fn avro_and_json_with_schema_normalize_to_the_same_event() {
     // A tombstone is a Kafka null in Avro too.
     assert_eq!(
         d.value(None).await.unwrap().op,
-        paystream::decode::Op::Tombstone
+        paystream::change::Op::Tombstone
     );
 }
 
@@ -391,15 +391,15 @@ async fn pipeline_with_avro_in_and_avro_out() {
         let ev = d.value(Some(&v)).await.unwrap();
         let p = ev.payment.unwrap();
         assert_eq!(p.id, ok.id.to_string());
-        assert_eq!(p.amount, paystream::decode::Col::Set("49.99".into()));
+        assert_eq!(p.amount, paystream::change::Col::Set("49.99".into()));
         seen.push((ev.op, format!("{:?}", p.status)));
     }
     assert_eq!(
         seen,
         vec![
-            (paystream::decode::Op::Read, "Set(\"pending\")".to_string()),
+            (paystream::change::Op::Read, "Set(\"pending\")".to_string()),
             (
-                paystream::decode::Op::Update,
+                paystream::change::Op::Update,
                 "Set(\"succeeded\")".to_string()
             )
         ]

@@ -21,7 +21,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use paystream::decode::{decode_value, ChangeEvent, DecodeOptions};
+use paystream::change::ChangeEvent;
+use paystream::decode::{decode_value, DecodeOptions};
 use paystream::state::Store;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -221,8 +221,8 @@ fn decoder_survives_mutated_debezium_events() {
             Ok(ev) => ev.payment.as_ref().is_none_or(|p| {
                 !p.id.is_empty()
                     && match &p.amount {
-                        paystream::decode::Col::Set(a) => exact_decimal(a),
-                        paystream::decode::Col::Unknown => true,
+                        paystream::change::Col::Set(a) => exact_decimal(a),
+                        paystream::change::Col::Unknown => true,
                     }
             }),
             Err(_) => true,

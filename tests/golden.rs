@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use paystream::decode::{decode_key, decode_value, Col, DecodeOptions, Op};
+use paystream::change::{Col, Op};
+use paystream::decode::{decode_key, decode_value, DecodeOptions};
 
 fn shared() -> PathBuf {
     std::env::var_os("PAYSTREAM_SHARED_DIR")
@@ -84,7 +85,7 @@ fn every_shared_file_matches_its_golden_output() {
     );
 }
 
-fn decode(rel: &str) -> paystream::decode::ChangeEvent {
+fn decode(rel: &str) -> paystream::change::ChangeEvent {
     decode_value(Some(&read(rel)), &DecodeOptions::default())
         .unwrap_or_else(|e| panic!("{rel}: {e}"))
 }

@@ -17,7 +17,6 @@
 //! [`DecodeError`] the daemon sends to the dead-letter topic.
 
 pub mod avro;
-pub mod decimal;
 mod fast;
 pub mod pgoutput;
 pub mod registry;
@@ -26,11 +25,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine;
-use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-pub use decimal::Decimal;
+use crate::change::{ChangeEvent, Col, Decimal, Op, Payment, SourceInfo};
 
 /// Debezium's default `unavailable.value.placeholder`.
 pub const TOAST_PLACEHOLDER: &str = "__debezium_unavailable_value";
@@ -82,135 +80,6 @@ impl Default for DecodeOptions {
             amount_scale: 2,
             columns: ColumnNames::default(),
             unavailable_placeholder: TOAST_PLACEHOLDER.into(),
-        }
-    }
-}
-
-/// What a change event did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Op {
-    #[serde(rename = "c")]
-    Create,
-    #[serde(rename = "u")]
-    Update,
-    #[serde(rename = "d")]
-    Delete,
-    /// A snapshot read (any `source.snapshot` value).
-    #[serde(rename = "r")]
-    Read,
-    #[serde(rename = "t")]
-    Truncate,
-    /// A logical decoding message (`pg_logical_emit_message`).
-    #[serde(rename = "m")]
-    Message,
-    #[serde(rename = "tombstone")]
-    Tombstone,
-    #[serde(rename = "heartbeat")]
-    Heartbeat,
-    #[serde(rename = "transaction")]
-    Transaction,
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Create => "c",
-            Op::Update => "u",
-            Op::Delete => "d",
-            Op::Read => "r",
-            Op::Truncate => "t",
-            Op::Message => "m",
-            Op::Tombstone => "tombstone",
-            Op::Heartbeat => "heartbeat",
-            Op::Transaction => "transaction",
-        }
-    }
-}
-
-/// Where in the source database the change came from.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct SourceInfo {
-    pub lsn: Option<i64>,
-    #[serde(rename = "txId")]
-    pub tx_id: Option<i64>,
-    pub ts_ms: Option<i64>,
-    pub snapshot: Option<String>,
-}
-
-/// A column of a [`Payment`] as far as this event knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Col<T> {
-    Set(T),
-    /// Not carried by this event: a TOASTed value Debezium did not resend, or the filler of a
-    /// delete's `before` (only the key is real there). The previous value still stands.
-    Unknown,
-}
-
-impl<T> Col<T> {
-    pub fn is_unknown(&self) -> bool {
-        matches!(self, Col::Unknown)
-    }
-}
-
-impl<T: Serialize> Serialize for Col<T> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Col::Set(v) => v.serialize(s),
-            // Never reached through Payment: unknown columns are skipped there.
-            Col::Unknown => s.serialize_none(),
-        }
-    }
-}
-
-/// The payment a change event is about, mapped from the configured columns. In JSON, a column
-/// this event does not carry is left out; a SQL NULL is `null`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Payment {
-    pub id: String,
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub idempotency_key: Col<String>,
-    /// Exact decimal string, e.g. `"1234567.89"`.
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub amount: Col<String>,
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub currency: Col<String>,
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub status: Col<String>,
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub stripe_payment_intent_id: Col<Option<String>>,
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub created_at: Col<Option<String>>,
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub updated_at: Col<Option<String>>,
-    /// Stripe Connect: the payment's connected account (`--account-column`).
-    #[serde(skip_serializing_if = "Col::is_unknown")]
-    pub account: Col<Option<String>>,
-}
-
-/// A decoded Debezium message value.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ChangeEvent {
-    pub op: Op,
-    pub table: Option<String>,
-    /// The old row. For a delete under `REPLICA IDENTITY DEFAULT` only the key column: Postgres
-    /// sends just the key, and Debezium fills the other NOT NULL columns with stand-ins (`""`,
-    /// 0, the column default, 1970 timestamps) that are not the row's data, so they are dropped
-    /// here (see `key_only_image`).
-    pub before: Option<Map<String, Value>>,
-    pub after: Option<Map<String, Value>>,
-    pub payment: Option<Payment>,
-    pub source: SourceInfo,
-}
-
-impl ChangeEvent {
-    fn bare(op: Op) -> Self {
-        ChangeEvent {
-            op,
-            table: None,
-            before: None,
-            after: None,
-            payment: None,
-            source: SourceInfo::default(),
         }
     }
 }
@@ -307,6 +176,20 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// The decoder of `format`, with one registry client (shared by whoever clones the `Arc`)
+    /// when `registry` is set.
+    pub fn new(
+        format: Format,
+        opts: DecodeOptions,
+        registry: Option<registry::RegistrySettings>,
+    ) -> Self {
+        Decoder {
+            opts,
+            format,
+            registry: registry.map(|s| Arc::new(registry::Registry::new(s))),
+        }
+    }
+
     /// A JSON-only decoder (tests, tools).
     pub fn json(opts: DecodeOptions) -> Decoder {
         Decoder {
@@ -980,6 +863,16 @@ pub fn decode_key(key: &[u8], opts: &DecodeOptions) -> Result<String, DecodeErro
         None => return Err(missing(col)),
     };
     id_string(&raw_value(raw), col)
+}
+
+/// The dead-letter series at 0, one per reason, before the first bad message (see
+/// [`crate::metrics::init_run_series`]).
+pub fn init_series() {
+    for k in DecodeErrorKind::ALL {
+        crate::metrics::METRICS
+            .dlq_messages
+            .with_label_values(&[k.as_str()]);
+    }
 }
 
 #[cfg(test)]

@@ -389,7 +389,7 @@ impl PgOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Col;
+    use crate::change::Col;
 
     /// pgoutput bytes, written the way the server writes them.
     struct W(Vec<u8>);

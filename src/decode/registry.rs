@@ -18,7 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::avro::WriterSchema;
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// A registry failure. `NotFound` and `Invalid` are the producer's or operator's fault and a
 /// retry cannot help; `Unavailable` is the registry's and a later retry may.

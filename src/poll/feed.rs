@@ -30,7 +30,7 @@
 
 use std::collections::HashMap;
 
-use super::stripe::{classify, Expected, IntentEvent, Lookup, LookupError, MismatchKind, Seen};
+use super::stripe::{classify, Expected, IntentEvent, Lookup, LookupError, MismatchKind};
 use crate::state::Entry;
 
 /// The event types a cycle lists.
@@ -168,7 +168,7 @@ impl Matches {
                 ids.len(),
                 ids.join(", ")
             ),
-            seen: Seen::of(&first.data.object),
+            seen: super::stripe::seen(&first.data.object),
         }))
     }
 }

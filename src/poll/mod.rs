@@ -35,11 +35,12 @@ use tokio::task::JoinSet;
 
 use crate::clock::Clock;
 use crate::metrics::METRICS;
+use crate::scaleout::Ownership;
+use crate::sink::Seen;
 use crate::sink::{StatusEvent, StatusSink};
-use crate::source::handoff::Ownership;
 use crate::state::{Emitted, Entry, Flag, StateError, Store};
 use ratelimit::RateLimiter;
-use stripe::{Decline, Expected, FinalStatus, Lookup, LookupError, MismatchKind, Seen, StripeApi};
+use stripe::{Decline, Expected, FinalStatus, Lookup, LookupError, MismatchKind, StripeApi};
 
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
@@ -83,7 +84,7 @@ pub struct Poller {
     clock: Clock,
     cfg: PollerConfig,
     in_flight: Arc<Mutex<HashSet<String>>>,
-    /// Which partitions this instance acts on (see `source::handoff`).
+    /// Which partitions this instance acts on (see `scaleout`).
     ownership: Arc<Ownership>,
     /// The events feed's cursor (Unix seconds of the newest event seen), once read from state.
     cursor: tokio::sync::Mutex<Option<i64>>,

@@ -9,7 +9,7 @@
 //! never rounded and never through a float: a row amount with more decimals than the currency
 //! has (`12.345` USD) has no Stripe counterpart, so it can never match.
 
-use crate::decode::decimal::Decimal;
+use crate::change::Decimal;
 
 /// Stripe's zero-decimal currencies. ISK, HUF and TWD are not here: Stripe represents them with
 /// two decimals for backwards compatibility (their minor amounts end in `00`), so the default

@@ -13,6 +13,8 @@ use serde::Deserialize;
 use stripe::{RequestStrategy, StripeError as ClientError};
 use stripe_client_core::{RequestBuilder, StripeMethod};
 
+use crate::sink::Seen;
+
 /// What paystream writes back: only Stripe's final answers produce one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinalStatus {
@@ -29,26 +31,13 @@ impl FinalStatus {
     }
 }
 
-/// What Stripe said about the intent an answer rests on. The status event carries it, so a
-/// ledger downstream does not have to ask Stripe again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Seen {
-    pub intent_id: String,
-    pub stripe_status: String,
-    /// `amount_received`, in the currency's minor unit; `None` when the answer lacks it.
-    pub amount_received: Option<i64>,
-    /// Lower case, as Stripe writes it.
-    pub currency: Option<String>,
-}
-
-impl Seen {
-    pub fn of(pi: &IntentView) -> Seen {
-        Seen {
-            intent_id: pi.id.clone(),
-            stripe_status: pi.status.clone(),
-            amount_received: pi.amount_received,
-            currency: pi.currency.clone(),
-        }
+/// What Stripe said about an intent, as the status event carries it.
+pub fn seen(pi: &IntentView) -> Seen {
+    Seen {
+        intent_id: pi.id.clone(),
+        stripe_status: pi.status.clone(),
+        amount_received: pi.amount_received,
+        currency: pi.currency.clone(),
     }
 }
 
@@ -294,12 +283,12 @@ pub fn classify(pi: &IntentView, row: Expected<'_>) -> Lookup {
             Ok(()) => Lookup::Final {
                 status: FinalStatus::Succeeded,
                 reason: None,
-                seen: Seen::of(pi),
+                seen: seen(pi),
             },
             Err(detail) => Lookup::Mismatch {
                 kind: MismatchKind::Amount,
                 detail,
-                seen: Seen::of(pi),
+                seen: seen(pi),
             },
         },
         "canceled" => Lookup::Final {
@@ -309,7 +298,7 @@ pub fn classify(pi: &IntentView, row: Expected<'_>) -> Lookup {
                     .clone()
                     .unwrap_or_else(|| "canceled".into()),
             ),
-            seen: Seen::of(pi),
+            seen: seen(pi),
         },
         other => Lookup::Pending {
             stripe_status: other.to_string(),
@@ -387,7 +376,7 @@ fn classify_many(found: &[IntentView], row: Expected<'_>) -> Option<Lookup> {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            seen: Seen::of(first),
+            seen: seen(first),
         }),
     }
 }

@@ -241,7 +241,8 @@ fn write_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{decode_value, Col, DecodeOptions, Op};
+    use crate::change::{Col, Op};
+    use crate::decode::{decode_value, DecodeOptions};
 
     fn spec(decimal: DecimalMode, schemas: bool) -> GenSpec {
         GenSpec {

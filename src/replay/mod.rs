@@ -153,6 +153,8 @@ pub async fn replay(
     }
     let files = input_files(&args.input)?;
     metrics::init_run_series();
+    crate::decode::init_series();
+    crate::state::init_series();
     let clock = Clock::new();
     let state = Arc::new(Store::open(&cfg.data_dir)?);
     let dead_letters = DeadLetterFile::new(
@@ -163,7 +165,11 @@ pub async fn replay(
     let dead_letter_path = dead_letters.path().to_path_buf();
 
     // Lines are text, so replay reads JSON values only (a known gap for Avro topic dumps).
-    let decoder = cfg.decode.decoder();
+    let decoder = crate::decode::Decoder::new(
+        cfg.decode.format,
+        cfg.decode.options(),
+        cfg.decode.registry.settings(),
+    );
     let (stop, stopped) = watch::channel(false);
     let poller = if args.no_poll {
         None
@@ -171,7 +177,7 @@ pub async fn replay(
         state.record_poll_interval(cfg.poll_interval.as_millis() as u64)?;
         // Replay keeps its own dead-letter file; the run's dead-letter target is not used.
         let (api, sink, _) = crate::run::stripe_and_sinks(cfg, &decoder).await?;
-        let own = Arc::new(crate::source::handoff::Ownership::all(clock));
+        let own = Arc::new(crate::scaleout::Ownership::all(clock));
         let p = crate::run::poller(cfg, state.clone(), api, sink, clock, own);
         Some(tokio::spawn(std::sync::Arc::new(p).run(stopped.clone())))
     };

@@ -3,6 +3,8 @@
 //! One idempotent producer (`enable.idempotence=true`, `acks=all`): a send returns only once
 //! every in-sync replica has the record, and broker retries cannot duplicate or reorder it.
 
+pub mod postgres;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -15,7 +17,6 @@ use sha2::{Digest, Sha256};
 use crate::clock::rfc3339_ms;
 use crate::kafka::idempotent_producer_config;
 use crate::metrics::METRICS;
-use crate::poll::stripe::Seen;
 use crate::state::Entry;
 
 /// The status event. Schema: `schemas/payment-status-update.schema.json` (and `.avsc`).
@@ -59,6 +60,18 @@ pub fn event_id(payment_id: &str, status: &str) -> String {
         &x[16..20],
         &x[20..]
     )
+}
+
+/// What Stripe said about the intent an answer rests on. The status event carries it, so a
+/// ledger downstream does not have to ask Stripe again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub intent_id: String,
+    pub stripe_status: String,
+    /// `amount_received`, in the currency's minor unit; `None` when the answer lacks it.
+    pub amount_received: Option<i64>,
+    /// Lower case, as Stripe writes it.
+    pub currency: Option<String>,
 }
 
 impl StatusEvent {
@@ -191,7 +204,7 @@ pub struct SinkError {
 /// the payments table through the updater's forward-only write (`--sink postgres`).
 pub enum StatusSink {
     Kafka(Arc<Sink>),
-    Postgres(Box<crate::updater::Writer>),
+    Postgres(Box<crate::sink::postgres::Writer>),
 }
 
 /// A status event that was not stored; the poller keeps the payment pending and asks again.
@@ -200,7 +213,7 @@ pub enum StatusSinkError {
     #[error(transparent)]
     Kafka(#[from] SinkError),
     #[error(transparent)]
-    Postgres(#[from] crate::updater::WriteError),
+    Postgres(#[from] crate::sink::postgres::WriteError),
 }
 
 impl StatusSink {
@@ -496,22 +509,6 @@ impl Sink {
             Err(e) => tracing::error!(error = %e, "kafka producer could not be rebuilt"),
         }
     }
-}
-
-/// Consumer-only settings from `--kafka-option` are not passed to the producer (librdkafka
-/// would warn on each).
-pub(crate) fn is_producer_key(k: &str) -> bool {
-    !matches!(
-        k,
-        "session.timeout.ms"
-            | "heartbeat.interval.ms"
-            | "max.poll.interval.ms"
-            | "auto.offset.reset"
-            | "partition.assignment.strategy"
-            | "group.instance.id"
-            | "fetch.wait.max.ms"
-            | "isolation.level"
-    )
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@
 //! A crash anywhere replays at most the messages since the last checkpoint, and applying a
 //! Debezium event twice yields the same state (upsert / remove by id).
 
-pub mod handoff;
 pub mod postgres;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,13 +31,15 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use crate::change::{ChangeEvent, Col};
 use crate::clock::Clock;
-use crate::decode::{ChangeEvent, Col, Decoder};
+use crate::decode::Decoder;
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
+use crate::scaleout::changelog::{HandoffError, KafkaChangelog};
+use crate::scaleout::Ownership;
 use crate::sink::{DeadLetter, DeadLetterError, DeadLetters};
 use crate::state::{Applied, ChangeLog, Checkpoint, StateError, Store};
-use handoff::{Changelog, HandoffError, Ownership};
 
 /// Liveness facts the admin endpoints report.
 #[derive(Default)]
@@ -58,7 +59,7 @@ pub struct SourceContext {
     health: Arc<Health>,
     ownership: Arc<Ownership>,
     /// Scale-out's state changelog (`--changelog`).
-    changelog: Option<Arc<Changelog>>,
+    changelog: Option<Arc<KafkaChangelog>>,
     cdc_topic: String,
     /// A partition whose state could not be taken over: the daemon stops on it (the group
     /// then gives the partition to another member, or to this one after its restart).
@@ -347,7 +348,7 @@ pub struct ConsumerParts {
     pub state: Arc<Store>,
     pub health: Arc<Health>,
     pub ownership: Arc<Ownership>,
-    pub changelog: Option<Arc<Changelog>>,
+    pub changelog: Option<Arc<KafkaChangelog>>,
 }
 
 pub fn consumer(

@@ -39,7 +39,6 @@ use tokio::sync::watch;
 
 use super::{record_checkpoint, Health, Pipeline};
 use crate::clock::Clock;
-use crate::config::RunConfig;
 use crate::decode::pgoutput::{Column, PgOutput};
 use crate::metrics::METRICS;
 use crate::pg::quote_ident;
@@ -111,6 +110,19 @@ pub struct PgSource {
     decode: crate::decode::DecodeOptions,
 }
 
+/// What embedded mode's source needs (`--postgres-url`, `--slot`, `--publication`, `--table`,
+/// `--pending-status`, `--resnapshot` and the decode options).
+pub struct PgSourceSettings {
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+    /// `schema.table`, or a bare name in `public`.
+    pub table: String,
+    pub pending_status: String,
+    pub resnapshot: bool,
+    pub decode: crate::decode::DecodeOptions,
+}
+
 /// A row paystream cannot read, as a dead letter: its bytes (the pgoutput message, or a
 /// snapshot row's values as JSON), the reason, and the LSN it came at.
 fn dead_letter<'a>(
@@ -141,26 +153,25 @@ fn quote_literal(s: &str) -> String {
 }
 
 impl PgSource {
-    /// The source as `run` configures it (the config was validated).
-    pub fn new(cfg: &RunConfig, state: Arc<Store>, health: Arc<Health>) -> Self {
-        let url = cfg.postgres_url().to_string();
-        let pg = url.parse().unwrap_or_default();
+    /// The source as `run` configures it (the settings were validated).
+    pub fn new(s: PgSourceSettings, state: Arc<Store>, health: Arc<Health>) -> Self {
+        let pg = s.url.parse().unwrap_or_default();
         PgSource {
-            url,
+            url: s.url,
             pg,
-            slot: cfg.slot.clone(),
-            publication: cfg.publication.clone(),
-            table: if cfg.table.contains('.') {
-                cfg.table.clone()
+            slot: s.slot,
+            publication: s.publication,
+            table: if s.table.contains('.') {
+                s.table
             } else {
-                format!("public.{}", cfg.table)
+                format!("public.{}", s.table)
             },
-            pending_status: cfg.decode.columns.pending_status.clone(),
-            resnapshot: cfg.resnapshot,
+            pending_status: s.pending_status,
+            resnapshot: s.resnapshot,
             state,
             health,
             durable: watch::channel(0).0,
-            decode: cfg.decode.options(),
+            decode: s.decode,
         }
     }
 

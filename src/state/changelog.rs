@@ -25,7 +25,7 @@
 //! Read from the beginning to the high watermark; the last record per key wins; the last
 //! offset marker gives where the CDC partition resumes (none: from its beginning).
 //!
-//! Only the partition's owner writes (see `source::handoff` for how a paused instance that
+//! Only the partition's owner writes (see `scaleout` for how a paused instance that
 //! lost its partitions is kept from writing).
 
 use std::collections::BTreeMap;

@@ -55,7 +55,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{ChangeEvent, Col, Op, Payment};
+use crate::change::{ChangeEvent, Col, Op, Payment};
+use crate::metrics::METRICS;
 
 const FORMAT: &[u8] = b"1";
 const P: &[u8] = b"p\0";
@@ -351,7 +352,7 @@ pub struct LogBatch<'a> {
 }
 
 /// Where checkpoints copy state changes before the tree has them: the state changelog of
-/// scale-out ([`changelog`]; the Kafka side is `source::handoff`).
+/// scale-out ([`changelog`]; the Kafka side is `scaleout`).
 pub trait ChangeLog: Sync {
     /// The CDC topic whose offsets the log carries.
     fn cdc_topic(&self) -> &str;
@@ -1632,6 +1633,33 @@ impl Store {
 
     pub fn path(&self) -> &str {
         &self.path
+    }
+}
+
+/// Sets the state gauges from one pass of [`Store::stats`].
+pub fn set_gauges(s: &Stats, now_ms: u64) {
+    let m = &*METRICS;
+    m.pending_payments.set(s.pending as i64);
+    m.awaiting_confirmation.set(s.awaiting_confirmation as i64);
+    m.polls_due.set(s.due_now as i64);
+    m.stale_payments.set(s.stale as i64);
+    m.flagged_payments.set(s.flagged as i64);
+    m.declined_payments.set(s.declined as i64);
+    for ((age, _), n) in AGE_BUCKETS.iter().zip(s.by_age) {
+        m.pending_by_age.with_label_values(&[age]).set(n as i64);
+    }
+    let oldest = s
+        .oldest_pending
+        .as_ref()
+        .map_or(0, |(_, t)| now_ms.saturating_sub(*t));
+    m.oldest_pending_age_seconds.set(oldest as f64 / 1000.0);
+}
+
+/// The age-bucket series at 0, before the first stats pass (see
+/// [`crate::metrics::init_run_series`]).
+pub fn init_series() {
+    for (age, _) in AGE_BUCKETS {
+        METRICS.pending_by_age.with_label_values(&[age]);
     }
 }
 

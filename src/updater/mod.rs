@@ -22,11 +22,11 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::config::{ColumnArgs, UpdaterConfig};
+use crate::config::UpdaterConfig;
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
-use crate::pg::quote_ident;
-use crate::sink::{decode_status, StatusDecodeError, StatusEvent};
+use crate::sink::postgres::{apply_batch, connect_retrying, prepare, SchemaError, APP_NAME};
+use crate::sink::{decode_status, StatusDecodeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdaterError {
@@ -39,26 +39,8 @@ pub enum UpdaterError {
     #[error("admin endpoint")]
     Admin(#[from] std::io::Error),
     /// The table or columns do not match the configuration: the operator must fix it.
-    #[error("payments table check failed: {0}")]
-    Schema(String),
-}
-
-/// What one status event did to its row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowResult {
-    Updated,
-    AlreadyFinal,
-    UnknownId,
-}
-
-impl RowResult {
-    fn as_str(self) -> &'static str {
-        match self {
-            RowResult::Updated => "updated",
-            RowResult::AlreadyFinal => "already_final",
-            RowResult::UnknownId => "unknown_id",
-        }
-    }
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
 }
 
 /// The updater's consumer reports broker state to readiness and errors to the metrics.
@@ -78,232 +60,6 @@ impl rdkafka::ClientContext for UpdaterContext {
 
 impl rdkafka::consumer::ConsumerContext for UpdaterContext {}
 
-struct Sql {
-    apply: String,
-}
-
-async fn build_sql(
-    client: &tokio_postgres::Client,
-    table: &str,
-    c: &ColumnArgs,
-) -> Result<Sql, UpdaterError> {
-    // The id and status are compared in their own types (cast from the text we carry), so the
-    // primary key index serves the lookup whether the key is bigint, uuid or text, and a status
-    // column of an enum type works as well as text.
-    let column_type = |column: &str| {
-        let column = column.to_string();
-        async move {
-            let row = client
-                .query_opt(
-                    "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                    &[&table, &column],
-                )
-                .await
-                .map_err(|e| UpdaterError::Schema(e.to_string()))?
-                .ok_or_else(|| UpdaterError::Schema(format!("table {:?} has no column {column:?} (--table / --column-*)", table)))?;
-            Ok::<String, UpdaterError>(row.get(0))
-        }
-    };
-    let id_type = column_type(&c.column_id).await?;
-    let status_type = column_type(&c.column_status).await?;
-    // A table without the intent column (the updater needs only id, status, updated_at) is
-    // written without filling it in.
-    let has_intent = column_type(&c.column_stripe_payment_intent_id)
-        .await
-        .is_ok();
-    let (t, id, status, updated, intent) = (
-        quote_ident(table),
-        quote_ident(&c.column_id),
-        quote_ident(&c.column_status),
-        quote_ident(&c.column_updated_at),
-        quote_ident(&c.column_stripe_payment_intent_id),
-    );
-    // One statement per batch, set-based: the events arrive as two parallel arrays (id, status)
-    // numbered by their position. Only the first event per id in the batch may write, as if the
-    // events ran one after another: a later one for the same id would find the row final.
-    // A row changes only while it is still pending. Per event the statement answers whether it
-    // wrote and whether the row exists, which tells "already final" from "unknown id"; the
-    // existence check reads the snapshot from before the UPDATE, which is what we want.
-    let fill_intent = if has_intent {
-        format!("{intent} = COALESCE({t}.{intent}, first.intent), ")
-    } else {
-        String::new()
-    };
-    let apply = format!(
-        "WITH ev AS ( \
-             SELECT e.ord, (e.id)::{id_type} AS id, (e.status)::{status_type} AS status, e.intent \
-             FROM unnest($1::text[], $2::text[], $4::text[]) WITH ORDINALITY AS e(id, status, intent, ord)), \
-         first AS (SELECT DISTINCT ON (id) ord, id, status, intent FROM ev ORDER BY id, ord), \
-         upd AS ( \
-             UPDATE {t} SET {status} = first.status, {fill_intent}{updated} = now() FROM first \
-             WHERE {t}.{id} = first.id AND {t}.{status} = ($3::text)::{status_type} RETURNING first.ord) \
-         SELECT (upd.ord IS NOT NULL), EXISTS (SELECT 1 FROM {t} WHERE {t}.{id} = ev.id) \
-         FROM ev LEFT JOIN upd ON upd.ord = ev.ord ORDER BY ev.ord"
-    );
-    Ok(Sql { apply })
-}
-
-/// Applies one batch in one statement (so one implicit transaction). Returns each event's
-/// result, in order.
-async fn apply_batch(
-    client: &tokio_postgres::Client,
-    sql: &Sql,
-    pending: &str,
-    events: &[StatusEvent],
-) -> Result<Vec<RowResult>, tokio_postgres::Error> {
-    let ids: Vec<&str> = events.iter().map(|e| e.payment_id.as_str()).collect();
-    let statuses: Vec<&str> = events.iter().map(|e| e.status.as_str()).collect();
-    let intents: Vec<Option<&str>> = events
-        .iter()
-        .map(|e| e.stripe_payment_intent_id.as_deref())
-        .collect();
-    let rows = client
-        .query(&sql.apply, &[&ids, &statuses, &pending, &intents])
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|row| match (row.get::<_, bool>(0), row.get::<_, bool>(1)) {
-            (true, _) => RowResult::Updated,
-            (false, false) => RowResult::UnknownId,
-            (false, true) => RowResult::AlreadyFinal,
-        })
-        .collect())
-}
-
-/// The updater's forward-only write done in process (`paystream run --sink postgres`): each
-/// status event is one run of the same statement, so it changes its row only while the row is
-/// still pending, and a duplicate or a replay after a crash changes nothing. The connection is
-/// made at start (checking the table and columns) and again whenever it ended.
-pub struct Writer {
-    url: String,
-    table: String,
-    columns: ColumnArgs,
-    /// The current connection and its statement; `None` after it ended, until the next write.
-    conn: tokio::sync::Mutex<Option<(Arc<tokio_postgres::Client>, Arc<Sql>)>>,
-    ok: Arc<AtomicBool>,
-}
-
-/// A status write that did not happen: Postgres is unreachable or refused (retry helps), or the
-/// table does not match the configuration (the operator must fix it).
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    #[error(transparent)]
-    Schema(UpdaterError),
-}
-
-impl Writer {
-    /// Connects and checks the table (`--table`, `--column-*`): a wrong name fails here, at
-    /// start, not at the first final answer.
-    pub async fn connect(url: &str, table: &str, columns: &ColumnArgs) -> Result<Self, WriteError> {
-        let w = Writer {
-            url: url.into(),
-            table: table.into(),
-            columns: columns.clone(),
-            conn: tokio::sync::Mutex::new(None),
-            ok: Arc::new(AtomicBool::new(false)),
-        };
-        w.current().await?;
-        Ok(w)
-    }
-
-    /// Whether the last connection is up (readiness).
-    pub fn is_up(&self) -> bool {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    async fn current(&self) -> Result<(Arc<tokio_postgres::Client>, Arc<Sql>), WriteError> {
-        let mut conn = self.conn.lock().await;
-        if let Some((c, sql)) = conn.as_ref().filter(|(c, _)| !c.is_closed()) {
-            return Ok((c.clone(), sql.clone()));
-        }
-        let client = connect(&self.url, &self.ok).await.inspect_err(|_| {
-            METRICS
-                .updater_postgres_errors
-                .with_label_values(&["connect"])
-                .inc();
-        })?;
-        let sql = build_sql(&client, &self.table, &self.columns)
-            .await
-            .map_err(WriteError::Schema)?;
-        let pair = (Arc::new(client), Arc::new(sql));
-        *conn = Some(pair.clone());
-        Ok(pair)
-    }
-
-    /// Writes one status event; counted as the updater counts its rows.
-    pub async fn write(&self, ev: &StatusEvent) -> Result<RowResult, WriteError> {
-        let (client, sql) = self.current().await?;
-        let pending = &self.columns.pending_status;
-        let started = tokio::time::Instant::now();
-        let r = apply_batch(&client, &sql, pending, std::slice::from_ref(ev)).await;
-        METRICS
-            .updater_batch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match r {
-            Ok(results) => {
-                let r = results[0];
-                METRICS.updater_rows.with_label_values(&[r.as_str()]).inc();
-                tracing::info!(payment_id = %ev.payment_id, idempotency_key = %ev.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
-                    status = %ev.status, event_id = %ev.event_id, result = r.as_str(), "status applied");
-                Ok(r)
-            }
-            Err(e) => {
-                self.ok.store(false, Ordering::Relaxed);
-                METRICS
-                    .updater_postgres_errors
-                    .with_label_values(&["apply"])
-                    .inc();
-                Err(e.into())
-            }
-        }
-    }
-}
-
-/// Connects; `ok` turns false when the connection ends (readiness), true once connected.
-async fn connect(
-    url: &str,
-    ok: &Arc<AtomicBool>,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = crate::pg::connect(url, "paystream-updater").await?;
-    let ok_now = ok.clone();
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "postgres connection ended");
-        }
-        ok_now.store(false, Ordering::Relaxed);
-    });
-    ok.store(true, Ordering::Relaxed);
-    Ok(client)
-}
-
-/// Connects, retrying with backoff until Postgres answers or shutdown.
-async fn connect_retrying(
-    url: &str,
-    ok: &Arc<AtomicBool>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<tokio_postgres::Client> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match connect(url, ok).await {
-            Ok(c) => return Some(c),
-            Err(e) => {
-                METRICS
-                    .updater_postgres_errors
-                    .with_label_values(&["connect"])
-                    .inc();
-                tracing::warn!(error = %e, retry_in = ?delay, "postgres unavailable");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return None,
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
 pub async fn run(
     cfg: UpdaterConfig,
     mut shutdown: watch::Receiver<bool>,
@@ -315,7 +71,10 @@ pub async fn run(
         .map(|u| u.expose().to_string())
         .unwrap_or_default();
     let pending = cfg.columns.pending_status.clone();
-    let registry = cfg.registry.client();
+    let registry = cfg
+        .registry
+        .settings()
+        .map(|s| Arc::new(crate::decode::registry::Registry::new(s)));
 
     crate::metrics::init_updater_series();
     let pg_ok = Arc::new(AtomicBool::new(false));
@@ -337,10 +96,10 @@ pub async fn run(
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
 
-    let Some(mut client) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
+    let Some(mut client) = connect_retrying(&url, APP_NAME, &pg_ok, &mut shutdown).await else {
         return Ok(());
     };
-    let sql = build_sql(&client, &cfg.table, &cfg.columns).await?;
+    let sql = prepare(&client, &cfg.table, &cfg.columns.write_columns()).await?;
 
     let mut cc = client_config(&cfg.kafka.brokers, &[]);
     cc.set("client.id", "paystream-updater")
@@ -449,7 +208,8 @@ pub async fn run(
                     }
                     delay = (delay * 2).min(Duration::from_secs(10));
                     if client.is_closed() {
-                        let Some(c) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
+                        let Some(c) = connect_retrying(&url, APP_NAME, &pg_ok, &mut shutdown).await
+                        else {
                             break 'outer;
                         };
                         client = c;

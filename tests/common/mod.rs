@@ -421,7 +421,7 @@ pub async fn read_payment(c: &tokio_postgres::Client, table: &str, id: i64) -> R
 /// Connect Decimal bytes (minimal two's complement, big-endian) of a decimal string, base64.
 pub fn decimal_b64(amount: &str, scale: u32) -> String {
     use base64::Engine;
-    let d = paystream::decode::Decimal::parse(amount).unwrap();
+    let d = paystream::change::Decimal::parse(amount).unwrap();
     let unscaled = d.unscaled * 10i128.pow(scale - d.scale);
     let bytes = unscaled.to_be_bytes();
     let mut i = 0;
