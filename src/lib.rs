@@ -18,35 +18,45 @@
 //! status topic ─▶ updater ─▶ Postgres master (UPDATE … WHERE status = 'pending')
 //! ```
 //!
-//! - [`source`]: the Kafka consumer, the per-message pipeline, rebalances and checkpoints. Its
-//!   module doc explains why the offset order is safe.
-//!   - [`source::postgres`]: embedded mode's source, Postgres logical replication (pgoutput)
-//!     straight from a slot, no Kafka.
-//!   - [`source::handoff`]: scale-out, who owns a partition (the group lease) and how its state
-//!     moves through the changelog.
-//! - [`decode`]: Debezium message values → normalized change events, exactly (no floats);
-//!   [`decode::avro`] and [`decode::registry`] for Confluent Avro, [`decode::pgoutput`] for
-//!   embedded mode's replication messages.
-//! - [`state`]: the sled store: pending payments, the due-time index, the source offsets;
-//!   [`state::changelog`] (the scale-out changelog's records) and [`state::inspect`] (what
-//!   `paystream state` prints).
-//! - [`poll`]: the scheduler and lookups through async-stripe; [`poll::ratelimit`] (the Stripe
-//!   budget, adaptive on 429s), [`poll::feed`] (the events feed), [`poll::money`] (the exact
-//!   amount check before `succeeded`).
-//! - [`sink`]: status events and dead letters, through one idempotent producer.
-//! - [`kafka`]: what the Kafka clients share: settings, the start-up probe, the broker watch.
-//! - [`updater`]: the forward-only write-back.
-//! - [`admin`] and [`metrics`]: `/metrics`, `/healthz`, `/readyz`; [`admin::cli`] the
-//!   `paystream state` command.
-//! - [`config`]: every flag, its environment variable and config-file key.
-//! - [`clock`]: time that tests can pause.
-//! - [`run`]: the daemon's wiring and shutdown.
-//! - [`replay`]: the same source path fed from files (state rebuilds, benchmarks), and the
-//!   generator of realistic event files.
+//! ## Layers: imports only go down
 //!
-//! Known gap (issue 22): imports do not yet only go down (config, metrics, state, sink, kafka,
-//! updater and source reach into each other), and sources share no trait; `run` dispatches on
-//! the configured source.
+//! Lowest first; a module names only modules of lower layers (`scripts/check-layers` proves it
+//! and that the graph has no cycle, and `scripts/test` runs it):
+//!
+//! 1. Leaves, knowing no other module: [`clock`] (time tests can pause), [`secret`] (values
+//!    that never print), [`metrics`] (the registry; label sets and gauges belong to their
+//!    owners), [`change`] (the change-event model and its exact [`change::Decimal`]), [`pg`]
+//!    (what Postgres connections share: quoting, `application_name`).
+//! 2. [`kafka`]: what the Kafka clients share: settings, the start-up probe, the broker watch.
+//! 3. [`decode`]: Debezium message values → change events, exactly (no floats);
+//!    [`decode::avro`] and [`decode::registry`] for Confluent Avro, [`decode::pgoutput`] for
+//!    embedded mode's replication messages.
+//! 4. [`state`]: the sled store: pending payments, the due-time index, the source positions,
+//!    checkpoints; [`state::changelog`] (the changelog's records) and [`state::inspect`] (what
+//!    `paystream state` prints).
+//! 5. [`sink`]: status events and dead letters through one idempotent producer, the dead-letter
+//!    file, and [`sink::postgres`], the forward-only write-back (`paystream updater`, `run
+//!    --sink postgres`).
+//! 6. [`scaleout`]: who owns a partition (the group lease) and [`scaleout::changelog`], how its
+//!    state moves to the next owner.
+//! 7. [`poll`]: the scheduler and lookups through async-stripe; [`poll::ratelimit`] (the Stripe
+//!    budget, adaptive on 429s), [`poll::feed`] (the events feed), [`poll::money`] (the exact
+//!    amount check before `succeeded`).
+//! 8. [`source`]: the Kafka consumer, the per-message pipeline, rebalances and checkpoints (its
+//!    module doc explains why the offset order is safe); [`source::postgres`], embedded mode's
+//!    logical replication straight from a slot.
+//! 9. [`config`]: every flag, its environment variable and config-file key, and validation; it
+//!    builds nothing.
+//! 10. [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`admin::cli`] the `paystream state`
+//!     command.
+//! 11. The commands, where the wiring lives: [`run`] (the daemon), then [`replay`] (the same
+//!     source path fed from files, reusing run's wiring) and [`updater`] (the status topic →
+//!     [`sink::postgres`]).
+//!
+//! Known gaps (issue 22, still open): sources share no trait (`run` matches on the configured
+//! source at several places), the pipeline still lives in [`source`], the events feed's cursor
+//! is a pseudo source offset (`stripe:events`), and `state/mod.rs`, `decode/mod.rs`,
+//! `poll/mod.rs` and `config.rs` are longer than one job each.
 //!
 //! Errors are typed at each boundary and say who is at fault and whether retrying helps;
 //! `anyhow` appears only in the binary.

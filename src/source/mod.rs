@@ -12,7 +12,7 @@
 //! 4. On assignment each partition starts at the offset stored in sled, not the group's; with
 //!    none stored it starts at the beginning, rebuilding state from the topic. With
 //!    `--changelog` the partition's state (and that offset) is first made current from the
-//!    state changelog ([`handoff`]), so a partition that moved between instances resumes where
+//!    state changelog ([`crate::scaleout`]), so a partition that moved between instances resumes where
 //!    its last owner's checkpoint ended.
 //!
 //! A crash anywhere replays at most the messages since the last checkpoint, and applying a
