@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory};
 
 use crate::decode::registry::RegistrySettings;
-use crate::decode::{ColumnNames, DecodeOptions, Format};
+use crate::decode::{ColumnNames, DecodeOptions, DecoderSettings, Format};
 use crate::secret::Secret;
 
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
@@ -140,9 +140,7 @@ impl ColumnArgs {
             pending_status: self.pending_status.clone(),
         }
     }
-}
 
-impl ColumnArgs {
     /// The columns the forward-only write names (the updater, `--sink postgres`).
     pub fn validate_written(&self) -> Result<(), ConfigError> {
         for (field, c) in [
@@ -245,6 +243,15 @@ impl DecodeArgs {
             ));
         }
         Ok(())
+    }
+
+    /// What the decoder is made from.
+    pub fn decoder_settings(&self) -> DecoderSettings {
+        DecoderSettings {
+            format: self.format,
+            opts: self.options(),
+            registry: self.registry.settings(),
+        }
     }
 
     pub fn options(&self) -> DecodeOptions {

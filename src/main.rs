@@ -176,8 +176,7 @@ fn decode_inputs(args: &DecodeArgs, input: &str) -> anyhow::Result<Vec<Option<Ve
 
 fn decode_lines(args: &DecodeArgs, input: &str) -> anyhow::Result<bool> {
     args.validate()?;
-    let decoder =
-        paystream::decode::Decoder::new(args.format, args.options(), args.registry.settings());
+    let decoder = paystream::decode::Decoder::new(args.decoder_settings());
     let inputs = decode_inputs(args, input)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut out = std::io::stdout().lock();

@@ -188,11 +188,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
 
-    let decoder = crate::decode::Decoder::new(
-        cfg.decode.format,
-        cfg.decode.options(),
-        cfg.decode.registry.settings(),
-    );
+    let decoder = crate::decode::Decoder::new(cfg.decode.decoder_settings());
     let (api, status_sink, dead_letters) = stripe_and_sinks(&cfg, &decoder).await?;
     let pipeline = Pipeline {
         state: state.clone(),
@@ -484,7 +480,6 @@ pub(crate) async fn stripe_and_sinks(
         (SinkKind::Postgres, _) => StatusSink::Postgres(Box::new(
             crate::sink::postgres::Writer::connect(
                 cfg.postgres_url(),
-                crate::sink::postgres::APP_NAME,
                 &cfg.table,
                 &cfg.decode.columns.write_columns(),
             )

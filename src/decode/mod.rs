@@ -166,6 +166,13 @@ pub enum Format {
     Avro,
 }
 
+/// What a [`Decoder`] is made from (`--format`, the decode options, the registry's settings).
+pub struct DecoderSettings {
+    pub format: Format,
+    pub opts: DecodeOptions,
+    pub registry: Option<registry::RegistrySettings>,
+}
+
 /// Decodes message values and keys in the configured format: JSON directly, Confluent Avro
 /// through the schema registry and then the same normalization (see [`avro`]).
 #[derive(Clone)]
@@ -176,17 +183,13 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// The decoder of `format`, with one registry client (shared by whoever clones the `Arc`)
-    /// when `registry` is set.
-    pub fn new(
-        format: Format,
-        opts: DecodeOptions,
-        registry: Option<registry::RegistrySettings>,
-    ) -> Self {
+    /// The decoder `s` describes, with one registry client (shared by whoever clones the
+    /// `Arc`) when a registry is set.
+    pub fn new(s: DecoderSettings) -> Self {
         Decoder {
-            opts,
-            format,
-            registry: registry.map(|s| Arc::new(registry::Registry::new(s))),
+            opts: s.opts,
+            format: s.format,
+            registry: s.registry.map(|r| Arc::new(registry::Registry::new(r))),
         }
     }
 

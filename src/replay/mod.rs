@@ -165,11 +165,7 @@ pub async fn replay(
     let dead_letter_path = dead_letters.path().to_path_buf();
 
     // Lines are text, so replay reads JSON values only (a known gap for Avro topic dumps).
-    let decoder = crate::decode::Decoder::new(
-        cfg.decode.format,
-        cfg.decode.options(),
-        cfg.decode.registry.settings(),
-    );
+    let decoder = crate::decode::Decoder::new(cfg.decode.decoder_settings());
     let (stop, stopped) = watch::channel(false);
     let poller = if args.no_poll {
         None

@@ -160,8 +160,6 @@ pub struct Writer {
     url: String,
     table: String,
     columns: Columns,
-    /// `application_name` of its connections (who writes, for `pg_stat_activity` and audits).
-    app_name: &'static str,
     /// The current connection and its statement; `None` after it ended, until the next write.
     conn: tokio::sync::Mutex<Option<(Arc<tokio_postgres::Client>, Arc<Statement>)>>,
     ok: Arc<AtomicBool>,
@@ -180,17 +178,11 @@ pub enum WriteError {
 impl Writer {
     /// Connects and checks the table (`--table`, `--column-*`): a wrong name fails here, at
     /// start, not at the first final answer.
-    pub async fn connect(
-        url: &str,
-        app_name: &'static str,
-        table: &str,
-        columns: &Columns,
-    ) -> Result<Self, WriteError> {
+    pub async fn connect(url: &str, table: &str, columns: &Columns) -> Result<Self, WriteError> {
         let w = Writer {
             url: url.into(),
             table: table.into(),
             columns: columns.clone(),
-            app_name,
             conn: tokio::sync::Mutex::new(None),
             ok: Arc::new(AtomicBool::new(false)),
         };
@@ -208,14 +200,12 @@ impl Writer {
         if let Some((c, sql)) = conn.as_ref().filter(|(c, _)| !c.is_closed()) {
             return Ok((c.clone(), sql.clone()));
         }
-        let client = connect(&self.url, self.app_name, &self.ok)
-            .await
-            .inspect_err(|_| {
-                METRICS
-                    .updater_postgres_errors
-                    .with_label_values(&["connect"])
-                    .inc();
-            })?;
+        let client = connect(&self.url, &self.ok).await.inspect_err(|_| {
+            METRICS
+                .updater_postgres_errors
+                .with_label_values(&["connect"])
+                .inc();
+        })?;
         let sql = prepare(&client, &self.table, &self.columns).await?;
         let pair = (Arc::new(client), Arc::new(sql));
         *conn = Some(pair.clone());
@@ -254,10 +244,9 @@ impl Writer {
 /// Connects; `ok` turns false when the connection ends (readiness), true once connected.
 pub async fn connect(
     url: &str,
-    app_name: &str,
     ok: &Arc<AtomicBool>,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = crate::pg::connect(url, app_name).await?;
+    let (client, conn) = crate::pg::connect(url, APP_NAME).await?;
     let ok_now = ok.clone();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -272,13 +261,12 @@ pub async fn connect(
 /// Connects, retrying with backoff until Postgres answers or shutdown.
 pub async fn connect_retrying(
     url: &str,
-    app_name: &str,
     ok: &Arc<AtomicBool>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<tokio_postgres::Client> {
     let mut delay = Duration::from_millis(250);
     loop {
-        match connect(url, app_name, ok).await {
+        match connect(url, ok).await {
             Ok(c) => return Some(c),
             Err(e) => {
                 METRICS

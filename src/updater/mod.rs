@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::config::UpdaterConfig;
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
 use crate::metrics::METRICS;
-use crate::sink::postgres::{apply_batch, connect_retrying, prepare, SchemaError, APP_NAME};
+use crate::sink::postgres::{apply_batch, connect_retrying, prepare, SchemaError};
 use crate::sink::{decode_status, StatusDecodeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ pub async fn run(
     .await?;
     tracing::info!(addr = %bound, "admin endpoint listening");
 
-    let Some(mut client) = connect_retrying(&url, APP_NAME, &pg_ok, &mut shutdown).await else {
+    let Some(mut client) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
         return Ok(());
     };
     let sql = prepare(&client, &cfg.table, &cfg.columns.write_columns()).await?;
@@ -208,8 +208,7 @@ pub async fn run(
                     }
                     delay = (delay * 2).min(Duration::from_secs(10));
                     if client.is_closed() {
-                        let Some(c) = connect_retrying(&url, APP_NAME, &pg_ok, &mut shutdown).await
-                        else {
+                        let Some(c) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
                             break 'outer;
                         };
                         client = c;
