@@ -1,0 +1,261 @@
+//! Checkpoints: the overlay and its positions written in one atomic sled batch, then flushed;
+//! through the state changelog first when scale-out logs the partitions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::overlay::{forget_id, id_hash, Changes};
+use super::position::o_key;
+use super::{
+    c_key, changelog, d_key, p_key, Entry, Head, StateError, Store, META_CHECKPOINT_MS,
+    META_ENTRIES,
+};
+
+/// The result of one checkpoint: the offsets now durable, to commit to the group.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    pub offsets: Vec<(String, i32, i64)>,
+}
+
+/// A change a checkpoint writes: id, partition, the new entry with its JSON (`None`: removed).
+pub(super) type Kept<'a> = (&'a str, i32, Option<(&'a Entry, Vec<u8>)>);
+
+/// What [`Store::write_changes`] wrote.
+pub(super) struct Written<'a> {
+    pub(super) count: u64,
+    pub(super) added: Vec<&'a str>,
+    pub(super) removed: Vec<&'a str>,
+    pub(super) offsets: Vec<(String, i32, i64)>,
+}
+
+/// What a checkpoint hands the state changelog: the changes of the partitions it logs, and
+/// the CDC topic's next offsets for them.
+pub struct LogBatch<'a> {
+    /// (CDC partition, payment id, the entry's JSON; `None`: removed).
+    pub records: Vec<(i32, &'a str, Option<&'a [u8]>)>,
+    /// (CDC partition, next offset to read).
+    pub offsets: Vec<(i32, i64)>,
+}
+
+/// Where checkpoints copy state changes before the tree has them: the state changelog of
+/// scale-out ([`changelog`]; the Kafka side is `scaleout`).
+pub trait ChangeLog: Sync {
+    /// The CDC topic whose offsets the log carries.
+    fn cdc_topic(&self) -> &str;
+    /// Whether this instance logs `partition` (it owns it).
+    fn logs(&self, partition: i32) -> bool;
+    /// Writes the batch and waits until the broker acked all of it. Returns each partition's
+    /// next changelog offset after the records written.
+    fn write(&self, batch: &LogBatch<'_>) -> Result<Vec<(i32, i64)>, changelog::LogError>;
+}
+
+impl Store {
+    /// Writes the overlay and its offsets in one atomic batch, then flushes. Blocking (disk I/O):
+    /// call it from a blocking context.
+    pub fn checkpoint(&self) -> Result<Checkpoint, StateError> {
+        self.checkpoint_with(|| {})
+    }
+
+    /// [`Store::checkpoint`], calling `before_flush` between the batch write and the flush: the
+    /// seam the durability test kills the process at.
+    ///
+    /// Concurrency: the overlay's changes are frozen under the lock (a swap, no copy) and
+    /// written without it, so the pipeline keeps applying events into a fresh overlay while
+    /// the batch is built and applied. Readers see frozen changes until the tree has them.
+    pub fn checkpoint_with(&self, before_flush: impl FnOnce()) -> Result<Checkpoint, StateError> {
+        self.checkpoint_logged(None, before_flush)
+    }
+
+    /// [`Store::checkpoint_with`], writing the changes to `log` (the state changelog, see
+    /// [`changelog`]) before the tree: the broker has acked them before sled holds them, so
+    /// local state is never ahead of the changelog, and the changelog's next offsets enter
+    /// the tree in the same batch as the entries. With a log, changes and CDC offsets of
+    /// partitions it does not log (this instance no longer owns them) are dropped: their new
+    /// owner restored them from the changelog and applies the CDC events itself.
+    pub fn checkpoint_logged(
+        &self,
+        log: Option<&dyn ChangeLog>,
+        before_flush: impl FnOnce(),
+    ) -> Result<Checkpoint, StateError> {
+        let _one = self.checkpointing.lock().expect("checkpoint lock");
+        let (changes, offsets, count) = {
+            let mut ov = self.overlay.lock().expect("state lock");
+            // Nothing is written to a store that has not passed its recovery check (the ids
+            // are counted only once it has).
+            if ov.durable_ids.is_none() {
+                return Err(StateError::Unchecked {
+                    path: self.path.clone(),
+                });
+            }
+            if ov.entries.is_empty() && ov.offsets.is_empty() {
+                return Ok(Checkpoint::default());
+            }
+            let changes = Arc::new(std::mem::take(&mut ov.entries));
+            ov.frozen = Some(changes.clone());
+            (changes, std::mem::take(&mut ov.offsets), ov.durable_entries)
+        };
+        // Which changed ids the tree may hold: only those need reading below. The id hashes
+        // change only in checkpoints, which `_one` keeps to one at a time.
+        let in_tree: std::collections::HashSet<&str> = {
+            let ov = self.overlay.lock().expect("state lock");
+            changes
+                .keys()
+                .filter(|id| ov.maybe_durable(id))
+                .map(String::as_str)
+                .collect()
+        };
+        match self.write_changes(&changes, &offsets, count, &in_tree, log) {
+            Ok(written) => {
+                let mut ov = self.overlay.lock().expect("state lock");
+                if let Some(ids) = ov.durable_ids.as_mut() {
+                    for id in &written.added {
+                        *ids.entry(id_hash(id)).or_default() += 1;
+                    }
+                    for id in &written.removed {
+                        forget_id(ids, id);
+                    }
+                }
+                ov.durable_entries = written.count;
+                ov.frozen = None;
+                drop(ov);
+                before_flush();
+                // Durable only from here: callers commit offsets to Kafka after this returns.
+                self.db.flush().map_err(|e| self.io(e))?;
+                Ok(Checkpoint {
+                    offsets: written.offsets,
+                })
+            }
+            Err(e) => {
+                // Nothing was written to the tree: the frozen changes go back under the newer
+                // ones, so a later checkpoint (after the disk or the broker is back) still
+                // writes them.
+                let mut ov = self.overlay.lock().expect("state lock");
+                ov.frozen = None;
+                for (id, c) in changes.iter() {
+                    ov.entries.entry(id.clone()).or_insert_with(|| c.clone());
+                }
+                for (k, off) in offsets {
+                    ov.offsets.entry(k).or_insert(off);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies `changes` and `offsets` to the tree in one batch, after writing them to `log`
+    /// if there is one. Returns the new entry count, the ids added to and removed from the
+    /// tree, and the offsets written.
+    pub(super) fn write_changes<'a>(
+        &self,
+        changes: &'a Changes,
+        offsets: &BTreeMap<(String, i32), i64>,
+        mut count: u64,
+        in_tree: &std::collections::HashSet<&str>,
+        log: Option<&dyn ChangeLog>,
+    ) -> Result<Written<'a>, StateError> {
+        // What the tree holds of each changed id: (partition, due), due `None` once emitted.
+        let mut old: HashMap<&str, (i32, Option<u64>)> = HashMap::new();
+        for id in in_tree {
+            if let Some(h) = self.read_head(id)? {
+                old.insert(id, h);
+            }
+        }
+        // Each change with its partition and its new JSON, serialized once for the changelog
+        // and the tree. A removal of an id the tree never held needs no record at all.
+        let mut kept: Vec<Kept<'a>> = Vec::new();
+        for (id, new) in changes {
+            let partition = match (new, old.get(id.as_str())) {
+                (Some(e), _) => e.partition,
+                (None, Some((p, _))) => *p,
+                (None, None) => continue,
+            };
+            if log.is_some_and(|l| !l.logs(partition)) {
+                continue;
+            }
+            let new = new
+                .as_ref()
+                .map(|e| (e, serde_json::to_vec(e).expect("entry serializes")));
+            kept.push((id.as_str(), partition, new));
+        }
+        let offsets: Vec<(String, i32, i64)> = offsets
+            .iter()
+            .filter(|((t, p), _)| log.is_none_or(|l| t != l.cdc_topic() || l.logs(*p)))
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect();
+        let mut batch = sled::Batch::default();
+        if let Some(log) = log {
+            let records = kept
+                .iter()
+                .map(|(id, p, new)| (*p, *id, new.as_ref().map(|(_, j)| j.as_slice())))
+                .collect();
+            let cdc_offsets = offsets
+                .iter()
+                .filter(|(t, _, _)| t == log.cdc_topic())
+                .map(|(_, p, o)| (*p, *o))
+                .collect();
+            let positions = log.write(&LogBatch {
+                records,
+                offsets: cdc_offsets,
+            })?;
+            for (p, next) in positions {
+                batch.insert(c_key(p), &next.to_be_bytes()[..]);
+            }
+        }
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for (id, _, new) in kept {
+            let old = old.get(id).map(|(_, due)| *due);
+            if let Some(Some(due)) = old {
+                batch.remove(d_key(due, id));
+            }
+            match new {
+                Some((e, json)) => {
+                    batch.insert(p_key(id), json);
+                    if e.emitted.is_none() {
+                        batch.insert(d_key(e.next_poll_ms, id), &[][..]);
+                    }
+                    if old.is_none() {
+                        count += 1;
+                        added.push(id);
+                    }
+                }
+                None => {
+                    batch.remove(p_key(id));
+                    if old.is_some() {
+                        count -= 1;
+                        removed.push(id);
+                    }
+                }
+            }
+        }
+        // The count travels in the same batch, so the recovery check can tell a whole
+        // checkpoint from a torn one.
+        batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
+        batch.insert(
+            META_CHECKPOINT_MS,
+            &crate::clock::wall_ms().to_be_bytes()[..],
+        );
+        for (topic, partition, off) in &offsets {
+            batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
+        }
+        self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+        Ok(Written {
+            count,
+            added,
+            removed,
+            offsets,
+        })
+    }
+
+    /// Whether the tree holds `id`, and if so its partition and due time (`None` once its
+    /// status was emitted): all a checkpoint needs of the old entry, without parsing all of it.
+    pub(super) fn read_head(&self, id: &str) -> Result<Option<(i32, Option<u64>)>, StateError> {
+        let Some(bytes) = self.db.get(p_key(id)).map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        let h: Head = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            key: id.to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(Some((h.partition, h.due())))
+    }
+}

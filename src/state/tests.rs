@@ -1,0 +1,561 @@
+//! The store's unit tests.
+use super::*;
+use crate::change::ChangeEvent;
+use crate::decode::{decode_value, DecodeOptions};
+
+fn ev(json: &str) -> ChangeEvent {
+    decode_value(Some(json.as_bytes()), &DecodeOptions::default()).unwrap()
+}
+
+/// Applies `ev` as if read at `offset` of partition 0 of topic `t`, pending status "pending".
+fn apply(
+    s: &Store,
+    ev: &ChangeEvent,
+    key: Option<&str>,
+    offset: i64,
+    now_ms: u64,
+    interval_ms: u64,
+) -> Applied {
+    s.apply_event(ev, key, ("t", 0, offset), now_ms, interval_ms, "pending")
+        .unwrap()
+}
+
+fn create(id: &str, status: &str) -> ChangeEvent {
+    ev(&format!(
+        r#"{{"op":"c","after":{{"id":"{id}","idempotency_key":"k-{id}","amount":"10.00","currency":"usd","status":"{status}","stripe_payment_intent_id":"pi_{id}"}}}}"#
+    ))
+}
+
+#[test]
+fn offsets_and_state_survive_reopen_only_after_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        apply(&s, &create("a", "pending"), None, 1, 1000, 600);
+        s.checkpoint().unwrap();
+        // Not checkpointed: must be gone after reopen, offset included.
+        apply(&s, &create("b", "pending"), None, 2, 1000, 600);
+    }
+    let s = reopen(dir.path()).unwrap();
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
+    assert_eq!(s.stored_offsets().unwrap(), vec![("t".to_string(), 0, 1)]);
+    let ids: Vec<_> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec!["a"]);
+}
+
+#[test]
+fn final_status_and_delete_and_tombstone_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            apply(&s, &create(id, "pending"), None, 1, 0, 10),
+            Applied::Tracked
+        );
+    }
+    s.checkpoint().unwrap();
+    assert_eq!(
+        apply(&s, &create("a", "succeeded"), None, 2, 0, 10),
+        Applied::Removed
+    );
+    let del = ev(
+        r#"{"op":"d","before":{"id":"b","idempotency_key":"","amount":"AA==","currency":"","status":"pending"}}"#,
+    );
+    assert_eq!(apply(&s, &del, None, 3, 0, 10), Applied::Removed);
+    let tomb = decode_value(None, &DecodeOptions::default()).unwrap();
+    assert_eq!(apply(&s, &tomb, Some("c"), 4, 0, 10), Applied::Removed);
+    assert_eq!(apply(&s, &tomb, Some("c"), 5, 0, 10), Applied::Ignored);
+    s.checkpoint().unwrap();
+    assert!(s.entries().unwrap().is_empty());
+    assert_eq!(
+        s.due(u64::MAX - 1, 10, |_| false, |_| true).unwrap(),
+        vec![]
+    );
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(5));
+}
+
+#[test]
+fn due_index_follows_rescheduling_and_emission() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    apply(&s, &create("a", "pending"), None, 1, 0, 100);
+    apply(&s, &create("b", "pending"), None, 2, 50, 100);
+    s.checkpoint().unwrap();
+    assert!(s.due(99, 10, |_| false, |_| true).unwrap().is_empty());
+    let due: Vec<_> = s
+        .due(160, 10, |_| false, |_| true)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(due, vec!["a", "b"]);
+    // Rescheduled in the overlay: skipped at once, even before the index is rewritten.
+    s.update("a", |e| e.next_poll_ms = 500).unwrap();
+    s.update("b", |e| {
+        e.emitted = Some(Emitted {
+            status: "succeeded".into(),
+            event_id: "x".into(),
+            at_ms: 1,
+            reason: None,
+        })
+    })
+    .unwrap();
+    assert!(s.due(160, 10, |_| false, |_| true).unwrap().is_empty());
+    s.checkpoint().unwrap();
+    let due: Vec<_> = s
+        .due(600, 10, |_| false, |_| true)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(due, vec!["a"], "an emitted payment is not polled again");
+    assert_eq!(
+        s.stats(600, 100, u64::MAX).unwrap().awaiting_confirmation,
+        1
+    );
+    // A pending-status update keeps the schedule and the emission.
+    apply(&s, &create("b", "pending"), None, 3, 700, 100);
+    assert!(s.get("b").unwrap().unwrap().emitted.is_some());
+}
+
+#[test]
+fn overdue_polls_are_spread_not_fired_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    for i in 0..100 {
+        apply(&s, &create(&format!("p{i:03}"), "pending"), None, i, 0, 10);
+    }
+    s.checkpoint().unwrap();
+    assert_eq!(s.spread_overdue(1000, |n| n as u64 * 10).unwrap(), 100);
+    s.checkpoint().unwrap();
+    // 100 over a 1000 ms window: ten per 100 ms, never all at once.
+    assert_eq!(s.due(1000, 1000, |_| false, |_| true).unwrap().len(), 1);
+    assert_eq!(s.due(1099, 1000, |_| false, |_| true).unwrap().len(), 10);
+    assert_eq!(s.due(1999, 1000, |_| false, |_| true).unwrap().len(), 100);
+}
+
+/// Runs `open` until it stops failing on sled's file lock (at most 5 s). Within one process
+/// sled releases the lock from its flusher thread a moment after the last handle drops, so
+/// an immediate reopen can still see it held; a new process never does (the lock dies with
+/// the old one).
+fn retry_locked<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match open() {
+            Err(e)
+                if (e.to_string().contains("could not acquire lock")
+                    || e.to_string().contains("in use by another process"))
+                    && std::time::Instant::now() < end =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens the store's sled tree directly, as a crash or a sled bug might have left it.
+fn raw(dir: &Path, f: impl FnOnce(&sled::Db)) {
+    let db = retry_locked(|| sled::Config::new().path(dir).open()).unwrap();
+    f(&db);
+    db.flush().unwrap();
+}
+
+fn reopen(dir: &Path) -> Result<Store, StateError> {
+    retry_locked(|| Store::open(dir))
+}
+
+fn open_err(dir: &Path) -> String {
+    match reopen(dir) {
+        Ok(_) => panic!("opened a broken store"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn recovery_check_refuses_a_store_that_broke_its_invariants() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for id in ["a", "b", "c"] {
+            apply(&s, &create(id, "pending"), None, 1, 0, 10);
+        }
+        s.checkpoint().unwrap();
+        apply(&s, &create("b", "succeeded"), None, 2, 0, 10);
+        s.checkpoint().unwrap();
+    }
+    // Whole checkpoints reopen fine.
+    assert_eq!(reopen(dir.path()).unwrap().entries().unwrap().len(), 2);
+
+    // A lost index row (half of a batch).
+    raw(dir.path(), |db| {
+        db.remove(d_key(10, "a")).unwrap();
+    });
+    let e = open_err(dir.path());
+    assert!(
+        e.contains("pending payment a is not in the due index"),
+        "{e}"
+    );
+    assert!(e.contains("recovery check"), "{e}");
+    raw(dir.path(), |db| {
+        db.insert(d_key(10, "a"), &[][..]).unwrap();
+    });
+
+    // An entry the last checkpoint did not write (count mismatch), fully indexed.
+    raw(dir.path(), |db| {
+        let mut e: Entry = serde_json::from_slice(&db.get(p_key("a")).unwrap().unwrap()).unwrap();
+        e.id = "z".into();
+        db.insert(p_key("z"), serde_json::to_vec(&e).unwrap())
+            .unwrap();
+        db.insert(d_key(10, "z"), &[][..]).unwrap();
+    });
+    let e = open_err(dir.path());
+    assert!(
+        e.contains("the last checkpoint left 2 entries, the store holds 3"),
+        "{e}"
+    );
+    raw(dir.path(), |db| {
+        db.remove(p_key("z")).unwrap();
+        db.remove(d_key(10, "z")).unwrap();
+    });
+
+    // An unreadable entry, and an index row pointing nowhere.
+    raw(dir.path(), |db| {
+        db.insert(p_key("c"), &b"{not json"[..]).unwrap();
+        db.insert(d_key(5, "ghost"), &[][..]).unwrap();
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains("entry c does not parse"), "{e}");
+    assert!(e.contains("ghost, which has no entry"), "{e}");
+}
+
+#[test]
+fn a_store_without_its_marker_but_with_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    raw(dir.path(), |db| {
+        db.insert(b"something else", &b"x"[..]).unwrap();
+    });
+    assert!(open_err(dir.path()).contains("no layout marker"));
+}
+
+#[test]
+fn a_second_opener_is_told_the_store_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Store::open(dir.path()).unwrap();
+    let e = match Store::open(dir.path()) {
+        Ok(_) => panic!("opened a store another handle holds"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("in use by another process"), "{e}");
+}
+
+#[test]
+fn truncate_clears_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    apply(&s, &create("a", "pending"), None, 1, 0, 10);
+    s.checkpoint().unwrap();
+    apply(&s, &create("b", "pending"), None, 2, 0, 10);
+    let t = ev(
+        r#"{"op":"t","before":null,"after":null,"source":{"schema":"public","table":"payments"}}"#,
+    );
+    assert_eq!(apply(&s, &t, None, 3, 0, 10), Applied::Removed);
+    s.checkpoint().unwrap();
+    assert!(s.entries().unwrap().is_empty());
+}
+
+#[test]
+fn scans_merge_the_overlay_in_id_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    for id in ["b", "d", "f"] {
+        apply(&s, &create(id, "pending"), None, 1, 0, 10);
+    }
+    s.checkpoint().unwrap();
+    // Not checkpointed: a new first, middle and last entry, one removal, one change.
+    for id in ["a", "c", "g"] {
+        apply(&s, &create(id, "pending"), None, 2, 0, 10);
+    }
+    apply(&s, &create("d", "succeeded"), None, 3, 0, 10);
+    s.update("f", |e| e.polls = 7).unwrap();
+    let seen: Vec<(String, u64)> = s
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.polls))
+        .collect();
+    let want: Vec<(String, u64)> = [("a", 0), ("b", 0), ("c", 0), ("f", 7), ("g", 0)]
+        .map(|(i, p)| (i.to_string(), p))
+        .to_vec();
+    assert_eq!(seen, want);
+    // The same after the checkpoint, when all of it comes from the tree.
+    s.checkpoint().unwrap();
+    let again: Vec<(String, u64)> = s
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.polls))
+        .collect();
+    assert_eq!(again, want);
+    // A scan stops when told to.
+    let mut n = 0;
+    s.scan(|_| {
+        n += 1;
+        n < 2
+    })
+    .unwrap();
+    assert_eq!(n, 2);
+}
+
+#[test]
+fn stats_count_due_times_and_age_buckets() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let h = 3_600_000;
+    // First seen at 0, 30 min, 2 h, 10 h, 30 h into a clock read at 30 h; interval 10 min.
+    for (i, seen) in [0, h / 2, 2 * h, 10 * h, 30 * h].into_iter().enumerate() {
+        apply(
+            &s,
+            &create(&format!("p{i}"), "pending"),
+            None,
+            i as i64,
+            seen,
+            600_000,
+        );
+    }
+    s.update("p1", |e| {
+        e.emitted = Some(Emitted {
+            status: "failed".into(),
+            event_id: "e".into(),
+            at_ms: 1,
+            reason: Some("card_declined".into()),
+        })
+    })
+    .unwrap();
+    let st = s.stats(30 * h, 600_000, 24 * h).unwrap();
+    assert_eq!((st.pending, st.awaiting_confirmation), (4, 1));
+    // p0, p2, p3 are overdue; p4 is due 10 min after it was seen, within the next interval.
+    assert_eq!((st.due_now, st.due_next_interval), (3, 1));
+    assert_eq!(
+        st.by_age,
+        [1, 0, 0, 1, 2],
+        "<10m, 10m-1h, 1h-6h, 6h-24h, >=24h"
+    );
+    assert_eq!(st.oldest_pending, Some(("p0".to_string(), 0)));
+    // Seen 24 h ago or more and still pending: p0 and p2 (p1 is emitted).
+    assert_eq!(st.stale, 2);
+    assert_eq!((st.flagged, st.declined), (0, 0));
+}
+
+#[test]
+fn poll_history_keeps_the_newest_and_counts_all() {
+    let mut e = Store::open(tempfile::tempdir().unwrap().path())
+        .map(|s| {
+            apply(&s, &create("a", "pending"), None, 1, 0, 10);
+            s.get("a").unwrap().unwrap()
+        })
+        .unwrap();
+    for i in 0..(HISTORY_LEN as u64 + 3) {
+        e.record_poll(i, "still_pending", Some("processing"));
+    }
+    assert_eq!(e.polls, HISTORY_LEN as u64 + 3);
+    assert_eq!(e.history.len(), HISTORY_LEN);
+    assert_eq!(e.history[0].at_ms, 3);
+    assert_eq!(e.last_outcome(), Some("still_pending"));
+    let c = e.last_cdc.as_ref().unwrap();
+    assert_eq!((c.op.as_str(), c.offset), ("c", 0));
+}
+
+/// An entry as builds before poll history wrote it (layout 1): still read, its dropped
+/// field ignored, its new fields defaulted. Upgrades within a layout need no migration.
+#[test]
+fn entries_written_by_an_older_build_still_read() {
+    let old = r#"{"id":"7","idempotency_key":"k","amount":"1.00","currency":"usd",
+        "stripe_payment_intent_id":"pi_7","created_at":null,"partition":0,
+        "first_seen_ms":5,"next_poll_ms":9,"failures":0,"polls":3,
+        "last_outcome":"still_pending:processing","emitted":null}"#;
+    let e: Entry = serde_json::from_str(old).unwrap();
+    assert_eq!(
+        (e.polls, e.history.len(), e.last_cdc.is_none()),
+        (3, 0, true)
+    );
+    assert_eq!(e.updated_at, None);
+    let emitted: Emitted =
+        serde_json::from_str(r#"{"status":"failed","event_id":"x","at_ms":1}"#).unwrap();
+    assert_eq!(emitted.reason, None);
+}
+
+/// A changelog that logs the partitions in `owned` and keeps what it was handed.
+struct Recorded {
+    owned: Vec<i32>,
+    fail: bool,
+    records: Mutex<Vec<(i32, String, bool)>>,
+    markers: Mutex<Vec<(i32, i64)>>,
+}
+
+impl ChangeLog for Recorded {
+    fn cdc_topic(&self) -> &str {
+        "t"
+    }
+    fn logs(&self, partition: i32) -> bool {
+        self.owned.contains(&partition)
+    }
+    fn write(&self, b: &LogBatch<'_>) -> Result<Vec<(i32, i64)>, changelog::LogError> {
+        if self.fail {
+            return Err(changelog::LogError {
+                topic: "log".into(),
+                detail: "down".into(),
+            });
+        }
+        let mut r = self.records.lock().unwrap();
+        for (p, id, v) in &b.records {
+            r.push((*p, id.to_string(), v.is_some()));
+        }
+        self.markers.lock().unwrap().extend(&b.offsets);
+        // Like the broker: a next offset for each partition written to.
+        let mut ps: Vec<i32> = b.records.iter().map(|r| r.0).collect();
+        ps.extend(b.offsets.iter().map(|(p, _)| *p));
+        ps.sort_unstable();
+        ps.dedup();
+        Ok(ps.into_iter().map(|p| (p, 100 + p as i64)).collect())
+    }
+}
+
+fn log(owned: &[i32], fail: bool) -> Recorded {
+    Recorded {
+        owned: owned.to_vec(),
+        fail,
+        records: Mutex::default(),
+        markers: Mutex::default(),
+    }
+}
+
+fn apply_on(s: &Store, id: &str, status: &str, partition: i32, offset: i64) {
+    s.apply_event(
+        &create(id, status),
+        None,
+        ("t", partition, offset),
+        1000,
+        600,
+        "pending",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_logged_checkpoint_logs_owned_partitions_and_drops_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    apply_on(&s, "a", "pending", 0, 1);
+    apply_on(&s, "b", "pending", 1, 1);
+    let l = log(&[0], false);
+    let cp = s.checkpoint_logged(Some(&l), || {}).unwrap();
+    assert_eq!(cp.offsets, vec![("t".to_string(), 0, 1)]);
+    assert_eq!(*l.records.lock().unwrap(), vec![(0, "a".to_string(), true)]);
+    assert_eq!(*l.markers.lock().unwrap(), vec![(0, 1)]);
+    assert_eq!(s.log_position(0).unwrap(), Some(100));
+    assert_eq!(s.log_position(1).unwrap(), None);
+    // Partition 1 is someone else's: neither in the tree nor in the overlay any more.
+    assert!(s.get("b").unwrap().is_none());
+    assert!(s.get("a").unwrap().is_some());
+
+    // A removal is logged on the partition the tree holds the entry under.
+    apply_on(&s, "a", "succeeded", 0, 2);
+    s.checkpoint_logged(Some(&l), || {}).unwrap();
+    assert_eq!(l.records.lock().unwrap()[1], (0, "a".to_string(), false));
+    drop(s);
+    let s = reopen(dir.path()).unwrap();
+    assert_eq!(s.entry_count(), 0);
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(2));
+}
+
+#[test]
+fn a_failed_changelog_write_writes_nothing_and_keeps_the_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    apply_on(&s, "a", "pending", 0, 1);
+    let e = s
+        .checkpoint_logged(Some(&log(&[0], true)), || {})
+        .unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(s.stored_offset("t", 0).unwrap(), None);
+    assert_eq!(s.entry_count(), 0);
+    // The next checkpoint, with the broker back, writes them.
+    let l = log(&[0], false);
+    s.checkpoint_logged(Some(&l), || {}).unwrap();
+    assert_eq!(l.records.lock().unwrap().len(), 1);
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
+    assert_eq!(s.entry_count(), 1);
+}
+
+#[test]
+fn replacing_a_partition_swaps_its_entries_offsets_and_position_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    for (id, p) in [("a", 0), ("b", 1), ("c", 1)] {
+        apply_on(&s, id, "pending", p, 5);
+    }
+    s.checkpoint().unwrap();
+    // Not yet checkpointed: dropped with its partition.
+    apply_on(&s, "d", "pending", 1, 6);
+    let entry = |id: &str| {
+        let mut e = s.get("b").unwrap().unwrap();
+        e.id = id.into();
+        e.next_poll_ms = 42;
+        serde_json::to_vec(&e).unwrap()
+    };
+    let restored = changelog::Restored {
+        entries: [("c".to_string(), entry("c")), ("e".to_string(), entry("e"))]
+            .into_iter()
+            .collect(),
+        next_offset: Some(9),
+        log_position: Some(77),
+        records: 5,
+    };
+    s.replace_partition("t", 1, &restored).unwrap();
+    let ids: Vec<String> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, ["a", "c", "e"]);
+    assert_eq!(s.get("c").unwrap().unwrap().next_poll_ms, 42);
+    assert_eq!(s.stored_offset("t", 1).unwrap(), Some(9));
+    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(5));
+    assert_eq!(s.log_position(1).unwrap(), Some(77));
+    assert_eq!(s.local_partitions("t").unwrap(), vec![0, 1]);
+    let due: Vec<String> = s
+        .due(1_000_000, 10, |_| false, |p| p == 1)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(due, ["c", "e"]);
+    // Evicting leaves nothing of the partition; the recovery check agrees with the counts.
+    s.replace_partition("t", 1, &changelog::Restored::default())
+        .unwrap();
+    assert_eq!(s.local_partitions("t").unwrap(), vec![0]);
+    drop(s);
+    let s = reopen(dir.path()).unwrap();
+    assert_eq!(s.entry_count(), 1);
+    assert_eq!(s.entries().unwrap().len(), 1);
+}
+
+#[test]
+fn adopting_a_partition_logs_all_its_entries_at_the_next_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    for (id, p) in [("a", 0), ("b", 1), ("c", 1)] {
+        apply_on(&s, id, "pending", p, 5);
+    }
+    s.checkpoint().unwrap();
+    assert_eq!(s.adopt_partition(1).unwrap(), 2);
+    let l = log(&[1], false);
+    s.checkpoint_logged(Some(&l), || {}).unwrap();
+    let ids: Vec<String> = l
+        .records
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.1.clone())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&"b".to_string()) && ids.contains(&"c".to_string()));
+    assert_eq!(s.log_position(1).unwrap(), Some(101));
+}
