@@ -72,6 +72,7 @@ fn apply(c: &mut Criterion) {
         .collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
+    let at = paystream::state::Position::kafka("bench", 0);
     let mut g = c.benchmark_group("state");
     g.throughput(Throughput::Elements(events.len() as u64));
     // Every event of 2,000 payments, in file order, then a checkpoint outside the timing so
@@ -85,7 +86,7 @@ fn apply(c: &mut Criterion) {
                     let r = store.apply_event(
                         ev,
                         None,
-                        ("bench", 0, (i as i64) * 1_000_000 + n as i64 + 1),
+                        (&at, (i as i64) * 1_000_000 + n as i64 + 1),
                         1_000,
                         600_000,
                         "pending",
@@ -105,6 +106,7 @@ fn apply(c: &mut Criterion) {
 fn pending_store(n: u64) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
+    let at = paystream::state::Position::kafka("bench", 0);
     let opts = DecodeOptions::default();
     for i in 0..n {
         let line = format!(
@@ -112,7 +114,7 @@ fn pending_store(n: u64) -> (tempfile::TempDir, Store) {
         );
         let ev = decode_for_state(Some(line.as_bytes()), &opts).expect("decodes");
         store
-            .apply_event(&ev, None, ("bench", 0, i as i64 + 1), 0, 1 + i, "pending")
+            .apply_event(&ev, None, (&at, i as i64 + 1), 0, 1 + i, "pending")
             .expect("applies");
     }
     store.checkpoint().expect("checkpoint");
@@ -155,7 +157,7 @@ fn checkpoint(c: &mut Criterion) {
                             .expect("update");
                     }
                 },
-                |_| black_box(store.checkpoint().expect("checkpoint").offsets.len()),
+                |_| black_box(store.checkpoint().expect("checkpoint").positions.len()),
                 BatchSize::PerIteration,
             )
         });

@@ -338,7 +338,7 @@ pub struct RunConfig {
     /// Scale-out: copy state changes to the compacted topic `<group-id>-state-changelog` at
     /// each checkpoint, restore a newly assigned partition from it when another instance
     /// wrote it last, and act on a partition only under a fresh group lease. Required when
-    /// more than one instance shares the group id (README "Scaling out").
+    /// more than one instance shares the group id (docs/scaling-out.md).
     #[arg(long, env = "PAYSTREAM_CHANGELOG")]
     pub changelog: bool,
     /// Resolve payments from Stripe's events feed (payment_intent.succeeded / canceled /

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientConfig;
 
+use crate::metrics::events::{emit, KafkaClientError};
 use crate::metrics::METRICS;
 
 /// How often librdkafka reports statistics (broker states, consumer lag) to the watch.
@@ -85,8 +86,40 @@ where
 /// What every consumer context does with a librdkafka client error: count it and log it.
 /// librdkafka retries by itself; an outage shows in [`BrokerWatch`].
 pub fn on_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
-    METRICS.kafka_errors.with_label_values(&["client"]).inc();
-    tracing::warn!(error = %error, reason, "kafka client error");
+    emit(KafkaClientError { error, reason });
+}
+
+/// librdkafka's own log lines, at levels chosen for operators who alert on ERROR. librdkafka
+/// logs a lost broker connection, a refused connect or a timed-out request at its own error
+/// level and then retries by itself; an outage that lasts is reported once by [`BrokerWatch`]
+/// (readiness, `paystream_kafka_brokers_up`, one warning when it starts and one when it ends).
+/// So librdkafka's errors and warnings are warnings here; only its emergency, alert and
+/// critical lines are errors, its notices are info, and its info and debug lines are debug.
+pub fn on_client_log(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical => tracing::error!(fac, "librdkafka: {message}"),
+        L::Error | L::Warning => tracing::warn!(fac, "librdkafka: {message}"),
+        L::Notice => tracing::info!(fac, "librdkafka: {message}"),
+        L::Info | L::Debug => tracing::debug!(fac, "librdkafka: {message}"),
+    }
+}
+
+/// The context of every producer (status events, dead letters, the state changelog) and admin
+/// client: its
+/// errors and logs go where the consumers' go ([`on_client_error`], [`on_client_log`]), instead
+/// of rdkafka's default context, which logs every transient broker error at ERROR.
+#[derive(Clone, Copy, Default)]
+pub struct LogContext;
+
+impl rdkafka::ClientContext for LogContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        on_client_log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        on_client_error(&error, reason);
+    }
 }
 
 /// The context of a reader that asks librdkafka for `enable.partition.eof` (the changelog's
@@ -97,6 +130,10 @@ pub fn on_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
 pub struct ReaderContext;
 
 impl rdkafka::ClientContext for ReaderContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        on_client_log(level, fac, message);
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         if matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
             tracing::debug!(reason, "kafka reader reached a partition's end");

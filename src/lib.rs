@@ -24,16 +24,18 @@
 //! and that the graph has no cycle, and `scripts/test` runs it):
 //!
 //! 1. Leaves, knowing no other module: [`clock`] (time tests can pause), [`secret`] (values
-//!    that never print), [`metrics`] (the registry; label sets and gauges belong to their
-//!    owners), [`change`] (the change-event model and its exact [`change::Decimal`]), [`pg`]
+//!    that never print), [`metrics`] (the registry, and [`metrics::events`]: each thing that
+//!    happens as a typed event that logs and counts in one place; label sets and gauges belong
+//!    to their owners), [`change`] (the change-event model and its exact [`change::Decimal`]), [`pg`]
 //!    (what Postgres connections share: quoting, `application_name`).
 //! 2. [`kafka`]: what the Kafka clients share: settings, the start-up probe, the broker watch.
 //! 3. [`decode`]: Debezium message values → change events, exactly (no floats);
 //!    [`decode::avro`] and [`decode::registry`] for Confluent Avro, [`decode::pgoutput`] for
 //!    embedded mode's replication messages.
-//! 4. [`state`]: the sled store: pending payments, the due-time index, the source positions,
-//!    checkpoints; [`state::changelog`] (the changelog's records) and [`state::inspect`] (what
-//!    `paystream state` prints).
+//! 4. [`state`]: the sled store: pending payments, the due-time index, each source's
+//!    [`state::Position`], checkpoints; one file per concern (its module doc is the map), with
+//!    [`state::changelog`] (the changelog's records) and [`state::inspect`] (what `paystream
+//!    state` prints).
 //! 5. [`sink`]: status events and dead letters through one idempotent producer, the dead-letter
 //!    file, and [`sink::postgres`], the forward-only write-back (`paystream updater`, `run
 //!    --sink postgres`).
@@ -42,24 +44,28 @@
 //! 7. [`poll`]: the scheduler and lookups through async-stripe; [`poll::ratelimit`] (the Stripe
 //!    budget, adaptive on 429s), [`poll::feed`] (the events feed), [`poll::money`] (the exact
 //!    amount check before `succeeded`).
-//! 8. [`source`]: the Kafka consumer, the per-message pipeline, rebalances and checkpoints (its
-//!    module doc explains why the offset order is safe); [`source::postgres`], embedded mode's
-//!    logical replication straight from a slot.
-//! 9. [`config`]: every flag, its environment variable and config-file key, and validation; it
-//!    builds nothing.
-//! 10. [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`admin::cli`] the `paystream state`
+//! 8. [`pipeline`]: decode → state, or → the dead letters, and the checkpoint: the one path
+//!    every source's messages take.
+//! 9. [`source`]: the [`source::Source`] trait and its three implementations:
+//!    [`source::kafka`] (the consumer group, rebalances, offsets committed after checkpoints;
+//!    its module doc explains why that order is safe), [`source::postgres`] (embedded mode's
+//!    logical replication straight from a slot) and [`source::file`] (`paystream replay`).
+//! 10. [`config`]: every flag, its environment variable and config-file key, and validation; it
+//!     builds nothing.
+//! 11. [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`admin::cli`] the `paystream state`
 //!     command.
-//! 11. The commands, where the wiring lives: [`run`] (the daemon), then [`replay`] (the same
-//!     source path fed from files, reusing run's wiring) and [`updater`] (the status topic →
-//!     [`sink::postgres`]).
+//! 12. The commands, where the wiring lives: [`run`] (the daemon: one source, one sink, the
+//!     poller and the checkpoints, supervised; the one `match` on the kind of source is there),
+//!     then [`replay`] (the file source, reusing run's wiring) and [`updater`] (the status topic
+//!     → [`sink::postgres`]).
 //!
-//! Known gaps (issue 22, still open): sources share no trait (`run` matches on the configured
-//! source at several places), the pipeline still lives in [`source`], the events feed's cursor
-//! is a pseudo source offset (`stripe:events`), and `state/mod.rs`, `decode/mod.rs`,
-//! `poll/mod.rs` and `config.rs` are longer than one job each.
+//! Known gaps: `decode/mod.rs`, `poll/mod.rs` and `config.rs` are each longer than one job;
+//! gauges are still set where their value is known rather than through [`metrics::events`].
 //!
-//! Errors are typed at each boundary and say who is at fault and whether retrying helps;
-//! `anyhow` appears only in the binary.
+//! Errors are typed at each boundary (`thiserror`); each says who is at fault, and has a
+//! `retryable()` that says whether trying again later may help without anyone changing
+//! anything. Retry loops that wait out an outage share one [`clock::Backoff`]. `anyhow`
+//! appears only in the binary.
 
 pub mod admin;
 pub mod change;
@@ -69,6 +75,7 @@ pub mod decode;
 pub mod kafka;
 pub mod metrics;
 pub mod pg;
+pub mod pipeline;
 pub mod poll;
 pub mod replay;
 pub mod run;

@@ -1,7 +1,7 @@
 //! `paystream run`: wires source → state → poller → sink, checkpoints, and shuts down cleanly.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -9,15 +9,17 @@ use tokio::sync::watch;
 use crate::admin;
 use crate::clock::Clock;
 use crate::config::{RunConfig, SinkKind, SourceKind};
+use crate::metrics::events::{emit, CheckpointDeferred};
 use crate::metrics::{self, METRICS};
+use crate::pipeline::{Health, Pipeline};
 use crate::poll::ratelimit::{Budgets, RateLimiter};
 use crate::poll::stripe::{LookupError, StripeApi};
 use crate::poll::{Poller, PollerConfig};
-use crate::scaleout::changelog::KafkaChangelog;
-use crate::scaleout::{self, Ownership};
+use crate::scaleout::Ownership;
 use crate::sink::{DeadLetterFile, DeadLetters, Sink, StatusEncoding, StatusFormat, StatusSink};
-use crate::source::postgres::{PgSource, PgSourceError, PgSourceSettings};
-use crate::source::{self, CdcConsumer, Health, Pipeline};
+use crate::source::kafka::{KafkaSettings, KafkaSource};
+use crate::source::postgres::{PgSource, PgSourceSettings};
+use crate::source::{Source, SourceError};
 use crate::state::{StateError, Store};
 
 /// Why the daemon stopped with an error. Each says who is at fault. A variant wrapping a source
@@ -29,10 +31,12 @@ pub enum RunError {
     /// Local disk: fix it, then restart; state is never run on half-saved.
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("kafka client setup failed")]
+    /// librdkafka refused the status producer's configuration (a `--kafka-option`).
+    #[error("kafka producer setup failed")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The source could not start or stopped: its error says who is at fault.
     #[error(transparent)]
-    KafkaUnreachable(#[from] crate::kafka::Unreachable),
+    Source(SourceError),
     #[error("stripe client setup failed")]
     Stripe(#[from] LookupError),
     #[error("admin endpoint")]
@@ -41,13 +45,24 @@ pub enum RunError {
     /// (retry helps) or refused the schema (the operator must look).
     #[error("status schema registration")]
     Registry(#[from] crate::decode::registry::RegistryError),
-    /// Embedded mode's source: the message says whether the server, the setup or the slot is
-    /// at fault.
-    #[error(transparent)]
-    Postgres(Box<PgSourceError>),
     /// `--sink postgres` could not reach or check the table at start.
     #[error("status write-back (--sink postgres)")]
     Writer(Box<crate::sink::postgres::WriteError>),
+}
+
+impl RunError {
+    /// Whether starting again later may succeed without anyone changing anything (a
+    /// supervisor's restart policy can follow it).
+    pub fn retryable(&self) -> bool {
+        match self {
+            RunError::State(e) => e.retryable(),
+            RunError::Source(e) => e.retryable(),
+            RunError::Stripe(e) => e.retryable(),
+            RunError::Registry(e) => e.retryable(),
+            RunError::Writer(e) => e.retryable(),
+            RunError::Config(_) | RunError::Kafka(_) | RunError::Admin(_) => false,
+        }
+    }
 }
 
 impl From<crate::sink::postgres::WriteError> for RunError {
@@ -56,54 +71,39 @@ impl From<crate::sink::postgres::WriteError> for RunError {
     }
 }
 
-impl From<PgSourceError> for RunError {
-    fn from(e: PgSourceError) -> Self {
-        RunError::Postgres(Box::new(e))
-    }
-}
-
-/// Where changes come from, as far as checkpoints care: what a checkpoint's positions are
-/// handed to once durable.
-#[derive(Clone)]
-enum Source {
-    /// Offsets are committed to the consumer group (see `source`).
-    Kafka(Arc<CdcConsumer>),
-    /// The LSN is acknowledged to the slot (see `source::postgres`).
-    Postgres(Arc<PgSource>),
-}
-
-impl Source {
-    async fn checkpoint(
-        &self,
-        state: &Arc<Store>,
-        health: &Health,
-        clock: &Clock,
-    ) -> Result<(), StateError> {
-        match self {
-            Source::Kafka(c) => source::checkpoint_and_commit(state, c, health, clock).await,
-            Source::Postgres(pg) => pg.checkpoint(health, clock).await,
+impl From<SourceError> for RunError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            // A state error is the same fault whichever part met it.
+            SourceError::State(e) => RunError::State(e),
+            e => RunError::Source(e),
         }
     }
 }
 
 /// Runs until `shutdown` turns true (SIGTERM/SIGINT in the binary), then stops fetching, lets
 /// in-flight polls finish briefly, writes a final checkpoint and returns.
-pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<(), RunError> {
+pub async fn run(cfg: RunConfig, external: watch::Receiver<bool>) -> Result<(), RunError> {
     cfg.validate()?;
-    // One internal stop signal: set by the caller's shutdown or by any part failing.
-    let (stop, shutdown) = watch::channel(false);
     let clock = Clock::new();
     metrics::init_run_series();
     crate::decode::init_series();
     crate::state::init_series();
     // The recovery check (a full scan: about 5 s at a million entries) runs beside the start,
     // not before it; the checkpoint task waits for it (see `Store::check`).
-    let state = Arc::new(Store::open_unchecked(&cfg.data_dir)?);
+    // Opening reads sled's log and may flush: on the blocking pool, like every disk access.
+    let dir = cfg.data_dir.clone();
+    let state = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open_unchecked(&dir))
+            .await
+            .expect("state open task")?,
+    );
     let check = {
         let st = state.clone();
         tokio::task::spawn_blocking(move || st.check())
     };
-    state.record_poll_interval(cfg.poll_interval.as_millis() as u64)?;
+    let interval_ms = cfg.poll_interval.as_millis() as u64;
+    crate::state::blocking(&state, move |s| s.record_poll_interval(interval_ms)).await?;
     let health = Arc::new(Health::default());
     health
         .last_checkpoint_ms
@@ -113,29 +113,14 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     // for them (at most one interval), most overdue first, instead of firing at once.
     let rps = cfg.stripe_rps;
     // The spread becomes durable at the first checkpoint; a crash before it spreads again.
-    let moved = state.spread_overdue(clock.now_ms(), |n| {
-        ((n as f64 / rps * 1000.0) as u64).min(cfg.poll_interval.as_millis() as u64)
-    })?;
+    let now = clock.now_ms();
+    let moved = crate::state::blocking(&state, move |s| {
+        s.spread_overdue(now, |n| ((n as f64 / rps * 1000.0) as u64).min(interval_ms))
+    })
+    .await?;
     if moved > 0 {
         tracing::info!(overdue = moved, "spread overdue polls after restart");
     }
-    // The offset gauges start from what is durable; checkpoints update the partitions they move.
-    // Only this source's: a `replay` into this data dir keeps its own position beside them.
-    let position_topic = match cfg.source {
-        SourceKind::Kafka => cfg.cdc_topic.clone(),
-        SourceKind::Postgres => crate::source::postgres::position_topic(&cfg.slot),
-    };
-    for (_, partition, offset) in state
-        .stored_offsets()?
-        .into_iter()
-        .filter(|(t, _, _)| *t == position_topic)
-    {
-        METRICS
-            .stored_offset
-            .with_label_values(&[&partition.to_string()])
-            .set(offset);
-    }
-    let interval_ms = cfg.poll_interval.as_millis() as u64;
     // The state gauges need a full scan (seconds at a million entries): computed beside the
     // start, not before it; the periodic job refreshes them after.
     let stale_ms = cfg.stale_after.as_millis() as u64;
@@ -147,24 +132,18 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
     ));
     tracing::info!(entries = state.entry_count(), data_dir = %cfg.data_dir.display(), "state opened");
 
-    let ready_health = health.clone();
-    let ready_clock = clock;
-    let kafka_source = cfg.source == SourceKind::Kafka;
+    // Readiness: the source's own facts (once it exists), then checkpoints that keep coming.
+    let source_ready: Arc<OnceLock<Readiness>> = Arc::new(OnceLock::new());
+    let (ready_health, ready_source) = (health.clone(), source_ready.clone());
     let stale_after = (cfg.checkpoint_interval * 3 + Duration::from_secs(5)).as_millis() as u64;
     let bound = admin::serve(
         cfg.metrics_addr,
         Arc::new(move || {
-            if kafka_source {
-                if !ready_health.kafka.is_up() {
-                    return Err("no connection to any Kafka broker".into());
-                }
-                if !ready_health.assigned.load(Ordering::Relaxed) {
-                    return Err("no CDC partition assigned yet".into());
-                }
-            } else if !ready_health.replication.load(Ordering::Relaxed) {
-                return Err("logical replication not connected".into());
+            match ready_source.get() {
+                Some(ready) => ready()?,
+                None => return Err("source not started yet".into()),
             }
-            let age = ready_clock
+            let age = clock
                 .now_ms()
                 .saturating_sub(ready_health.last_checkpoint_ms.load(Ordering::Relaxed));
             if age > stale_after {
@@ -190,7 +169,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
 
     let decoder = crate::decode::Decoder::new(cfg.decode.decoder_settings());
     let (api, status_sink, dead_letters) = stripe_and_sinks(&cfg, &decoder).await?;
-    let pipeline = Pipeline {
+    let pipeline = Arc::new(Pipeline {
         state: state.clone(),
         dead_letters,
         decoder,
@@ -203,24 +182,32 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
             cfg.poll_interval
         },
         clock,
+        health,
+    });
+    let parts = Parts {
+        pipeline,
+        check,
+        api,
+        status_sink,
+        source_ready,
     };
 
-    // The source. Kafka: the consumer joins the group; the recovery check runs beside the
-    // start (the checkpoint task waits for it). Postgres: the check comes first, since a
-    // first start writes its snapshot, and the stream opens (or the snapshot loads) here.
-    let mut check = Some(check);
-    let (src, ownership, stream) = match cfg.source {
+    // The one place that knows the kinds of source: everything after the constructor is
+    // shared (`supervise`).
+    match cfg.source {
         SourceKind::Kafka => {
-            let (consumer, ownership) = kafka_source_setup(&cfg, &state, &health, clock)?;
-            (Source::Kafka(consumer), ownership, None)
+            let settings = KafkaSettings {
+                brokers: cfg.kafka.brokers.clone(),
+                options: cfg.kafka.kafka_options.clone(),
+                group_id: cfg.group_id.clone(),
+                topic: cfg.cdc_topic.clone(),
+                changelog: cfg.changelog,
+                startup_timeout: cfg.kafka.kafka_startup_timeout,
+            };
+            let src = KafkaSource::new(settings, state, clock)?;
+            supervise(src, &cfg, parts, external).await
         }
         SourceKind::Postgres => {
-            check
-                .take()
-                .expect("check")
-                .await
-                .expect("recovery check task")?;
-            health.checked.store(true, Ordering::Relaxed);
             let settings = PgSourceSettings {
                 url: cfg.postgres_url().to_string(),
                 slot: cfg.slot.clone(),
@@ -230,42 +217,181 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
                 resnapshot: cfg.resnapshot,
                 decode: cfg.decode.options(),
             };
-            let pg = Arc::new(PgSource::new(settings, state.clone(), health.clone()));
-            let mut start_shutdown = shutdown.clone();
-            let repl = tokio::select! {
-                r = pg.start(&pipeline, &mut start_shutdown) => r?,
-                _ = external.changed() => return Ok(()),
-            };
-            health
-                .last_checkpoint_ms
-                .store(clock.now_ms(), Ordering::Relaxed);
-            let all = Arc::new(Ownership::all(clock));
-            (Source::Postgres(pg), all, Some(repl))
+            let src = PgSource::new(settings, state, clock);
+            supervise(src, &cfg, parts, external).await
         }
-    };
+    }
+}
+
+/// A source's readiness, as the admin endpoint asks it.
+type Readiness = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// What `run` builds before the source, for `supervise`.
+struct Parts {
+    pipeline: Arc<Pipeline>,
+    /// The store's recovery check, running.
+    check: tokio::task::JoinHandle<Result<(), StateError>>,
+    api: Arc<StripeApi>,
+    status_sink: Arc<StatusSink>,
+    source_ready: Arc<OnceLock<Readiness>>,
+}
+
+/// Starts `src`, the poller, the scheduled jobs and the checkpoint loop; runs until shutdown or
+/// the first fatal error; then stops every part and writes a final checkpoint.
+async fn supervise<S: Source>(
+    src: S,
+    cfg: &RunConfig,
+    parts: Parts,
+    mut external: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let Parts {
+        pipeline,
+        check,
+        api,
+        status_sink,
+        source_ready,
+    } = parts;
+    let (state, health, clock) = (
+        pipeline.state.clone(),
+        pipeline.health.clone(),
+        pipeline.clock,
+    );
+    // One internal stop signal: set by the caller's shutdown or by any part failing.
+    let (stop, shutdown) = watch::channel(false);
+    let src = Arc::new(src);
+    let ready_src = src.clone();
+    let _ = source_ready.set(Box::new(move || ready_src.ready()));
+    // The offset gauges start from what is durable; checkpoints update the partitions they move.
+    // Only this source's: a `replay` into this data dir keeps its own position beside them.
+    for (at, offset) in state
+        .positions()?
+        .into_iter()
+        .filter(|(at, _)| src.owns_position(at))
+    {
+        METRICS
+            .stored_offset
+            .with_label_values(&[&at.partition().to_string()])
+            .set(offset);
+    }
+
+    // A source whose start writes state (the Postgres snapshot) waits for the recovery check;
+    // otherwise the check runs beside the start and the checkpoint task waits for it.
+    let mut check = Some(check);
+    if S::CHECK_BEFORE_START {
+        check
+            .take()
+            .expect("check")
+            .await
+            .expect("recovery check task")?;
+        health.checked.store(true, Ordering::Relaxed);
+    }
+    let mut start_shutdown = shutdown.clone();
+    tokio::select! {
+        r = src.start(&pipeline, &mut start_shutdown) => r?,
+        _ = external.changed() => return Ok(()),
+    }
+    health
+        .last_checkpoint_ms
+        .store(clock.now_ms(), Ordering::Relaxed);
 
     let poller = Arc::new(poller(
-        &cfg,
+        cfg,
         state.clone(),
         api,
         status_sink,
         clock,
-        ownership,
+        src.ownership(),
     ));
     let poller_task = tokio::spawn(poller.clone().run(shutdown.clone()));
+    let sched = schedule(cfg, &state, &poller, clock).await;
 
+    // The checkpoint loop runs beside the source; both stop on shutdown or on a state error.
+    let (cp_source, cp_pipeline) = (src.clone(), pipeline.clone());
+    let mut cp_shutdown = shutdown.clone();
+    let every = cfg.checkpoint_interval;
+    let checkpoints = tokio::spawn(async move {
+        // First the recovery check (if still running): it holds the checkpoint lock, and no
+        // checkpoint may write to a store before it passed. A failed check stops the daemon
+        // like a failed checkpoint. Polls and events go on meanwhile: nothing they do needs
+        // the check, and nothing is durable or committed before it.
+        if let Some(check) = check {
+            check.await.expect("recovery check task")?;
+            cp_pipeline.health.checked.store(true, Ordering::Relaxed);
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
+            }
+            match cp_source.checkpoint(&cp_pipeline).await {
+                Ok(()) => {}
+                // The changelog's broker (or the lease) failed: nothing was written; the
+                // changes wait in memory for the next tick. Readiness turns stale meanwhile.
+                Err(e) if e.retryable() => emit(CheckpointDeferred { error: &e }),
+                Err(e) => return Err(e),
+            }
+        }
+    });
+
+    let result: Result<(), RunError> = tokio::select! {
+        r = src.run(&pipeline, shutdown.clone()) => r.map_err(RunError::from),
+        r = checkpoints => r.expect("checkpoint task").map_err(RunError::from),
+        _ = external.changed() => Ok(()),
+    };
+    // Whatever ended the loop, stop every part, then make the last work durable.
+    let _ = stop.send(true);
+    if let Err(e) = &result {
+        // `retryable`: whether a restart alone may help (a supervisor can alert on false).
+        tracing::error!(error = %e, retryable = e.retryable(), "stopping on an error");
+    }
+    let poll_result = poller_task.await.expect("poller task");
+    if result.is_ok() && poll_result.is_ok() {
+        match src.checkpoint(&pipeline).await {
+            Ok(()) => tracing::info!("final checkpoint written"),
+            // Not lost: the changes since the last checkpoint are read again from the source
+            // (for Kafka by the partition's next owner, which may poll again and emit the same
+            // event_id: see `source::kafka`, "Revokes").
+            Err(e) if e.retryable() => {
+                tracing::warn!(error = %e, "final checkpoint not written; the next start replays since the last one")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(mut s) = sched {
+        let _ = s.shutdown().await;
+    }
+    // Dropping the consumer leaves the group; done off the runtime since librdkafka may block.
+    drop(source_ready);
+    let _ = tokio::task::spawn_blocking(move || drop(src)).await;
+    result?;
+    poll_result?;
+    Ok(())
+}
+
+/// The periodic jobs: the state gauges, and the events feed's cycles (`--events-feed`).
+async fn schedule(
+    cfg: &RunConfig,
+    state: &Arc<Store>,
+    poller: &Arc<Poller>,
+    clock: Clock,
+) -> Option<tokio_cron_scheduler::JobScheduler> {
+    let (interval_ms, stale_ms) = (
+        cfg.poll_interval.as_millis() as u64,
+        cfg.stale_after.as_millis() as u64,
+    );
     // State gauges (counts, ages, polls due) are a full scan: refreshed by a periodic job, off
     // the hot path. Known gap: at a million entries the scan costs about a second of one core
-    // per run (issue 6 measures it; counters kept at write time would replace it).
+    // per run (issue 23: counters kept at write time would replace it).
     let mut sched = tokio_cron_scheduler::JobScheduler::new().await.ok();
     if let Some(s) = sched.as_mut() {
         let st = state.clone();
-        let job_clock = clock;
         let job =
             tokio_cron_scheduler::Job::new_repeated_async(cfg.state_stats_interval, move |_, _| {
                 Box::pin(refresh_state_gauges(
                     st.clone(),
-                    job_clock,
+                    clock,
                     interval_ms,
                     stale_ms,
                 ))
@@ -293,80 +419,7 @@ pub async fn run(cfg: RunConfig, mut external: watch::Receiver<bool>) -> Result<
         }
         let _ = s.start().await;
     }
-
-    // The checkpoint loop runs beside the source; both stop on shutdown or on a state error.
-    let cp_state = state.clone();
-    let cp_source = src.clone();
-    let cp_health = health.clone();
-    let mut cp_shutdown = shutdown.clone();
-    let every = cfg.checkpoint_interval;
-    let checkpoints = tokio::spawn(async move {
-        // First the recovery check (Kafka source): it holds the checkpoint lock, and no
-        // checkpoint may write to a store before it passed. A failed check stops the daemon
-        // like a failed checkpoint. Polls and events go on meanwhile: nothing they do needs
-        // the check, and nothing is durable or committed before it.
-        if let Some(check) = check {
-            check.await.expect("recovery check task")?;
-            cp_health.checked.store(true, Ordering::Relaxed);
-        }
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
-            }
-            match cp_source.checkpoint(&cp_state, &cp_health, &clock).await {
-                Ok(()) => {}
-                // The changelog's broker (or the lease) failed: nothing was written; the
-                // changes wait in memory for the next tick. Readiness turns stale meanwhile.
-                Err(e) if e.is_retryable() => {
-                    METRICS.kafka_errors.with_label_values(&["changelog"]).inc();
-                    tracing::warn!(error = %e, "checkpoint not written; retrying");
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    });
-
-    let read = async {
-        match (&src, stream) {
-            (Source::Kafka(c), _) => Ok(pipeline.run(c, shutdown.clone()).await?),
-            (Source::Postgres(pg), Some(repl)) => {
-                Ok(pg.run(repl, &pipeline, shutdown.clone()).await?)
-            }
-            (Source::Postgres(_), None) => unreachable!("the stream opens with the source"),
-        }
-    };
-    let result: Result<(), RunError> = tokio::select! {
-        r = read => r,
-        r = checkpoints => r.expect("checkpoint task").map_err(RunError::from),
-        _ = external.changed() => Ok(()),
-    };
-    // Whatever ended the loop, stop every part, then make the last work durable.
-    let _ = stop.send(true);
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "stopping on an error");
-    }
-    let poll_result = poller_task.await.expect("poller task");
-    if result.is_ok() && poll_result.is_ok() {
-        match src.checkpoint(&state, &health, &clock).await {
-            Ok(()) => tracing::info!("final checkpoint written"),
-            // Not lost: the changes since the last checkpoint are replayed from the CDC topic.
-            Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, "final checkpoint not written; the next start replays since the last one")
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if let Some(mut s) = sched {
-        let _ = s.shutdown().await;
-    }
-    // Dropping the consumer leaves the group; done off the runtime since librdkafka may block.
-    let _ = tokio::task::spawn_blocking(move || drop(src)).await;
-    result?;
-    poll_result?;
-    Ok(())
+    sched
 }
 
 /// One cycle of the events feed. Stripe's errors are counted and logged inside (the next
@@ -380,60 +433,10 @@ async fn feed_cycle(p: Arc<crate::poll::Poller>) {
 /// Recomputes the state gauges: one full scan of state, on a blocking thread.
 async fn refresh_state_gauges(state: Arc<Store>, clock: Clock, interval_ms: u64, stale_ms: u64) {
     let now = clock.now_ms();
-    match tokio::task::spawn_blocking(move || state.stats(now, interval_ms, stale_ms)).await {
-        Ok(Ok(s)) => crate::state::set_gauges(&s, now),
-        Ok(Err(e)) => tracing::error!(error = %e, "state gauges not refreshed"),
-        Err(e) => tracing::error!(error = %e, "state gauges job failed"),
+    match crate::state::blocking(&state, move |s| s.stats(now, interval_ms, stale_ms)).await {
+        Ok(s) => crate::state::set_gauges(&s, now),
+        Err(e) => tracing::error!(error = %e, "state gauges not refreshed"),
     }
-}
-
-/// The Kafka source: the ownership of partitions (scale-out's lease with `--changelog`), the
-/// state changelog, and the consumer, probed once so a wrong address fails at start.
-fn kafka_source_setup(
-    cfg: &RunConfig,
-    state: &Arc<Store>,
-    health: &Arc<Health>,
-    clock: Clock,
-) -> Result<(Arc<CdcConsumer>, Arc<Ownership>), RunError> {
-    let ownership = Arc::new(if cfg.changelog {
-        Ownership::leased(clock, scaleout::session_timeout(&cfg.kafka.kafka_options))
-    } else {
-        Ownership::unleased(clock)
-    });
-    let changelog = if cfg.changelog {
-        let log = KafkaChangelog::new(
-            &cfg.kafka.brokers,
-            &cfg.kafka.kafka_options,
-            &cfg.group_id,
-            &cfg.cdc_topic,
-            ownership.clone(),
-        )?;
-        tracing::info!(topic = log.topic(), "scale-out: state changelog on");
-        Some(Arc::new(log))
-    } else {
-        None
-    };
-    let consumer = Arc::new(source::consumer(
-        &cfg.kafka.brokers,
-        &cfg.kafka.kafka_options,
-        &cfg.group_id,
-        &cfg.cdc_topic,
-        source::ConsumerParts {
-            state: state.clone(),
-            health: health.clone(),
-            ownership: ownership.clone(),
-            changelog,
-        },
-    )?);
-    if !crate::kafka::probe_brokers(
-        consumer.as_ref(),
-        &cfg.kafka.brokers,
-        &cfg.cdc_topic,
-        cfg.kafka.kafka_startup_timeout,
-    )? {
-        tracing::warn!(topic = %cfg.cdc_topic, "the CDC topic does not exist yet (Debezium creates it on its first event); waiting for it");
-    }
-    Ok((consumer, ownership))
 }
 
 /// The Stripe client, where final answers go (`--sink`) and where undecodable changes go: the

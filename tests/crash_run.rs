@@ -380,11 +380,10 @@ async fn kill9_at_random_instants_loses_nothing() {
         "state differs from the table: lost {missing:?}, extra {extra:?} (seed {seed})"
     );
     let stored: BTreeMap<i32, i64> = store
-        .stored_offsets()
+        .positions()
         .unwrap()
         .into_iter()
-        .filter(|(topic, _, _)| *topic == t.cdc)
-        .map(|(_, p, o)| (p, o))
+        .filter_map(|(at, o)| Some((at.kafka_partition_of(&t.cdc)?, o)))
         .collect();
     let hw: BTreeMap<i32, i64> = high_watermarks(&s.brokers, &t.cdc).into_iter().collect();
     assert_eq!(stored, hw, "stored offsets are the end of every partition");

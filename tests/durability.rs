@@ -28,6 +28,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const TOPIC: &str = "cdc";
+
+/// The one partition the children write.
+fn cdc() -> paystream::state::Position {
+    paystream::state::Position::kafka(TOPIC, 0)
+}
 const IDS: i64 = 400;
 
 /// The event at `offset`: a pure function, so parent and child agree without talking.
@@ -92,20 +97,14 @@ fn durability_child_writer() {
     // Some runs die inside a checkpoint, after the batch write and before the flush.
     let abort_at_checkpoint: Option<u32> = rng.gen_bool(0.4).then(|| rng.gen_range(0..40));
     let store = Store::open(std::path::Path::new(&dir)).expect("open");
-    let mut next = store.stored_offset(TOPIC, 0).unwrap().unwrap_or(0);
+    let at = cdc();
+    let mut next = store.stored(&at).unwrap().unwrap_or(0);
     let mut out = std::io::stdout().lock();
     for n in 0.. {
         for _ in 0..rng.gen_range(1..60) {
             let (ev, key) = event_at(next);
             store
-                .apply_event(
-                    &ev,
-                    key.as_deref(),
-                    (TOPIC, 0, next + 1),
-                    1_000,
-                    50,
-                    "pending",
-                )
+                .apply_event(&ev, key.as_deref(), (&at, next + 1), 1_000, 50, "pending")
                 .unwrap();
             next += 1;
             // A poll result in between: reschedules a payment (moves its due-index row).
@@ -186,9 +185,10 @@ fn kill_at_any_instant_loses_nothing_acknowledged() {
         in_checkpoint += usize::from(died_in_checkpoint);
         aborted += usize::from(lines.iter().any(|l| l.starts_with("abort")));
 
+        let at = cdc();
         let store = Store::open(dir.path())
             .unwrap_or_else(|e| panic!("round {round} ({status}): the store does not reopen: {e}"));
-        let stored = store.stored_offset(TOPIC, 0).unwrap().unwrap_or(0);
+        let stored = store.stored(&at).unwrap().unwrap_or(0);
         assert!(
             stored >= last_acked,
             "round {round}: acknowledged offset {last_acked} lost; the store resumes at {stored}"
@@ -216,17 +216,11 @@ fn an_incomplete_sled_snapshot_left_by_a_crash_does_not_stop_the_store() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open(dir.path()).unwrap();
+        let at = cdc();
         for off in 0..50 {
             let (ev, key) = event_at(off);
             store
-                .apply_event(
-                    &ev,
-                    key.as_deref(),
-                    (TOPIC, 0, off + 1),
-                    1_000,
-                    50,
-                    "pending",
-                )
+                .apply_event(&ev, key.as_deref(), (&at, off + 1), 1_000, 50, "pending")
                 .unwrap();
         }
         store.checkpoint_with(|| {}).unwrap();
@@ -241,8 +235,9 @@ fn an_incomplete_sled_snapshot_left_by_a_crash_does_not_stop_the_store() {
     );
     drop(alone);
     let store = Store::open(dir.path()).expect("the store opens");
+    let at = cdc();
     assert!(!partial.exists());
-    assert_eq!(store.stored_offset(TOPIC, 0).unwrap(), Some(50));
+    assert_eq!(store.stored(&at).unwrap(), Some(50));
     let held: BTreeSet<String> = store.entries().unwrap().into_iter().map(|e| e.id).collect();
     assert_eq!(held, implied(50));
 }

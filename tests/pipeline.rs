@@ -179,11 +179,11 @@ async fn pending_payments_resolve_through_stripe_and_reach_postgres() {
         ("still_pending", Some("requires_action"))
     );
     let offsets: i64 = store
-        .stored_offsets()
+        .positions()
         .unwrap()
         .iter()
-        .filter(|(topic, _, _)| *topic == t.cdc)
-        .map(|(_, _, o)| *o)
+        .filter(|(at, _)| at.kafka_partition_of(&t.cdc).is_some())
+        .map(|(_, o)| *o)
         .sum();
     assert_eq!(
         offsets, 8,

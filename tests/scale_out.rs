@@ -39,7 +39,7 @@ const HEARTBEAT: f64 = 1.0;
 const BROKER_JOIN_PAUSE: f64 = SESSION / 2.0;
 /// The bound for a killed instance's payments: one interval plus the session timeout,
 /// plus what the dev broker's group protocol adds on top (the two terms above). paystream's
-/// own share, the restore and the first poll, is milliseconds (README "Scaling out").
+/// own share, the restore and the first poll, is milliseconds (docs/scaling-out.md).
 const FAILOVER_OK: f64 = INTERVAL + SESSION + HEARTBEAT + BROKER_JOIN_PAUSE;
 
 /// An intent that stays `requires_action` (pending to paystream) until canceled.

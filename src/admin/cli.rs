@@ -124,6 +124,18 @@ pub enum InspectError {
     Output(#[from] std::io::Error),
 }
 
+impl InspectError {
+    /// Whether the same command may succeed if run again: only when the daemon failed the
+    /// request (it may be starting, or busy).
+    pub fn retryable(&self) -> bool {
+        match self {
+            InspectError::State(e) => e.retryable(),
+            InspectError::Daemon { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 enum Source {
     Live(SocketAddr),
     Offline(Box<Store>, PathBuf),

@@ -40,6 +40,14 @@ pub enum RegistryError {
     },
 }
 
+impl RegistryError {
+    /// Only an unreachable or failing registry may answer later; an unknown id or an answer
+    /// that does not fit will not change by asking again.
+    pub fn retryable(&self) -> bool {
+        matches!(self, RegistryError::Unavailable { .. })
+    }
+}
+
 /// How to reach the registry.
 #[derive(Debug, Clone)]
 pub struct RegistrySettings {
@@ -179,7 +187,8 @@ impl Registry {
         body: Option<&str>,
     ) -> Result<Reply, RegistryError> {
         let attempts = self.settings.attempts.max(1);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff =
+            crate::clock::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut last = String::new();
         for attempt in 1..=attempts {
             match self.once(method, path, body).await {
@@ -192,8 +201,7 @@ impl Registry {
             crate::metrics::METRICS.schema_registry_errors.inc();
             tracing::warn!(registry = %self.base, path, attempt, error = %last, "schema registry request failed");
             if attempt < attempts {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+                backoff.sleep().await;
             }
         }
         Err(RegistryError::Unavailable {

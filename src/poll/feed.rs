@@ -14,7 +14,7 @@
 //!
 //! Each page takes a slot of the same rate budget as the retrieves. The cursor is the newest
 //! event's `created` seen in a complete listing (why that skips nothing: `Poller::reconcile`),
-//! kept in state beside the source offsets (topic `stripe:events`), so it
+//! kept in state beside the source positions ([`crate::state::Position::FeedCursor`]), so it
 //! becomes durable in the same checkpoint as the resolutions it led to: a crash re-reads those
 //! events, never skips them. Each cycle re-reads a minute before the cursor, since the list is
 //! eventually consistent; re-reading is harmless (a resolved payment is not matched again).
@@ -39,9 +39,6 @@ pub const EVENT_TYPES: [&str; 3] = [
     "payment_intent.canceled",
     "payment_intent.payment_failed",
 ];
-
-/// Where state keeps the cursor (with the source offsets, so in the same atomic batch).
-pub const CURSOR_TOPIC: &str = "stripe:events";
 
 /// Events per page (Stripe's maximum).
 pub const PAGE: u32 = 100;
@@ -220,6 +217,16 @@ pub enum FeedError {
     /// The local store failed: the poller stops the daemon on the same error.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+}
+
+impl FeedError {
+    /// A Stripe failure retries at the next cycle; a state error stops the daemon.
+    pub fn retryable(&self) -> bool {
+        match self {
+            FeedError::Stripe(e) => e.retryable(),
+            FeedError::State(e) => e.retryable(),
+        }
+    }
 }
 
 #[cfg(test)]

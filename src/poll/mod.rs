@@ -34,10 +34,13 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::clock::Clock;
+use crate::metrics::events::{
+    emit, AbandonedCancel, MoneyMismatch, PaymentRef, PollFenced, PollPending, PollUnanswered,
+};
 use crate::metrics::METRICS;
 use crate::scaleout::Ownership;
 use crate::sink::{Seen, StatusEvent, StatusSink};
-use crate::state::{Emitted, Entry, Flag, StateError, Store};
+use crate::state::{Emitted, Entry, Flag, Position, StateError, Store};
 use ratelimit::RateLimiter;
 use stripe::{Decline, Expected, FinalStatus, Lookup, LookupError, MismatchKind, StripeApi};
 
@@ -104,6 +107,15 @@ const BEHIND_AFTER_MS: u64 = 5_000;
 
 /// How long the loop sleeps when nothing is due or every slot is busy.
 const IDLE_TICK: Duration = Duration::from_millis(100);
+
+/// The payment's ids as events log them.
+fn payment_ref(e: &Entry) -> PaymentRef<'_> {
+    PaymentRef {
+        id: &e.id,
+        idempotency_key: Some(&e.idempotency_key),
+        intent_id: e.stripe_payment_intent_id.as_deref(),
+    }
+}
 
 /// Jittered exponential backoff after `failures` unanswered polls: base·2^(n-1), capped at the
 /// interval, then scaled by a random factor in [0.5, 1.0] so retries of many payments spread.
@@ -186,13 +198,14 @@ impl Poller {
     /// Reports how far behind the most overdue due poll is (a gauge, and a log line a minute at
     /// most while it is more than a few seconds): the rate budget cannot keep the interval for
     /// every pending payment.
-    fn report_lag(&self, oldest_due_ms: Option<u64>, now: u64) -> Result<(), StateError> {
+    async fn report_lag(&self, oldest_due_ms: Option<u64>, now: u64) -> Result<(), StateError> {
         let behind = oldest_due_ms.map_or(0, |d| now.saturating_sub(d));
         METRICS.poll_lag_seconds.set(behind as f64 / 1000.0);
         let last = self.behind_logged_ms.load(Ordering::Relaxed);
         if behind > BEHIND_AFTER_MS && now.saturating_sub(last) >= 60_000 {
             self.behind_logged_ms.store(now, Ordering::Relaxed);
-            let overdue = self.state.count_due(now.saturating_sub(BEHIND_AFTER_MS))?;
+            let since = now.saturating_sub(BEHIND_AFTER_MS);
+            let overdue = crate::state::blocking(&self.state, move |s| s.count_due(since)).await?;
             tracing::warn!(
                 behind_s = behind / 1000,
                 overdue_payments = overdue,
@@ -220,13 +233,15 @@ impl Poller {
             // Nothing is polled before a partition is assigned (and taken over).
             let due = if free > 0 && this.ownership.owns_any() {
                 let in_flight = this.in_flight.lock().expect("in-flight lock").clone();
-                let own = &this.ownership;
+                let own = this.ownership.clone();
                 let now = this.clock.now_ms();
-                let due =
-                    this.state
-                        .due(now, free, |id| in_flight.contains(id), |p| own.may_act(p))?;
+                let due = crate::state::blocking(&this.state, move |s| {
+                    s.due(now, free, |id| in_flight.contains(id), |p| own.may_act(p))
+                })
+                .await?;
                 // Most overdue first: the first one says how far behind the budget is.
-                this.report_lag(due.first().map(|e| e.next_poll_ms), now)?;
+                this.report_lag(due.first().map(|e| e.next_poll_ms), now)
+                    .await?;
                 due
             } else {
                 Vec::new()
@@ -279,8 +294,12 @@ impl Poller {
         // revoke or a lapsed lease in between means another instance may own the payment now.
         // A revoke waits for polls under way (the guard counts this one).
         let Some(guard) = self.ownership.begin_poll(e.partition) else {
-            METRICS.polls_fenced.with_label_values(&["poll"]).inc();
-            tracing::debug!(payment_id = %e.id, partition = e.partition, "poll withheld: partition not owned or group lease lapsed");
+            emit(PollFenced {
+                payment: payment_ref(e),
+                partition: e.partition,
+                stage: "poll",
+                still_assigned: false,
+            });
             return Ok(());
         };
         let started = tokio::time::Instant::now();
@@ -301,11 +320,16 @@ impl Poller {
             .observe(started.elapsed().as_secs_f64());
         let now = self.clock.now_ms();
         if !guard.may_finish() {
-            METRICS.polls_fenced.with_label_values(&["answer"]).inc();
-            if !guard.still_assigned() {
+            let still_assigned = guard.still_assigned();
+            emit(PollFenced {
+                payment: payment_ref(e),
+                partition: e.partition,
+                stage: "answer",
+                still_assigned,
+            });
+            if !still_assigned {
                 // Released: neither recorded nor emitted; the owner polls it on its own
                 // schedule.
-                tracing::info!(payment_id = %e.id, partition = e.partition, "Stripe answer dropped: partition no longer owned");
                 return Ok(());
             }
             // Still assigned, but the lease lapsed (a rebalance in progress, a broker
@@ -313,7 +337,6 @@ impl Poller {
             // else retried after a backoff, so the answer is not asked for again at once when
             // the lease returns. Only a renewed lease makes either durable (the changelog
             // refuses writes without it), and a lost partition drops them.
-            tracing::info!(payment_id = %e.id, partition = e.partition, "group lease lapsed while Stripe answered: nothing emitted");
             if !matches!(res, Ok(Lookup::Pending { .. })) {
                 self.reschedule_after_failure(e, now, "fenced", None, self.cfg.interval)?;
                 return Ok(());
@@ -346,9 +369,11 @@ impl Poller {
                 self.record_mismatch(e, kind, detail, &seen, now, "poll")?;
             }
             Err(err) => {
-                METRICS.polls.with_label_values(&[err.outcome()]).inc();
-                tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                    outcome = err.outcome(), error = %err, "poll: no answer, kept pending");
+                emit(PollUnanswered {
+                    payment: payment_ref(e),
+                    outcome: err.outcome(),
+                    error: &err,
+                });
                 if matches!(err, LookupError::RateLimited) {
                     let l = if search {
                         &self.search_limiter
@@ -396,16 +421,15 @@ impl Poller {
                 reason,
                 seen,
             }) => {
-                METRICS.abandoned.with_label_values(&["canceled"]).inc();
-                METRICS.polls.with_label_values(&["failed"]).inc();
-                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = intent,
-                    stripe_status, "abandoned intent canceled in Stripe");
+                emit(AbandonedCancel {
+                    payment: payment_ref(e),
+                    stripe_status,
+                    failure: None,
+                });
                 self.emit_final(e, FinalStatus::Failed, reason, seen, now, "poll")
                     .await
             }
             other => {
-                METRICS.abandoned.with_label_values(&["not_canceled"]).inc();
-                METRICS.polls.with_label_values(&["cancel_failed"]).inc();
                 let why = match &other {
                     Err(LookupError::Rejected(s @ (401 | 403), m)) => format!(
                         "Stripe refused the cancel ({s}: {m}): the key may not write PaymentIntents (a restricted key needs PaymentIntents write for --cancel-abandoned-after)"
@@ -413,8 +437,11 @@ impl Poller {
                     Err(err) => err.to_string(),
                     Ok(l) => format!("Stripe answered {} to the cancel", l.stripe_status()),
                 };
-                tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = intent,
-                    stripe_status, error = %why, "cancel of an abandoned intent failed: nothing written, kept pending");
+                emit(AbandonedCancel {
+                    payment: payment_ref(e),
+                    stripe_status,
+                    failure: Some(&why),
+                });
                 if matches!(other, Err(LookupError::RateLimited)) {
                     self.limiter.on_rate_limited(self.cfg.rate_limit_cooldown);
                 }
@@ -444,7 +471,6 @@ impl Poller {
         } else {
             "still_pending"
         };
-        METRICS.polls.with_label_values(&[outcome]).inc();
         let next = self.pending_interval(e, now).as_millis() as u64;
         let mut new_decline = false;
         self.state.update(&e.id, |x| {
@@ -456,18 +482,14 @@ impl Poller {
             }
             x.next_poll_ms = now + next;
         })?;
-        match decline {
-            Some(d) if new_decline => {
-                METRICS.declines.inc();
-                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                    decline_code = %d.code, declines = e.decline_count() + 1, stripe_status,
-                    "poll: attempt declined; still pending (the customer may retry on the same intent)");
-            }
-            _ => {
-                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                    stripe_status, outcome, "poll: still pending");
-            }
-        }
+        emit(PollPending {
+            payment: payment_ref(e),
+            stripe_status,
+            new_decline: decline
+                .filter(|_| new_decline)
+                .map(|d| (d.code.as_str(), e.decline_count() + 1)),
+            outcome,
+        });
         Ok(())
     }
 
@@ -483,12 +505,19 @@ impl Poller {
         now: u64,
         via: &'static str,
     ) -> Result<(), StateError> {
-        METRICS.polls.with_label_values(&[kind.as_str()]).inc();
-        METRICS.mismatches.with_label_values(&[kind.as_str()]).inc();
-        tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = %seen.intent_id,
-            kind = kind.as_str(), detail = %detail, row_amount = %e.amount, row_currency = %e.currency,
-            stripe_amount_received = seen.amount_received, stripe_currency = seen.currency.as_deref(), via,
-            "Stripe says succeeded but the money does not match the row: not written, flagged for a person");
+        emit(MoneyMismatch {
+            payment: PaymentRef {
+                intent_id: Some(&seen.intent_id),
+                ..payment_ref(e)
+            },
+            kind: kind.as_str(),
+            detail: &detail,
+            row_amount: &e.amount,
+            row_currency: &e.currency,
+            stripe_amount_received: seen.amount_received,
+            stripe_currency: seen.currency.as_deref(),
+            via,
+        });
         let next = now + self.cfg.stale_interval.as_millis() as u64;
         self.state.update(&e.id, |x| {
             x.failures = 0;
@@ -520,7 +549,7 @@ impl Poller {
         let overlap_s = self.cfg.feed_overlap.as_secs() as i64;
         let start = match *cursor {
             Some(c) => c,
-            None => match self.state.stored_offset(feed::CURSOR_TOPIC, 0) {
+            None => match self.state.stored(&Position::FeedCursor) {
                 Ok(Some(c)) => c,
                 // First start: everything Stripe still lists, so payments that resolved
                 // before paystream ever ran are found too (a one-time read of the retention).
@@ -579,15 +608,19 @@ impl Poller {
             // One scan of state finds the payments the events are about (the feed's events are
             // few beside the payments; an index by intent would cost every event a write).
             let in_flight = self.in_flight.lock().expect("in-flight lock").clone();
-            let mut hits = Vec::new();
-            self.state.scan(|e| {
-                if e.emitted.is_none() && !in_flight.contains(&e.id) {
-                    if let Some(v) = matches.verdict(&e) {
-                        hits.push((e, v));
+            let hits = crate::state::blocking(&self.state, move |s| {
+                let mut hits = Vec::new();
+                s.scan(|e| {
+                    if e.emitted.is_none() && !in_flight.contains(&e.id) {
+                        if let Some(v) = matches.verdict(&e) {
+                            hits.push((e, v));
+                        }
                     }
-                }
-                true
-            })?;
+                    true
+                })
+                .map(|()| hits)
+            })
+            .await?;
             let mut finals = Vec::new();
             for (e, verdict) in hits {
                 match verdict {
@@ -645,7 +678,7 @@ impl Poller {
                 }
             }
         }
-        self.state.advance_offset(feed::CURSOR_TOPIC, 0, newest);
+        self.state.advance(&Position::FeedCursor, newest);
         *cursor = Some(newest);
         self.feed_ok_ms
             .store(self.clock.now_ms(), Ordering::Relaxed);

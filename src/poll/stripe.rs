@@ -149,6 +149,18 @@ pub enum LookupError {
 }
 
 impl LookupError {
+    /// Whether asking again later may get an answer: Stripe or the network is at fault (429,
+    /// 5xx, timeouts, transport, an unreadable answer, an unknown id that may appear). A
+    /// rejected request (auth, a bad parameter) and a refused search need the operator.
+    pub fn retryable(&self) -> bool {
+        !matches!(
+            self,
+            LookupError::Rejected(..) | LookupError::SearchUnavailable(..)
+        )
+    }
+}
+
+impl LookupError {
     /// The `outcome` label of `paystream_polls_total`.
     pub fn outcome(&self) -> &'static str {
         match self {

@@ -1,5 +1,5 @@
-//! `paystream replay`: feeds files of Debezium message values through the same
-//! [`Pipeline::handle`] → state → checkpoint path as the Kafka source.
+//! `paystream replay`: feeds files of Debezium message values ([`FileSource`]) through the same
+//! [`Pipeline`] → state → checkpoint path as the Kafka source.
 //!
 //! Uses: rebuilding state from a topic dump (`kcat -C -e -t <topic> > dump.jsonl`), and the
 //! benchmarks. Input is one message value per line; an empty line or `null` is a Kafka null (a
@@ -7,9 +7,9 @@
 //! the payment). A folder is read file by file in name order.
 //!
 //! # Position and durability
-//! Each file's position is an offset like a partition's: the next line to read, stored under
-//! the pseudo-topic `replay:<file name>` (partition 0) in the same atomic checkpoint as the
-//! state it produced, every `--checkpoint-interval`. A replay killed at any moment and started
+//! Each file's position is an offset like a partition's: the next line to read, stored as
+//! [`crate::state::Position::File`] in the same atomic checkpoint as the state it produced,
+//! every `--checkpoint-interval`. A replay killed at any moment and started
 //! again on the same data dir resumes after the last checkpoint, and applying a line twice is
 //! harmless (upsert / remove by id). These positions never mix with the CDC topic's offsets, so
 //! a `run` on the same data dir still reads its topic from its own stored offsets (or the
@@ -23,7 +23,6 @@
 
 pub mod generate;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,10 +33,12 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::{ConfigError, RunConfig};
 use crate::metrics;
+use crate::pipeline::{Health, Pipeline};
 use crate::run::RunError;
 use crate::sink::{DeadLetterFile, DeadLetters};
-use crate::source::{Handled, Pipeline};
-use crate::state::{Applied, StateError, Store};
+use crate::source::file::FileSource;
+use crate::source::Source;
+use crate::state::{StateError, Store};
 
 /// `paystream replay`.
 #[derive(clap::Args, Debug, Clone)]
@@ -143,7 +144,7 @@ pub fn peak_rss_bytes() -> u64 {
 /// `shutdown` turns true, then writes a final checkpoint.
 pub async fn replay(
     args: ReplayArgs,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<ReplaySummary, ReplayError> {
     let cfg = &args.run;
     if args.no_poll {
@@ -163,6 +164,7 @@ pub async fn replay(
             .unwrap_or_else(|| cfg.data_dir.join("replay-dead-letters.jsonl")),
     );
     let dead_letter_path = dead_letters.path().to_path_buf();
+    let source = Arc::new(FileSource::new(files.clone(), clock));
 
     // Lines are text, so replay reads JSON values only (a known gap for Avro topic dumps).
     let decoder = crate::decode::Decoder::new(cfg.decode.decoder_settings());
@@ -173,14 +175,22 @@ pub async fn replay(
         state.record_poll_interval(cfg.poll_interval.as_millis() as u64)?;
         // Replay keeps its own dead-letter file; the run's dead-letter target is not used.
         let (api, sink, _) = crate::run::stripe_and_sinks(cfg, &decoder).await?;
-        let own = Arc::new(crate::scaleout::Ownership::all(clock));
-        let p = crate::run::poller(cfg, state.clone(), api, sink, clock, own);
+        let p = crate::run::poller(cfg, state.clone(), api, sink, clock, source.ownership());
         Some(tokio::spawn(std::sync::Arc::new(p).run(stopped.clone())))
     };
+    let pipeline = Arc::new(Pipeline {
+        state: state.clone(),
+        dead_letters: DeadLetters::File(dead_letters),
+        decoder,
+        pending_status: cfg.decode.columns.pending_status.clone(),
+        poll_interval: cfg.poll_interval,
+        clock,
+        health: Arc::new(Health::default()),
+    });
 
     // Checkpoints run beside the reader, as in `run`: the reader only ever takes the overlay's
     // lock, and the checkpoint swaps the overlay out under it (see `Store::checkpoint`).
-    let cp_state = state.clone();
+    let (cp_source, cp_pipeline) = (source.clone(), pipeline.clone());
     let mut cp_stop = stopped.clone();
     let every = cfg.checkpoint_interval;
     let checkpoints = tokio::spawn(async move {
@@ -193,120 +203,41 @@ pub async fn replay(
                 _ = tick.tick() => {}
                 _ = cp_stop.changed() => return Ok::<u64, StateError>(n),
             }
-            checkpoint(&cp_state).await?;
+            cp_source.checkpoint(&cp_pipeline).await?;
             n += 1;
         }
     });
 
-    let pipeline = Pipeline {
-        state: state.clone(),
-        dead_letters: DeadLetters::File(dead_letters),
-        decoder,
-        pending_status: cfg.decode.columns.pending_status.clone(),
-        poll_interval: cfg.poll_interval,
-        clock,
-    };
     let started = Instant::now();
-    let mut sum = ReplaySummary {
-        files: files.len(),
-        ..Default::default()
-    };
-    let read = read_files(&pipeline, &files, &mut sum, &mut shutdown).await;
+    let read = source.run(&pipeline, shutdown).await;
     let _ = stop.send(true);
     let mut checkpoints_done = checkpoints.await.expect("checkpoint task")?;
     if let Some(p) = poller {
         p.await.expect("poller task")?;
     }
-    read?;
-    sum.applied = sum.tracked + sum.updated + sum.resolved;
+    read.map_err(RunError::from)?;
     // The last lines read become durable with their positions.
-    checkpoint(&state).await?;
+    source.checkpoint(&pipeline).await?;
     checkpoints_done += 1;
-    sum.checkpoints = checkpoints_done;
-    sum.pending = state.entry_count();
-    sum.elapsed_s = started.elapsed().as_secs_f64();
-    sum.events_per_s = sum.events as f64 / sum.elapsed_s.max(1e-9);
-    sum.peak_rss_bytes = peak_rss_bytes();
-    sum.dead_letter_file = dead_letter_path
-        .exists()
-        .then(|| dead_letter_path.display().to_string());
-    Ok(sum)
-}
-
-/// One checkpoint, on a blocking thread (it writes and syncs the disk).
-async fn checkpoint(state: &Arc<Store>) -> Result<(), StateError> {
-    let st = state.clone();
-    tokio::task::spawn_blocking(move || st.checkpoint())
-        .await
-        .expect("checkpoint task")?;
-    Ok(())
-}
-
-/// How often (in lines) the reader looks at the shutdown signal and yields to the runtime.
-const YIELD_EVERY: u64 = 4096;
-
-async fn read_files(
-    pipeline: &Pipeline,
-    files: &[PathBuf],
-    sum: &mut ReplaySummary,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), ReplayError> {
-    for path in files {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let topic = format!("replay:{name}");
-        let start = pipeline.state.stored_offset(&topic, 0)?.unwrap_or(0);
-        let err = |source| ReplayError::Input {
-            path: path.display().to_string(),
-            source,
-        };
-        let mut reader =
-            std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(err)?);
-        let mut line = Vec::with_capacity(64 * 1024);
-        let mut offset: i64 = 0;
-        if start > 0 {
-            tracing::info!(file = %path.display(), from_line = start + 1, "resuming replay");
-        }
-        loop {
-            line.clear();
-            if reader.read_until(b'\n', &mut line).map_err(err)? == 0 {
-                break;
-            }
-            if offset < start {
-                offset += 1;
-                sum.skipped += 1;
-                continue;
-            }
-            let text = line.trim_ascii_end();
-            let value = match text.trim_ascii_start() {
-                b"" | b"null" => None,
-                _ => Some(text),
-            };
-            let handled = pipeline
-                .handle(&topic, 0, offset, None, value, shutdown)
-                .await?;
-            match handled {
-                Handled::Applied(a) => match a {
-                    Applied::Tracked => sum.tracked += 1,
-                    Applied::Updated => sum.updated += 1,
-                    Applied::Removed => sum.resolved += 1,
-                    Applied::Ignored => sum.ignored += 1,
-                },
-                Handled::DeadLettered => sum.dead_lettered += 1,
-                Handled::Interrupted => return Ok(()),
-            }
-            sum.events += 1;
-            offset += 1;
-            if sum.events.is_multiple_of(YIELD_EVERY) {
-                if *shutdown.borrow() {
-                    return Ok(());
-                }
-                // Lets the checkpoint and poll tasks run on a single-threaded runtime too.
-                tokio::task::yield_now().await;
-            }
-        }
-    }
-    Ok(())
+    let t = source.tally();
+    let elapsed_s = started.elapsed().as_secs_f64();
+    Ok(ReplaySummary {
+        files: files.len(),
+        events: t.events,
+        skipped: t.skipped,
+        applied: t.tracked + t.updated + t.resolved,
+        tracked: t.tracked,
+        updated: t.updated,
+        resolved: t.resolved,
+        ignored: t.ignored,
+        dead_lettered: t.dead_lettered,
+        pending: state.entry_count(),
+        checkpoints: checkpoints_done,
+        elapsed_s,
+        events_per_s: t.events as f64 / elapsed_s.max(1e-9),
+        peak_rss_bytes: peak_rss_bytes(),
+        dead_letter_file: dead_letter_path
+            .exists()
+            .then(|| dead_letter_path.display().to_string()),
+    })
 }

@@ -8,19 +8,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::Ownership;
-use crate::kafka::{client_config, ReaderContext};
+use crate::kafka::{client_config, LogContext, ReaderContext};
 use crate::metrics::METRICS;
 use crate::state::changelog::{
     LogError, OffsetMarker, RestoreError, Restored, OFFSET_KEY, VERSION, VERSION_HEADER,
 };
-use crate::state::{ChangeLog, LogBatch, StateError, Store};
+use crate::state::{ChangeLog, LogBatch, Position, StateError, Store};
 
 /// A takeover that could not be done: the changelog's broker is unreachable (retry helps), or
 /// its records cannot be read (someone must look), or local state failed.
@@ -35,6 +34,18 @@ pub enum HandoffError {
     Restore(#[from] RestoreError),
     #[error(transparent)]
     State(#[from] StateError),
+}
+
+impl HandoffError {
+    /// The changelog's broker may come back; a record that cannot be read, or the local disk,
+    /// needs the operator.
+    pub fn retryable(&self) -> bool {
+        match self {
+            HandoffError::Kafka { .. } => true,
+            HandoffError::Restore(_) => false,
+            HandoffError::State(e) => e.retryable(),
+        }
+    }
 }
 
 /// How a partition was taken over (the `how` label of `paystream_partition_takeovers_total`).
@@ -64,7 +75,7 @@ pub struct KafkaChangelog {
     cdc_topic: String,
     brokers: String,
     options: Vec<(String, String)>,
-    producer: FutureProducer,
+    producer: FutureProducer<LogContext>,
     ownership: Arc<Ownership>,
     timeout: Duration,
 }
@@ -90,7 +101,7 @@ impl KafkaChangelog {
             cdc_topic: cdc_topic.into(),
             brokers: brokers.into(),
             options: options.to_vec(),
-            producer: c.create()?,
+            producer: c.create_with_context(LogContext)?,
             ownership,
             timeout: Duration::from_secs(30),
         })
@@ -131,8 +142,8 @@ impl KafkaChangelog {
             }
             None => {}
         }
-        let admin: AdminClient<DefaultClientContext> = client_config(&self.brokers, &self.options)
-            .create()
+        let admin: AdminClient<LogContext> = client_config(&self.brokers, &self.options)
+            .create_with_context(LogContext)
             .map_err(|e| self.kafka(e))?;
         let topic = NewTopic::new(&self.topic, partitions, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact");
@@ -177,7 +188,7 @@ impl KafkaChangelog {
             Takeover::Adopted
         } else {
             let (restored, first_ms) = self.restore(&reader, partition, high)?;
-            store.replace_partition(&self.cdc_topic, partition, &restored)?;
+            store.replace_partition(&Position::kafka(&self.cdc_topic, partition), &restored)?;
             let secs = started.elapsed().as_secs_f64();
             METRICS.changelog_restored.inc_by(restored.records);
             METRICS.changelog_restore_seconds.observe(secs);
@@ -206,7 +217,10 @@ impl KafkaChangelog {
 
     /// Drops a partition this instance does not own from local state (its changelog has it).
     pub fn evict(&self, store: &Store, partition: i32) -> Result<(), HandoffError> {
-        store.replace_partition(&self.cdc_topic, partition, &Restored::default())?;
+        store.replace_partition(
+            &Position::kafka(&self.cdc_topic, partition),
+            &Restored::default(),
+        )?;
         tracing::info!(partition, "state of a partition owned elsewhere evicted");
         Ok(())
     }

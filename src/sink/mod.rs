@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::rfc3339_ms;
-use crate::kafka::idempotent_producer_config;
+use crate::kafka::{idempotent_producer_config, LogContext};
 use crate::metrics::METRICS;
 use crate::state::Entry;
 
@@ -166,6 +166,13 @@ pub enum StatusDecodeError {
     RegistryUnavailable(crate::decode::registry::RegistryError),
 }
 
+impl StatusDecodeError {
+    /// An invalid event stays invalid; the registry may come back.
+    pub fn retryable(&self) -> bool {
+        matches!(self, StatusDecodeError::RegistryUnavailable(_))
+    }
+}
+
 /// Reads a status event in either format (the updater): Confluent Avro by its first byte,
 /// otherwise JSON.
 pub async fn decode_status(
@@ -200,6 +207,23 @@ pub struct SinkError {
     pub source: rdkafka::error::KafkaError,
 }
 
+impl SinkError {
+    /// The broker is at fault unless librdkafka refused the record itself (too large, no such
+    /// topic and auto-creation off, bad configuration): then the operator must look.
+    pub fn retryable(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        !matches!(
+            self.source.rdkafka_error_code(),
+            Some(
+                C::MessageSizeTooLarge
+                    | C::InvalidConfig
+                    | C::TopicAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+            )
+        )
+    }
+}
+
 /// Where final answers go: the Kafka topic the updater reads (`--sink kafka`), or straight to
 /// the payments table through the updater's forward-only write (`--sink postgres`).
 pub enum StatusSink {
@@ -214,6 +238,15 @@ pub enum StatusSinkError {
     Kafka(#[from] SinkError),
     #[error(transparent)]
     Postgres(#[from] crate::sink::postgres::WriteError),
+}
+
+impl StatusSinkError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            StatusSinkError::Kafka(e) => e.retryable(),
+            StatusSinkError::Postgres(e) => e.retryable(),
+        }
+    }
 }
 
 impl StatusSink {
@@ -265,13 +298,25 @@ pub enum DeadLetterError {
     },
 }
 
+impl DeadLetterError {
+    /// A dead letter is retried until stored either way (nothing may be skipped unseen); this
+    /// says whether waiting alone can help: the broker's errors, yes; the disk's, only once
+    /// someone frees or fixes it.
+    pub fn retryable(&self) -> bool {
+        match self {
+            DeadLetterError::Kafka(e) => e.retryable(),
+            DeadLetterError::File { .. } => false,
+        }
+    }
+}
+
 impl DeadLetters {
     /// Returns once the dead letter is stored durably (acked by the broker, or written and
     /// synced to disk): only then may the source's offset pass the message.
     pub async fn send(&self, d: &DeadLetter<'_>) -> Result<(), DeadLetterError> {
         match self {
             DeadLetters::Kafka(sink) => Ok(sink.send_dead_letter(d).await?),
-            DeadLetters::File(f) => f.write(d),
+            DeadLetters::File(f) => f.write(d).await,
         }
     }
 }
@@ -280,14 +325,15 @@ impl DeadLetters {
 /// when it is UTF-8, else base64). Opened on the first dead letter, so a clean run leaves none.
 pub struct DeadLetterFile {
     path: std::path::PathBuf,
-    out: std::sync::Mutex<Option<std::fs::File>>,
+    /// Shared with the blocking thread that appends and syncs.
+    out: Arc<std::sync::Mutex<Option<std::fs::File>>>,
 }
 
 impl DeadLetterFile {
     pub fn new(path: std::path::PathBuf) -> Self {
         DeadLetterFile {
             path,
-            out: std::sync::Mutex::new(None),
+            out: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -295,9 +341,10 @@ impl DeadLetterFile {
         &self.path
     }
 
-    fn write(&self, d: &DeadLetter<'_>) -> Result<(), DeadLetterError> {
+    /// Appends the dead letter and syncs it, on tokio's blocking pool (an fsync may take a
+    /// disk's whole latency).
+    async fn write(&self, d: &DeadLetter<'_>) -> Result<(), DeadLetterError> {
         use base64::Engine;
-        use std::io::Write;
         let bytes = |b: Option<&[u8]>| match b.map(std::str::from_utf8) {
             None => serde_json::Value::Null,
             Some(Ok(s)) => s.into(),
@@ -316,25 +363,38 @@ impl DeadLetterFile {
         }))
         .expect("json");
         line.push(b'\n');
-        let err = |source| DeadLetterError::File {
-            path: self.path.display().to_string(),
-            source,
-        };
-        let mut out = self.out.lock().expect("dead letter lock");
-        if out.is_none() {
-            *out = Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)
-                    .map_err(err)?,
-            );
-        }
-        let f = out.as_mut().expect("opened");
-        // Synced per letter: dead letters are rare, and the offset moves past this message
-        // at the next checkpoint.
-        f.write_all(&line).and_then(|_| f.sync_data()).map_err(err)
+        let (path, out) = (self.path.clone(), self.out.clone());
+        tokio::task::spawn_blocking(move || append_synced(&path, &out, &line))
+            .await
+            .expect("dead letter task")
     }
+}
+
+/// Appends `line` to the file at `path` (opened on first use) and syncs it.
+fn append_synced(
+    path: &std::path::Path,
+    out: &std::sync::Mutex<Option<std::fs::File>>,
+    line: &[u8],
+) -> Result<(), DeadLetterError> {
+    use std::io::Write;
+    let err = |source| DeadLetterError::File {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut out = out.lock().expect("dead letter lock");
+    if out.is_none() {
+        *out = Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(err)?,
+        );
+    }
+    let f = out.as_mut().expect("opened");
+    // Synced per letter: dead letters are rare, and the offset moves past this message
+    // at the next checkpoint.
+    f.write_all(line).and_then(|_| f.sync_data()).map_err(err)
 }
 
 pub struct Sink {
@@ -349,7 +409,7 @@ pub struct Sink {
 }
 
 struct Current {
-    producer: Arc<FutureProducer>,
+    producer: Arc<FutureProducer<LogContext>>,
     /// When this producer replaced a failing one (`None`: the first).
     since_rebuild: Option<Instant>,
 }
@@ -369,7 +429,7 @@ impl Sink {
         let c = idempotent_producer_config(brokers, extra, "paystream-sink");
         Ok(Sink {
             producer: RwLock::new(Current {
-                producer: Arc::new(c.create()?),
+                producer: Arc::new(c.create_with_context(LogContext)?),
                 since_rebuild: None,
             }),
             config: c,
@@ -477,7 +537,7 @@ impl Sink {
     /// after it came back). A new producer gets a new id and delivers at once. Delivery stays
     /// at least once: a status event whose ack was lost is polled and sent again with the same
     /// `event_id`, and dead letters are retried until acked.
-    fn rebuild(&self, failing: &Arc<FutureProducer>) {
+    fn rebuild(&self, failing: &Arc<FutureProducer<LogContext>>) {
         let mut current = self.producer.write().expect("producer lock");
         // Another send already replaced it, or it replaced one only moments ago.
         if !Arc::ptr_eq(&current.producer, failing)
@@ -487,7 +547,7 @@ impl Sink {
         {
             return;
         }
-        match self.config.create::<FutureProducer>() {
+        match self.config.create_with_context(LogContext) {
             Ok(fresh) => {
                 let old = std::mem::replace(
                     &mut *current,

@@ -12,11 +12,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::StatusEvent;
+use crate::clock::Backoff;
+use crate::metrics::events::{emit, PaymentRef, PostgresWriteFailed, StatusApplied};
 use crate::metrics::METRICS;
 use crate::pg::quote_ident;
 
@@ -175,6 +176,13 @@ pub enum WriteError {
     Schema(#[from] SchemaError),
 }
 
+impl WriteError {
+    /// Postgres being away is retried; a table that does not fit needs the operator.
+    pub fn retryable(&self) -> bool {
+        matches!(self, WriteError::Postgres(_))
+    }
+}
+
 impl Writer {
     /// Connects and checks the table (`--table`, `--column-*`): a wrong name fails here, at
     /// start, not at the first final answer.
@@ -200,6 +208,7 @@ impl Writer {
         if let Some((c, sql)) = conn.as_ref().filter(|(c, _)| !c.is_closed()) {
             return Ok((c.clone(), sql.clone()));
         }
+        // Not retried here: the caller's poll retries the payment later (logged by it).
         let client = connect(&self.url, &self.ok).await.inspect_err(|_| {
             METRICS
                 .updater_postgres_errors
@@ -224,9 +233,7 @@ impl Writer {
         match r {
             Ok(results) => {
                 let r = results[0];
-                METRICS.updater_rows.with_label_values(&[r.as_str()]).inc();
-                tracing::info!(payment_id = %ev.payment_id, idempotency_key = %ev.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
-                    status = %ev.status, event_id = %ev.event_id, result = r.as_str(), "status applied");
+                applied(ev, r);
                 Ok(r)
             }
             Err(e) => {
@@ -258,28 +265,39 @@ pub async fn connect(
     Ok(client)
 }
 
+/// Reports what writing `ev` back did to its row (the updater and `--sink postgres` alike).
+pub fn applied(ev: &StatusEvent, result: RowResult) {
+    emit(StatusApplied {
+        payment: PaymentRef {
+            id: &ev.payment_id,
+            idempotency_key: Some(&ev.idempotency_key),
+            intent_id: ev.stripe_payment_intent_id.as_deref(),
+        },
+        status: &ev.status,
+        event_id: &ev.event_id,
+        result: result.as_str(),
+    });
+}
+
 /// Connects, retrying with backoff until Postgres answers or shutdown.
 pub async fn connect_retrying(
     url: &str,
     ok: &Arc<AtomicBool>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<tokio_postgres::Client> {
-    let mut delay = Duration::from_millis(250);
+    let mut backoff = Backoff::outage();
     loop {
         match connect(url, ok).await {
             Ok(c) => return Some(c),
-            Err(e) => {
-                METRICS
-                    .updater_postgres_errors
-                    .with_label_values(&["connect"])
-                    .inc();
-                tracing::warn!(error = %e, retry_in = ?delay, "postgres unavailable");
-            }
+            Err(e) => emit(PostgresWriteFailed {
+                stage: "connect",
+                error: &e,
+                retry_in: backoff.peek(),
+                events: 0,
+            }),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return None,
+        if !backoff.wait(shutdown).await {
+            return None;
         }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }

@@ -10,8 +10,8 @@
 //! Kafka path.
 //!
 //! # Position (why this order is safe)
-//! The position is an LSN, stored in sled like a Kafka offset (topic `postgres:<slot>`,
-//! partition 0) in the same atomic batch as the state it produced.
+//! The position is an LSN ([`Position::Slot`]), stored in sled like a Kafka offset, in the same
+//! atomic batch as the state it produced.
 //! 1. Row changes enter the state overlay with the position of the last *complete*
 //!    transaction (its commit's end LSN), never their own: a checkpoint in the middle of a
 //!    transaction stores the previous commit, and a restart replays the whole transaction.
@@ -30,20 +30,22 @@
 //! Known gaps: TLS (see `Cargo.toml`); one slot is read by one instance (scale-out is Kafka's);
 //! a snapshot is applied in memory before its single checkpoint (about 200 bytes a pending row).
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio::sync::watch;
 
-use super::{record_checkpoint, Health, Pipeline};
-use crate::clock::Clock;
+use super::{Source, SourceError};
+use crate::clock::{Backoff, Clock};
 use crate::decode::pgoutput::{Column, PgOutput};
 use crate::metrics::METRICS;
 use crate::pg::quote_ident;
+use crate::pipeline::Pipeline;
+use crate::scaleout::Ownership;
 use crate::sink::DeadLetter;
-use crate::state::{StateError, Store};
+use crate::state::{Position, StateError, Store};
 
 /// How long start-up waits for Postgres to answer before it fails.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -82,11 +84,25 @@ pub enum PgSourceError {
     /// Another process streams from the slot (a second paystream on the same slot).
     #[error("replication slot {slot:?} is in use by server process {pid}: one paystream per slot (--slot)")]
     SlotActive { slot: String, pid: i32 },
-    /// The data dir holds state of the Kafka source: the two positions cannot be mixed.
-    #[error("the data dir holds state read from Kafka topic {0:?}: give embedded mode its own --data-dir")]
-    MixedState(String),
+    /// The data dir holds state of another source (the Kafka topic, another slot, a replayed
+    /// file): the positions cannot be mixed.
+    #[error("the data dir holds state read from {0}: give embedded mode its own --data-dir")]
+    MixedState(Position),
     #[error(transparent)]
     State(#[from] StateError),
+}
+
+impl PgSourceError {
+    /// Whether a later start may succeed without anyone changing anything: only while Postgres
+    /// is away. Every other variant needs the operator.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            PgSourceError::Postgres(_)
+                | PgSourceError::Replication(_)
+                | PgSourceError::SlotActive { .. }
+        )
+    }
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -103,8 +119,14 @@ pub struct PgSource {
     table: String,
     pending_status: String,
     resnapshot: bool,
+    /// Where state keeps this slot's LSN.
+    at: Position,
     state: Arc<Store>,
-    health: Arc<Health>,
+    clock: Clock,
+    /// The replication stream is connected (readiness).
+    replication: AtomicBool,
+    /// The stream [`Source::start`] opened, until [`Source::run`] takes it.
+    stream: Mutex<Option<ReplicationClient>>,
     /// The LSN durable in state, sent by each checkpoint to the stream, which acknowledges it.
     durable: watch::Sender<u64>,
     decode: crate::decode::DecodeOptions,
@@ -142,21 +164,16 @@ fn dead_letter<'a>(
     }
 }
 
-/// Where state keeps slot `slot`'s LSN: beside Kafka offsets, under a name of its own
-/// (partition 0).
-pub fn position_topic(slot: &str) -> String {
-    format!("postgres:{slot}")
-}
-
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
 impl PgSource {
     /// The source as `run` configures it (the settings were validated).
-    pub fn new(s: PgSourceSettings, state: Arc<Store>, health: Arc<Health>) -> Self {
+    pub fn new(s: PgSourceSettings, state: Arc<Store>, clock: Clock) -> Self {
         let pg = s.url.parse().unwrap_or_default();
         PgSource {
+            at: Position::Slot(s.slot.clone()),
             url: s.url,
             pg,
             slot: s.slot,
@@ -169,22 +186,16 @@ impl PgSource {
             pending_status: s.pending_status,
             resnapshot: s.resnapshot,
             state,
-            health,
+            clock,
+            replication: AtomicBool::new(false),
+            stream: Mutex::new(None),
             durable: watch::channel(0).0,
             decode: s.decode,
         }
     }
 
-    /// Where state keeps this source's LSN (beside Kafka offsets, under its own name).
-    pub fn position_topic(&self) -> String {
-        position_topic(&self.slot)
-    }
-
     fn stored_lsn(&self) -> Result<Option<Lsn>, StateError> {
-        Ok(self
-            .state
-            .stored_offset(&self.position_topic(), 0)?
-            .map(|o| Lsn(o as u64)))
+        Ok(self.state.stored(&self.at)?.map(|o| Lsn(o as u64)))
     }
 
     fn replication_config(&self, start: Lsn, ack: Lsn) -> ReplicationConfig {
@@ -325,20 +336,19 @@ impl PgSource {
     /// Readies the stream: resumes at the stored LSN, or creates the slot and loads the
     /// initial snapshot into state (checkpointed before anything streams). Needs the store's
     /// recovery check to have passed.
-    pub async fn start(
+    async fn open(
         &self,
         pipeline: &Pipeline,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<ReplicationClient, PgSourceError> {
-        let ours = self.position_topic();
-        if let Some((t, _, _)) = self
+        if let Some((other, _)) = self
             .state
-            .stored_offsets()?
+            .positions()?
             .into_iter()
             // The events feed keeps its cursor beside the source's position.
-            .find(|(t, _, _)| *t != ours && t != crate::poll::feed::CURSOR_TOPIC)
+            .find(|(at, _)| *at != self.at && *at != Position::FeedCursor)
         {
-            return Err(PgSourceError::MixedState(t));
+            return Err(PgSourceError::MixedState(other));
         }
         let c = self.control_at_start().await?;
         self.prepare(&c).await?;
@@ -382,7 +392,7 @@ impl PgSource {
                 if stored.is_some() {
                     // --resnapshot: what state holds is replaced by the snapshot.
                     self.state
-                        .replace_partition(&ours, 0, &Default::default())?;
+                        .replace_partition(&self.at, &Default::default())?;
                 }
                 self.snapshot(&c, pipeline, shutdown).await
             }
@@ -448,8 +458,8 @@ impl PgSource {
         ))
         .await?;
         let decoder = PgOutput::new(self.decode.clone(), &self.table);
-        let topic = self.position_topic();
-        let position = (topic.as_str(), 0, consistent.0 as i64);
+        let topic = self.at.name();
+        let position = (&self.at, consistent.0 as i64);
         let mut n = 0u64;
         loop {
             let batch = c
@@ -464,7 +474,9 @@ impl PgSource {
                 let values: Vec<Option<&str>> = (0..columns.len()).map(|i| row.get(i)).collect();
                 match decoder.snapshot_event(&columns, &values) {
                     Ok(ev) => {
-                        pipeline.apply(&ev, None, position, consistent.0 as i64)?;
+                        pipeline
+                            .apply(&ev, None, position, consistent.0 as i64)
+                            .await?;
                     }
                     Err(err) => {
                         let text = serde_json::to_vec(&values).expect("json");
@@ -486,11 +498,8 @@ impl PgSource {
         METRICS.snapshot_rows.inc_by(n);
         // The snapshot and its position become durable together; only then does the stream
         // start, and a crash before this point leaves no position (a new slot next time).
-        self.state.advance_offset(&topic, 0, consistent.0 as i64);
-        let st = self.state.clone();
-        tokio::task::spawn_blocking(move || st.checkpoint())
-            .await
-            .expect("checkpoint task")?;
+        self.state.advance(&self.at, consistent.0 as i64);
+        crate::state::blocking(&self.state, |s| s.checkpoint()).await?;
         self.durable.send_replace(consistent.0);
         tracing::info!(pending = n, lsn = %consistent, "initial snapshot loaded");
         repl.start().await?;
@@ -501,13 +510,13 @@ impl PgSource {
 
     /// Streams changes into state until shutdown, reconnecting when the session ends. Stops
     /// on a state error or when the slot is gone.
-    pub async fn run(
+    async fn stream(
         &self,
         mut repl: ReplicationClient,
         pipeline: &Pipeline,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), PgSourceError> {
-        let topic = self.position_topic();
+        let topic = self.at.name();
         let mut decoder = PgOutput::new(self.decode.clone(), &self.table);
         let mut durable = self.durable.subscribe();
         // The end of the last transaction applied to state (in memory): what row changes
@@ -530,11 +539,13 @@ impl PgSource {
                 Ok(Some(ReplicationEvent::XLogData {
                     wal_start, data, ..
                 })) => {
-                    let position = (topic.as_str(), 0, applied.0 as i64);
+                    let position = (&self.at, applied.0 as i64);
                     match decoder.decode(&data) {
                         Ok(events) => {
                             for ev in &events {
-                                pipeline.apply(ev, None, position, wal_start.0 as i64)?;
+                                pipeline
+                                    .apply(ev, None, position, wal_start.0 as i64)
+                                    .await?;
                             }
                         }
                         Err(err) => {
@@ -548,7 +559,7 @@ impl PgSource {
                 Ok(Some(ReplicationEvent::Commit { end_lsn, .. })) => {
                     in_txn = false;
                     applied = applied.max(end_lsn);
-                    self.state.advance_offset(&topic, 0, applied.0 as i64);
+                    self.state.advance(&self.at, applied.0 as i64);
                 }
                 Ok(Some(ReplicationEvent::KeepAlive { wal_end, .. })) => {
                     METRICS
@@ -558,7 +569,7 @@ impl PgSource {
                     // position was sent already: the position may move past it.
                     if !in_txn && wal_end > applied {
                         applied = wal_end;
-                        self.state.advance_offset(&topic, 0, applied.0 as i64);
+                        self.state.advance(&self.at, applied.0 as i64);
                     }
                 }
                 Ok(Some(_)) => {}
@@ -586,7 +597,7 @@ impl PgSource {
     }
 
     fn connected(&self, up: bool) {
-        self.health.replication.store(up, Ordering::Relaxed);
+        self.replication.store(up, Ordering::Relaxed);
         METRICS.replication_connected.set(i64::from(up));
     }
 
@@ -598,13 +609,11 @@ impl PgSource {
         from: Lsn,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<ReplicationClient>, PgSourceError> {
-        let mut delay = Duration::from_millis(250);
+        let mut backoff = Backoff::outage();
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => return Ok(None),
+            if !backoff.wait(shutdown).await {
+                return Ok(None);
             }
-            delay = (delay * 2).min(Duration::from_secs(10));
             // The slot is checked over a plain connection first: a dropped slot is final,
             // not an outage to wait out.
             match self.control().await {
@@ -622,7 +631,7 @@ impl PgSource {
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "postgres unavailable; retrying");
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "postgres unavailable; retrying");
                     continue;
                 }
             }
@@ -642,16 +651,9 @@ impl PgSource {
         }
     }
 
-    /// One checkpoint; its LSN then goes to the stream, which acknowledges it to Postgres.
-    pub async fn checkpoint(&self, health: &Health, clock: &Clock) -> Result<(), StateError> {
-        let started = tokio::time::Instant::now();
-        let st = self.state.clone();
-        let cp = tokio::task::spawn_blocking(move || st.checkpoint())
-            .await
-            .expect("checkpoint task")?;
-        record_checkpoint(&cp, started, health, clock);
-        let topic = self.position_topic();
-        if let Some((_, _, lsn)) = cp.offsets.iter().find(|(t, _, _)| *t == topic) {
+    /// Raises the LSN the stream acknowledges to what a checkpoint made durable.
+    fn acknowledge(&self, positions: &[(Position, i64)]) {
+        if let Some((_, lsn)) = positions.iter().find(|(at, _)| *at == self.at) {
             self.durable.send_if_modified(|d| {
                 let raised = (*lsn as u64) > *d;
                 if raised {
@@ -660,6 +662,62 @@ impl PgSource {
                 raised
             });
         }
+    }
+}
+
+impl Source for PgSource {
+    /// A first start writes its snapshot into state: the store must have passed its check.
+    const CHECK_BEFORE_START: bool = true;
+
+    /// Resumes at the stored LSN, or creates the slot and loads the initial snapshot into
+    /// state (checkpointed before anything streams).
+    async fn start(
+        &self,
+        pipeline: &Pipeline,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), SourceError> {
+        let repl = self.open(pipeline, shutdown).await?;
+        *self.stream.lock().expect("stream lock") = Some(repl);
         Ok(())
+    }
+
+    /// Streams changes into state until shutdown, reconnecting when the session ends. Stops
+    /// on a state error or when the slot is gone.
+    async fn run(
+        &self,
+        pipeline: &Pipeline,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(), SourceError> {
+        let repl = self
+            .stream
+            .lock()
+            .expect("stream lock")
+            .take()
+            .expect("Source::start opens the stream before Source::run");
+        Ok(self.stream(repl, pipeline, shutdown).await?)
+    }
+
+    /// One checkpoint; its LSN then goes to the stream, which acknowledges it to Postgres.
+    async fn checkpoint(&self, pipeline: &Pipeline) -> Result<(), StateError> {
+        let cp = pipeline.checkpoint(None).await?;
+        self.acknowledge(&cp.positions);
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.replication.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("logical replication not connected".into())
+        }
+    }
+
+    /// One slot is read by one instance: it polls every payment.
+    fn ownership(&self) -> Arc<Ownership> {
+        Arc::new(Ownership::all(self.clock))
+    }
+
+    fn owns_position(&self, at: &Position) -> bool {
+        *at == self.at
     }
 }

@@ -48,6 +48,13 @@ pub struct LogError {
     pub detail: String,
 }
 
+impl LogError {
+    /// The changelog's broker did not take the batch: a later checkpoint tries again.
+    pub fn retryable(&self) -> bool {
+        true
+    }
+}
+
 /// A changelog record that cannot be restored: written by something else, or by a newer
 /// build. The partition is not taken over (no guessing at state).
 #[derive(Debug, thiserror::Error)]

@@ -5,16 +5,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::overlay::{forget_id, id_hash, Changes};
-use super::position::o_key;
 use super::{
-    c_key, changelog, d_key, p_key, Entry, Head, StateError, Store, META_CHECKPOINT_MS,
+    c_key, changelog, d_key, p_key, Entry, Head, Position, StateError, Store, META_CHECKPOINT_MS,
     META_ENTRIES,
 };
 
-/// The result of one checkpoint: the offsets now durable, to commit to the group.
+/// The result of one checkpoint: the positions now durable, for their sources to hand on
+/// (commit to the group, acknowledge to the slot).
 #[derive(Debug, Default)]
 pub struct Checkpoint {
-    pub offsets: Vec<(String, i32, i64)>,
+    pub positions: Vec<(Position, i64)>,
 }
 
 /// A change a checkpoint writes: id, partition, the new entry with its JSON (`None`: removed).
@@ -25,7 +25,7 @@ pub(super) struct Written<'a> {
     pub(super) count: u64,
     pub(super) added: Vec<&'a str>,
     pub(super) removed: Vec<&'a str>,
-    pub(super) offsets: Vec<(String, i32, i64)>,
+    pub(super) positions: Vec<(Position, i64)>,
 }
 
 /// What a checkpoint hands the state changelog: the changes of the partitions it logs, and
@@ -87,12 +87,16 @@ impl Store {
                     path: self.path.clone(),
                 });
             }
-            if ov.entries.is_empty() && ov.offsets.is_empty() {
+            if ov.entries.is_empty() && ov.positions.is_empty() {
                 return Ok(Checkpoint::default());
             }
             let changes = Arc::new(std::mem::take(&mut ov.entries));
             ov.frozen = Some(changes.clone());
-            (changes, std::mem::take(&mut ov.offsets), ov.durable_entries)
+            (
+                changes,
+                std::mem::take(&mut ov.positions),
+                ov.durable_entries,
+            )
         };
         // Which changed ids the tree may hold: only those need reading below. The id hashes
         // change only in checkpoints, which `_one` keeps to one at a time.
@@ -122,7 +126,7 @@ impl Store {
                 // Durable only from here: callers commit offsets to Kafka after this returns.
                 self.db.flush().map_err(|e| self.io(e))?;
                 Ok(Checkpoint {
-                    offsets: written.offsets,
+                    positions: written.positions,
                 })
             }
             Err(e) => {
@@ -135,7 +139,7 @@ impl Store {
                     ov.entries.entry(id.clone()).or_insert_with(|| c.clone());
                 }
                 for (k, off) in offsets {
-                    ov.offsets.entry(k).or_insert(off);
+                    ov.positions.entry(k).or_insert(off);
                 }
                 Err(e)
             }
@@ -148,7 +152,7 @@ impl Store {
     pub(super) fn write_changes<'a>(
         &self,
         changes: &'a Changes,
-        offsets: &BTreeMap<(String, i32), i64>,
+        offsets: &BTreeMap<Position, i64>,
         mut count: u64,
         in_tree: &std::collections::HashSet<&str>,
         log: Option<&dyn ChangeLog>,
@@ -177,10 +181,17 @@ impl Store {
                 .map(|e| (e, serde_json::to_vec(e).expect("entry serializes")));
             kept.push((id.as_str(), partition, new));
         }
-        let offsets: Vec<(String, i32, i64)> = offsets
+        // With a log, only the positions of the CDC partitions it logs (this instance owns):
+        // another member's partition keeps the position its owner wrote.
+        let positions: Vec<(Position, i64)> = offsets
             .iter()
-            .filter(|((t, p), _)| log.is_none_or(|l| t != l.cdc_topic() || l.logs(*p)))
-            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .filter(|(at, _)| {
+                log.is_none_or(|l| {
+                    at.kafka_partition_of(l.cdc_topic())
+                        .is_none_or(|p| l.logs(p))
+                })
+            })
+            .map(|(at, o)| (at.clone(), *o))
             .collect();
         let mut batch = sled::Batch::default();
         if let Some(log) = log {
@@ -188,10 +199,9 @@ impl Store {
                 .iter()
                 .map(|(id, p, new)| (*p, *id, new.as_ref().map(|(_, j)| j.as_slice())))
                 .collect();
-            let cdc_offsets = offsets
+            let cdc_offsets = positions
                 .iter()
-                .filter(|(t, _, _)| t == log.cdc_topic())
-                .map(|(_, p, o)| (*p, *o))
+                .filter_map(|(at, o)| Some((at.kafka_partition_of(log.cdc_topic())?, *o)))
                 .collect();
             let positions = log.write(&LogBatch {
                 records,
@@ -234,15 +244,15 @@ impl Store {
             META_CHECKPOINT_MS,
             &crate::clock::wall_ms().to_be_bytes()[..],
         );
-        for (topic, partition, off) in &offsets {
-            batch.insert(o_key(topic, *partition), &off.to_be_bytes()[..]);
+        for (at, off) in &positions {
+            batch.insert(at.key(), &off.to_be_bytes()[..]);
         }
         self.db.apply_batch(batch).map_err(|e| self.io(e))?;
         Ok(Written {
             count,
             added,
             removed,
-            offsets,
+            positions,
         })
     }
 

@@ -370,11 +370,11 @@ pub fn stats(
     let last_cp = store.last_checkpoint_ms()?;
     let secs = |ms: u64| now_ms.saturating_sub(ms) as f64 / 1000.0;
     let mut offsets: Vec<OffsetView> = store
-        .stored_offsets()?
+        .positions()?
         .into_iter()
-        .map(|(topic, partition, next_offset)| OffsetView {
-            topic,
-            partition,
+        .map(|(at, next_offset)| OffsetView {
+            topic: at.name().into_owned(),
+            partition: at.partition(),
             next_offset,
         })
         .collect();

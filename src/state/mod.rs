@@ -63,9 +63,10 @@
 //! Every method here is synchronous and may touch the disk (point reads on an overlay miss; full
 //! or range scans in `due`, `stats`, `scan`, truncate and the recovery check; writes and syncs
 //! in checkpoints). The rule for async callers, written once: anything but a point read or an
-//! overlay-only change (`apply_event`, `advance`, `update`, `get`) goes through
-//! `tokio::task::spawn_blocking`. The overlay's mutex is never held across I/O of a whole scan
-//! or a checkpoint's write.
+//! overlay-only change (`apply_event` of anything but a truncate, `advance`, `update`, `get`)
+//! goes through [`blocking`], on tokio's blocking pool, so a scan never stalls the runtime's
+//! workers (the Kafka consumer, the polls, the admin endpoint). The overlay's mutex is never
+//! held across the I/O of a checkpoint's write.
 
 pub mod changelog;
 mod checkpoint;
@@ -82,6 +83,7 @@ mod tests;
 
 pub use checkpoint::{ChangeLog, Checkpoint, LogBatch};
 pub use entry::{Applied, CdcSeen, Declines, Emitted, Entry, Flag, PollRecord};
+pub use position::Position;
 pub use stats::{init_series, set_gauges, Stats, AGE_BUCKETS};
 
 use std::path::Path;
@@ -131,11 +133,6 @@ pub enum StateError {
     /// later checkpoint retries (nothing was written to the tree either).
     #[error(transparent)]
     Changelog(#[from] changelog::LogError),
-    /// A newly assigned partition's state could not be made current (scale-out): its
-    /// changelog is unreachable or unreadable. The daemon stops; the group gives the partition
-    /// to another member, or back to this one after a restart.
-    #[error("partition takeover failed: {0}")]
-    Takeover(String),
     /// The store broke an invariant of its layout: it is not safe to run on.
     #[error("state store at {path} failed its recovery check with {count} problem(s), e.g. {}; not running on it. Move the directory aside and restart to rebuild state from the CDC topic (needs the topic's full history, e.g. log compaction), or restore a backup", problems.join("; "))]
     Inconsistent {
@@ -148,7 +145,7 @@ pub enum StateError {
 impl StateError {
     /// Whether a later attempt may succeed without anyone fixing the disk: only the
     /// changelog's broker errors.
-    pub fn is_retryable(&self) -> bool {
+    pub fn retryable(&self) -> bool {
         matches!(self, StateError::Changelog(_))
     }
 }
@@ -188,6 +185,18 @@ fn incomplete_snapshots(dir: &Path) -> Vec<std::path::PathBuf> {
                 .is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"))
         })
         .collect()
+}
+
+/// Runs `f` on the store on tokio's blocking pool: how async code calls anything that scans
+/// or writes the disk (see "Blocking" above).
+pub async fn blocking<T: Send + 'static>(
+    store: &std::sync::Arc<Store>,
+    f: impl FnOnce(&Store) -> T + Send + 'static,
+) -> T {
+    let st = store.clone();
+    tokio::task::spawn_blocking(move || f(&st))
+        .await
+        .expect("state task panicked")
 }
 
 impl Store {

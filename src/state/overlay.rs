@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::{p_key, Applied, CdcSeen, Entry, StateError, Store, P};
+use super::{p_key, Applied, CdcSeen, Entry, Position, StateError, Store, P};
 use crate::change::{ChangeEvent, Col, Op, Payment};
 
 /// Drops one count of `id` from the durable id hashes.
@@ -31,7 +31,8 @@ pub(super) struct Overlay {
     /// The changes a checkpoint in progress is writing: still visible to readers (under
     /// `entries`, which is newer) until the tree has them.
     pub(super) frozen: Option<Arc<Changes>>,
-    pub(super) offsets: BTreeMap<(String, i32), i64>,
+    /// Each position's next offset since the last checkpoint.
+    pub(super) positions: BTreeMap<Position, i64>,
     /// How many entries the tree holds after the last checkpoint (`m\0entries`).
     pub(super) durable_entries: u64,
     /// Hashes of the ids the tree holds, counted (two ids may share a hash): an id whose hash
@@ -56,20 +57,12 @@ impl Overlay {
     }
 }
 
-/// Records a partition's next offset; allocates the topic's name only the first time.
-pub(super) fn set_offset(
-    offsets: &mut BTreeMap<(String, i32), i64>,
-    topic: &str,
-    partition: i32,
-    next: i64,
-) {
-    match offsets
-        .iter_mut()
-        .find(|((t, p), _)| *p == partition && t == topic)
-    {
-        Some((_, o)) => *o = next,
+/// Records a position's next offset; clones the position only the first time.
+pub(super) fn set_position(positions: &mut BTreeMap<Position, i64>, at: &Position, next: i64) {
+    match positions.get_mut(at) {
+        Some(o) => *o = next,
         None => {
-            offsets.insert((topic.to_string(), partition), next);
+            positions.insert(at.clone(), next);
         }
     }
 }
@@ -131,12 +124,13 @@ impl Store {
         &self,
         ev: &ChangeEvent,
         key_id: Option<&str>,
-        source: (&str, i32, i64),
+        source: (&Position, i64),
         now_ms: u64,
         poll_interval_ms: u64,
         pending_status: &str,
     ) -> Result<Applied, StateError> {
-        let (topic, partition, next_offset) = source;
+        let (at, next_offset) = source;
+        let partition = at.partition();
         let mut ov = self.overlay.lock().expect("state lock");
         let applied = match (ev.op, &ev.payment) {
             (Op::Create | Op::Read | Op::Update, Some(p)) => match &p.status {
@@ -193,15 +187,15 @@ impl Store {
             }
             _ => Applied::Ignored,
         };
-        set_offset(&mut ov.offsets, topic, partition, next_offset);
+        set_position(&mut ov.positions, at, next_offset);
         Ok(applied)
     }
 
     /// Records the next offset for a message that changed no state (ignored or dead-lettered),
     /// so it is not read again after a restart.
-    pub fn advance_offset(&self, topic: &str, partition: i32, next_offset: i64) {
+    pub fn advance(&self, at: &Position, next_offset: i64) {
         let mut ov = self.overlay.lock().expect("state lock");
-        set_offset(&mut ov.offsets, topic, partition, next_offset);
+        set_position(&mut ov.positions, at, next_offset);
     }
 
     pub(super) fn upsert_pending(

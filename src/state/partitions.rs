@@ -2,12 +2,13 @@
 //! restored, and adopting state that was never logged.
 
 use super::overlay::{forget_id, id_hash};
-use super::position::o_key;
-use super::{c_key, changelog, d_key, p_key, Entry, Head, StateError, Store, META_ENTRIES, P};
+use super::{
+    c_key, changelog, d_key, p_key, Entry, Head, Position, StateError, Store, META_ENTRIES, P,
+};
 
 impl Store {
-    /// Replaces everything this store holds of CDC partition `partition` of `topic` (its
-    /// entries, including changes not yet checkpointed, its stored offset and its changelog
+    /// Replaces everything this store holds of a source's partition `at` (its entries,
+    /// including changes not yet checkpointed, its stored position and its changelog
     /// position) with what was restored from the changelog, in one atomic batch, flushed.
     /// With nothing restored it is an eviction.
     ///
@@ -16,10 +17,10 @@ impl Store {
     /// so no event or poll changes its entries.
     pub fn replace_partition(
         &self,
-        topic: &str,
-        partition: i32,
+        at: &Position,
         restored: &changelog::Restored,
     ) -> Result<(), StateError> {
+        let partition = at.partition();
         let _one = self.checkpointing.lock().expect("checkpoint lock");
         if self
             .overlay
@@ -82,8 +83,8 @@ impl Store {
         dropped.extend(evicted.iter().map(String::as_str));
         batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
         match restored.next_offset {
-            Some(o) => batch.insert(o_key(topic, partition), &o.to_be_bytes()[..]),
-            None => batch.remove(o_key(topic, partition)),
+            Some(o) => batch.insert(at.key(), &o.to_be_bytes()[..]),
+            None => batch.remove(at.key()),
         }
         match restored.log_position {
             Some(o) => batch.insert(c_key(partition), &o.to_be_bytes()[..]),
@@ -107,8 +108,7 @@ impl Store {
             Some(e) => e.partition != partition && !restored.entries.contains_key(id),
             None => !evicted.contains(id.as_str()) && !restored.entries.contains_key(id),
         });
-        ov.offsets
-            .retain(|(t, p), _| !(t == topic && *p == partition));
+        ov.positions.remove(at);
         Ok(())
     }
 

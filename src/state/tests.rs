@@ -2,6 +2,12 @@
 use super::*;
 use crate::change::ChangeEvent;
 use crate::decode::{decode_value, DecodeOptions};
+use crate::state::Position;
+
+/// Partition `p` of the test topic `t`.
+fn t(p: i32) -> Position {
+    Position::kafka("t", p)
+}
 
 fn ev(json: &str) -> ChangeEvent {
     decode_value(Some(json.as_bytes()), &DecodeOptions::default()).unwrap()
@@ -16,7 +22,7 @@ fn apply(
     now_ms: u64,
     interval_ms: u64,
 ) -> Applied {
-    s.apply_event(ev, key, ("t", 0, offset), now_ms, interval_ms, "pending")
+    s.apply_event(ev, key, (&t(0), offset), now_ms, interval_ms, "pending")
         .unwrap()
 }
 
@@ -37,8 +43,8 @@ fn offsets_and_state_survive_reopen_only_after_checkpoint() {
         apply(&s, &create("b", "pending"), None, 2, 1000, 600);
     }
     let s = reopen(dir.path()).unwrap();
-    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
-    assert_eq!(s.stored_offsets().unwrap(), vec![("t".to_string(), 0, 1)]);
+    assert_eq!(s.stored(&t(0)).unwrap(), Some(1));
+    assert_eq!(s.positions().unwrap(), vec![(t(0), 1)]);
     let ids: Vec<_> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
     assert_eq!(ids, vec!["a"]);
 }
@@ -71,7 +77,7 @@ fn final_status_and_delete_and_tombstone_remove() {
         s.due(u64::MAX - 1, 10, |_| false, |_| true).unwrap(),
         vec![]
     );
-    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(5));
+    assert_eq!(s.stored(&t(0)).unwrap(), Some(5));
 }
 
 #[test]
@@ -434,7 +440,7 @@ fn apply_on(s: &Store, id: &str, status: &str, partition: i32, offset: i64) {
     s.apply_event(
         &create(id, status),
         None,
-        ("t", partition, offset),
+        (&t(partition), offset),
         1000,
         600,
         "pending",
@@ -450,7 +456,7 @@ fn a_logged_checkpoint_logs_owned_partitions_and_drops_the_rest() {
     apply_on(&s, "b", "pending", 1, 1);
     let l = log(&[0], false);
     let cp = s.checkpoint_logged(Some(&l), || {}).unwrap();
-    assert_eq!(cp.offsets, vec![("t".to_string(), 0, 1)]);
+    assert_eq!(cp.positions, vec![(t(0), 1)]);
     assert_eq!(*l.records.lock().unwrap(), vec![(0, "a".to_string(), true)]);
     assert_eq!(*l.markers.lock().unwrap(), vec![(0, 1)]);
     assert_eq!(s.log_position(0).unwrap(), Some(100));
@@ -466,7 +472,7 @@ fn a_logged_checkpoint_logs_owned_partitions_and_drops_the_rest() {
     drop(s);
     let s = reopen(dir.path()).unwrap();
     assert_eq!(s.entry_count(), 0);
-    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(2));
+    assert_eq!(s.stored(&t(0)).unwrap(), Some(2));
 }
 
 #[test]
@@ -477,14 +483,14 @@ fn a_failed_changelog_write_writes_nothing_and_keeps_the_changes() {
     let e = s
         .checkpoint_logged(Some(&log(&[0], true)), || {})
         .unwrap_err();
-    assert!(e.is_retryable(), "{e}");
-    assert_eq!(s.stored_offset("t", 0).unwrap(), None);
+    assert!(e.retryable(), "{e}");
+    assert_eq!(s.stored(&t(0)).unwrap(), None);
     assert_eq!(s.entry_count(), 0);
     // The next checkpoint, with the broker back, writes them.
     let l = log(&[0], false);
     s.checkpoint_logged(Some(&l), || {}).unwrap();
     assert_eq!(l.records.lock().unwrap().len(), 1);
-    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(1));
+    assert_eq!(s.stored(&t(0)).unwrap(), Some(1));
     assert_eq!(s.entry_count(), 1);
 }
 
@@ -512,12 +518,12 @@ fn replacing_a_partition_swaps_its_entries_offsets_and_position_only() {
         log_position: Some(77),
         records: 5,
     };
-    s.replace_partition("t", 1, &restored).unwrap();
+    s.replace_partition(&t(1), &restored).unwrap();
     let ids: Vec<String> = s.entries().unwrap().into_iter().map(|e| e.id).collect();
     assert_eq!(ids, ["a", "c", "e"]);
     assert_eq!(s.get("c").unwrap().unwrap().next_poll_ms, 42);
-    assert_eq!(s.stored_offset("t", 1).unwrap(), Some(9));
-    assert_eq!(s.stored_offset("t", 0).unwrap(), Some(5));
+    assert_eq!(s.stored(&t(1)).unwrap(), Some(9));
+    assert_eq!(s.stored(&t(0)).unwrap(), Some(5));
     assert_eq!(s.log_position(1).unwrap(), Some(77));
     assert_eq!(s.local_partitions("t").unwrap(), vec![0, 1]);
     let due: Vec<String> = s
@@ -528,7 +534,7 @@ fn replacing_a_partition_swaps_its_entries_offsets_and_position_only() {
         .collect();
     assert_eq!(due, ["c", "e"]);
     // Evicting leaves nothing of the partition; the recovery check agrees with the counts.
-    s.replace_partition("t", 1, &changelog::Restored::default())
+    s.replace_partition(&t(1), &changelog::Restored::default())
         .unwrap();
     assert_eq!(s.local_partitions("t").unwrap(), vec![0]);
     drop(s);

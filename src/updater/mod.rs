@@ -22,10 +22,12 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use crate::clock::Backoff;
 use crate::config::UpdaterConfig;
 use crate::kafka::{client_config, BrokerWatch, STATS_INTERVAL_MS};
+use crate::metrics::events::{emit, ConsumeFailed, PostgresWriteFailed};
 use crate::metrics::METRICS;
-use crate::sink::postgres::{apply_batch, connect_retrying, prepare, SchemaError};
+use crate::sink::postgres::{applied, apply_batch, connect_retrying, prepare, SchemaError};
 use crate::sink::{decode_status, StatusDecodeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,12 +45,23 @@ pub enum UpdaterError {
     Schema(#[from] SchemaError),
 }
 
+impl UpdaterError {
+    /// Whether starting again later may succeed without anyone changing anything.
+    pub fn retryable(&self) -> bool {
+        matches!(self, UpdaterError::KafkaUnreachable(_))
+    }
+}
+
 /// The updater's consumer reports broker state to readiness and errors to the metrics.
 struct UpdaterContext {
     kafka: Arc<BrokerWatch>,
 }
 
 impl rdkafka::ClientContext for UpdaterContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        crate::kafka::on_client_log(level, fac, message);
+    }
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         crate::kafka::on_client_error(&error, reason);
     }
@@ -138,8 +151,7 @@ pub async fn run(
             let m = match msg {
                 Ok(m) => m,
                 Err(e) => {
-                    METRICS.kafka_errors.with_label_values(&["consume"]).inc();
-                    tracing::warn!(error = %e, "consume error");
+                    emit(ConsumeFailed { error: &e });
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -188,7 +200,7 @@ pub async fn run(
         }
         // Apply until it sticks: Postgres being down holds the offsets, never skips events.
         let started = tokio::time::Instant::now();
-        let mut delay = Duration::from_millis(250);
+        let mut backoff = Backoff::outage();
         let results = loop {
             match apply_batch(&client, &sql, &pending, &events).await {
                 Ok(r) => {
@@ -197,16 +209,15 @@ pub async fn run(
                 }
                 Err(e) => {
                     pg_ok.store(false, Ordering::Relaxed);
-                    METRICS
-                        .updater_postgres_errors
-                        .with_label_values(&["apply"])
-                        .inc();
-                    tracing::warn!(error = %e, events = events.len(), retry_in = ?delay, "batch not applied; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => break 'outer,
+                    emit(PostgresWriteFailed {
+                        stage: "apply",
+                        error: &e,
+                        retry_in: backoff.peek(),
+                        events: events.len(),
+                    });
+                    if !backoff.wait(&mut shutdown).await {
+                        break 'outer;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(10));
                     if client.is_closed() {
                         let Some(c) = connect_retrying(&url, &pg_ok, &mut shutdown).await else {
                             break 'outer;
@@ -220,9 +231,7 @@ pub async fn run(
             .updater_batch_seconds
             .observe(started.elapsed().as_secs_f64());
         for (ev, r) in events.iter().zip(&results) {
-            METRICS.updater_rows.with_label_values(&[r.as_str()]).inc();
-            tracing::info!(payment_id = %ev.payment_id, idempotency_key = %ev.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
-                status = %ev.status, event_id = %ev.event_id, result = r.as_str(), "status applied");
+            applied(ev, *r);
         }
         // Committed only now that the transaction is: a crash before this replays the batch,
         // which the forward-only UPDATE makes harmless.

@@ -1,6 +1,9 @@
-//! Prometheus metrics, named the Prometheus way. Every count here is paired with a tracing event
-//! at the place it happens, so logs and metrics tell the same story. No payment id is ever a
-//! label (unbounded cardinality); ids go in log fields.
+//! Prometheus metrics, named the Prometheus way, and [`events`]: what happens is reported as a
+//! typed event that logs and counts in one place, so logs and metrics tell the same story.
+//! Gauges are set where their value is known. No payment id is ever a label (unbounded
+//! cardinality); ids go in log fields.
+
+pub mod events;
 
 use std::sync::LazyLock;
 
