@@ -29,9 +29,10 @@
 //!    to their owners), [`change`] (the change-event model and its exact [`change::Decimal`]), [`pg`]
 //!    (what Postgres connections share: quoting, `application_name`).
 //! 2. [`kafka`]: what the Kafka clients share: settings, the start-up probe, the broker watch.
-//! 3. [`decode`]: Debezium message values → change events, exactly (no floats);
-//!    [`decode::avro`] and [`decode::registry`] for Confluent Avro, [`decode::pgoutput`] for
-//!    embedded mode's replication messages.
+//! 3. [`decode`]: Debezium message values → change events, exactly (no floats): the envelope
+//!    and the column values each in a file of their own; [`decode::avro`] and
+//!    [`decode::registry`] for Confluent Avro, [`decode::pgoutput`] for embedded mode's
+//!    replication messages.
 //! 4. [`state`]: the sled store: pending payments, the due-time index, each source's
 //!    [`state::Position`], checkpoints; one file per concern (its module doc is the map), with
 //!    [`state::changelog`] (the changelog's records) and [`state::inspect`] (what `paystream
@@ -41,17 +42,18 @@
 //!    --sink postgres`).
 //! 6. [`scaleout`]: who owns a partition (the group lease) and [`scaleout::changelog`], how its
 //!    state moves to the next owner.
-//! 7. [`poll`]: the scheduler and lookups through async-stripe; [`poll::ratelimit`] (the Stripe
-//!    budget, adaptive on 429s), [`poll::feed`] (the events feed), [`poll::money`] (the exact
-//!    amount check before `succeeded`).
+//! 7. [`poll`]: the scheduler and lookups through async-stripe, what each answer does (its
+//!    `outcome` file); [`poll::ratelimit`] (the Stripe budget, adaptive on 429s), [`poll::feed`]
+//!    (the events feed and its cycle), [`poll::money`] (the exact amount check before
+//!    `succeeded`).
 //! 8. [`pipeline`]: decode → state, or → the dead letters, and the checkpoint: the one path
 //!    every source's messages take.
 //! 9. [`source`]: the [`source::Source`] trait and its three implementations:
 //!    [`source::kafka`] (the consumer group, rebalances, offsets committed after checkpoints;
 //!    its module doc explains why that order is safe), [`source::postgres`] (embedded mode's
 //!    logical replication straight from a slot) and [`source::file`] (`paystream replay`).
-//! 10. [`config`]: every flag, its environment variable and config-file key, and validation; it
-//!     builds nothing.
+//! 10. [`config`]: every flag, its environment variable and config-file key, and validation,
+//!     one file per command plus the shared arguments and the config file; it builds nothing.
 //! 11. [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`admin::cli`] the `paystream state`
 //!     command.
 //! 12. The commands, where the wiring lives: [`run`] (the daemon: one source, one sink, the
@@ -59,8 +61,8 @@
 //!     then [`replay`] (the file source, reusing run's wiring) and [`updater`] (the status topic
 //!     → [`sink::postgres`]).
 //!
-//! Known gaps: `decode/mod.rs`, `poll/mod.rs` and `config.rs` are each longer than one job;
-//! gauges are still set where their value is known rather than through [`metrics::events`].
+//! Known gap: gauges are set where their value is known, not through [`metrics::events`] (an
+//! event is something that happened; a gauge is a value now).
 //!
 //! Errors are typed at each boundary (`thiserror`); each says who is at fault, and has a
 //! `retryable()` that says whether trying again later may help without anyone changing

@@ -356,8 +356,8 @@ mod tests {
         let json = to_connect_json(&body, &s).unwrap();
         let ev = super::super::decode_value(Some(&json), &Default::default()).unwrap();
         let p = ev.payment.unwrap();
-        assert_eq!(p.amount, super::super::Col::Set("1234567.89".into()));
-        assert_eq!(p.status, super::super::Col::Set("pending".into()));
+        assert_eq!(p.amount, crate::change::Col::Set("1234567.89".into()));
+        assert_eq!(p.status, crate::change::Col::Set("pending".into()));
         assert_eq!(p.id, "5");
     }
 

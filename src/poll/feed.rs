@@ -29,9 +29,14 @@
 //! interval again until a cycle works (see [`super::Poller`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use futures::StreamExt;
 
 use super::stripe::{classify, Expected, IntentEvent, Lookup, LookupError, MismatchKind};
-use crate::state::Entry;
+use super::{Poller, FEED_EMIT_CONCURRENCY};
+use crate::metrics::METRICS;
+use crate::state::{Entry, Position, StateError};
 
 /// The event types a cycle lists.
 pub const EVENT_TYPES: [&str; 3] = [
@@ -226,6 +231,191 @@ impl FeedError {
             FeedError::Stripe(e) => e.retryable(),
             FeedError::State(e) => e.retryable(),
         }
+    }
+}
+
+impl Poller {
+    /// Whether the feed is on and its last cycle completed within two intervals.
+    pub(super) fn feed_healthy(&self) -> bool {
+        let ok = self.feed_ok_ms.load(Ordering::Relaxed);
+        self.cfg.fallback_interval.is_some()
+            && self.clock.now_ms().saturating_sub(ok) <= 2 * self.cfg.interval.as_millis() as u64
+    }
+
+    /// A feed cycle failed: once the feed has been down two intervals, the polls it left a
+    /// fallback interval ahead are pulled into the next interval (once per outage), and
+    /// payments are asked about every interval until a cycle works again.
+    pub(super) fn on_feed_failure(&self) {
+        if self.feed_healthy() || self.feed_down.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let now = self.clock.now_ms();
+        match self
+            .state
+            .pull_in(now, self.cfg.interval.as_millis() as u64)
+        {
+            Ok(n) => tracing::warn!(
+                pulled_in = n,
+                "events feed down for two intervals: polling every interval until it answers again"
+            ),
+            Err(e) => tracing::error!(error = %e, "events feed down: polls not pulled in"),
+        }
+    }
+
+    /// One cycle of the events feed (see the module doc): lists the events since the cursor, each
+    /// page in the rate budget, resolves what they settle beyond doubt, makes the rest due for a
+    /// retrieve, and moves the cursor (durable with the next checkpoint, with those changes).
+    /// A page that fails ends the cycle with the cursor where it was.
+    pub async fn reconcile(&self) -> Result<(), FeedError> {
+        let mut cursor = self.cursor.lock().await;
+        let now = self.clock.now_ms();
+        let now_s = (now / 1000) as i64;
+        let overlap_s = self.cfg.feed_overlap.as_secs() as i64;
+        let start = match *cursor {
+            Some(c) => c,
+            None => match self.state.stored(&Position::FeedCursor) {
+                Ok(Some(c)) => c,
+                // First start: everything Stripe still lists, so payments that resolved
+                // before paystream ever ran are found too (a one-time read of the retention).
+                _ => now_s - RETENTION_S + overlap_s + 3600,
+            },
+        };
+        let since = (start - overlap_s).max(now_s - RETENTION_S + 3600);
+        let mut matches = Matches::default();
+        // The cursor this cycle may move to. Why the newest `created` seen in ONE complete
+        // listing cannot pass an event not yet read: Stripe lists newest first, so the first
+        // page holds the newest events visible when the listing began. An event this listing
+        // did not read is either (a) created after that first page was served, so its
+        // `created` is at or after every event the listing saw (the same second at least:
+        // `since` is inclusive, `gte`), or (b) created earlier but not yet visible (the list
+        // is eventually consistent), which the next cycle's re-read of the overlap before the
+        // cursor covers. Both need the three types in one listing (`types[]`): listed one
+        // after another, a later type's newer events moved the cursor past events of an
+        // earlier type created while the later one was listed. A listing that fails part way
+        // leaves the cursor where it was.
+        let mut newest = start;
+        let (mut pages, mut events) = (0u64, 0u64);
+        let mut after: Option<String> = None;
+        loop {
+            self.limiter.acquire().await;
+            let page = match self
+                .api
+                .list_events(&EVENT_TYPES, since, PAGE, after.as_deref())
+                .await
+            {
+                Ok(p) => p,
+                Err(err) => {
+                    METRICS.feed_pages.with_label_values(&[err.outcome()]).inc();
+                    if matches!(err, LookupError::RateLimited) {
+                        self.limiter.on_rate_limited(self.cfg.rate_limit_cooldown);
+                    }
+                    tracing::warn!(outcome = err.outcome(), error = %err, "events feed page failed; the cycle ends, the cursor stays");
+                    self.on_feed_failure();
+                    return Err(err.into());
+                }
+            };
+            pages += 1;
+            METRICS.feed_pages.with_label_values(&["ok"]).inc();
+            events += page.data.len() as u64;
+            for ev in page.data {
+                newest = newest.max(ev.created);
+                after = Some(ev.id.clone());
+                matches.add(ev);
+            }
+            if !page.has_more || after.is_none() {
+                break;
+            }
+        }
+        METRICS.feed_events.inc_by(events);
+        let (mut resolved, mut confirm) = (0u64, 0u64);
+        if !matches.is_empty() {
+            // One scan of state finds the payments the events are about (the feed's events are
+            // few beside the payments; an index by intent would cost every event a write).
+            let in_flight = self.in_flight.lock().expect("in-flight lock").clone();
+            let hits = crate::state::blocking(&self.state, move |s| {
+                let mut hits = Vec::new();
+                s.scan(|e| {
+                    if e.emitted.is_none() && !in_flight.contains(&e.id) {
+                        if let Some(v) = matches.verdict(&e) {
+                            hits.push((e, v));
+                        }
+                    }
+                    true
+                })
+                .map(|()| hits)
+            })
+            .await?;
+            let mut finals = Vec::new();
+            for (e, verdict) in hits {
+                match verdict {
+                    Verdict::Resolve(Lookup::Final {
+                        status,
+                        reason,
+                        seen,
+                    }) => finals.push((e, status, reason, seen)),
+                    Verdict::Resolve(Lookup::Pending { .. }) => {}
+                    Verdict::Resolve(Lookup::Mismatch { kind, detail, seen }) => {
+                        if self.ownership.may_act(e.partition) {
+                            self.record_mismatch(&e, kind, detail, &seen, now, "feed")?;
+                        }
+                    }
+                    Verdict::Confirm(why) => {
+                        if !self.ownership.may_act(e.partition) {
+                            continue;
+                        }
+                        confirm += 1;
+                        METRICS.feed_matches.with_label_values(&["confirm"]).inc();
+                        tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
+                            why, "events feed: doubt, retrieving the intent now");
+                        self.state.update(&e.id, |x| x.next_poll_ms = now)?;
+                    }
+                }
+            }
+            // The resolutions are written concurrently: one at a time, a cycle that found
+            // 20,000 took 32 s on this machine (each waits for the sink to store it).
+            let emits = futures::stream::iter(finals.into_iter().map(
+                |(e, status, reason, seen)| async move {
+                    // Owned partitions only, under the lease, as a poll (scale-out).
+                    let Some(guard) = self.ownership.begin_poll(e.partition) else {
+                        return Ok(false);
+                    };
+                    if !guard.may_finish() {
+                        return Ok(false);
+                    }
+                    // Held as in flight meanwhile, so a poll of it does not emit as well.
+                    self.in_flight
+                        .lock()
+                        .expect("in-flight lock")
+                        .insert(e.id.clone());
+                    let r = self.emit_final(&e, status, reason, seen, now, "feed").await;
+                    self.in_flight.lock().expect("in-flight lock").remove(&e.id);
+                    r.map(|()| true)
+                },
+            ))
+            .buffer_unordered(FEED_EMIT_CONCURRENCY)
+            .collect::<Vec<Result<bool, StateError>>>()
+            .await;
+            for r in emits {
+                if r? {
+                    resolved += 1;
+                    METRICS.feed_matches.with_label_values(&["resolved"]).inc();
+                }
+            }
+        }
+        self.state.advance(&Position::FeedCursor, newest);
+        *cursor = Some(newest);
+        self.feed_ok_ms
+            .store(self.clock.now_ms(), Ordering::Relaxed);
+        self.feed_down.store(false, Ordering::Relaxed);
+        tracing::info!(
+            pages,
+            events,
+            resolved,
+            confirm,
+            cursor = newest,
+            "events feed cycle"
+        );
+        Ok(())
     }
 }
 

@@ -20,6 +20,7 @@
 
 pub mod feed;
 pub mod money;
+mod outcome;
 pub mod ratelimit;
 pub mod stripe;
 
@@ -28,21 +29,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::clock::Clock;
-use crate::metrics::events::{
-    emit, AbandonedCancel, MoneyMismatch, PaymentRef, PollFenced, PollPending, PollUnanswered,
-};
+use crate::metrics::events::{emit, PaymentRef, PollFenced, PollUnanswered};
 use crate::metrics::METRICS;
 use crate::scaleout::Ownership;
-use crate::sink::{Seen, StatusEvent, StatusSink};
-use crate::state::{Emitted, Entry, Flag, Position, StateError, Store};
+use crate::sink::StatusSink;
+use crate::state::{Entry, StateError, Store};
 use ratelimit::RateLimiter;
-use stripe::{Decline, Expected, FinalStatus, Lookup, LookupError, MismatchKind, StripeApi};
+use stripe::{Expected, Lookup, LookupError, StripeApi};
 
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
@@ -153,13 +151,6 @@ impl Poller {
         }
     }
 
-    /// Whether the feed is on and its last cycle completed within two intervals.
-    fn feed_healthy(&self) -> bool {
-        let ok = self.feed_ok_ms.load(Ordering::Relaxed);
-        self.cfg.fallback_interval.is_some()
-            && self.clock.now_ms().saturating_sub(ok) <= 2 * self.cfg.interval.as_millis() as u64
-    }
-
     /// When a payment Stripe calls pending is asked about again: after the fallback interval
     /// while the feed watches for its resolution, else after one interval; a stale payment
     /// not sooner than the stale interval.
@@ -172,26 +163,6 @@ impl Poller {
             base.max(self.cfg.stale_interval)
         } else {
             base
-        }
-    }
-
-    /// A feed cycle failed: once the feed has been down two intervals, the polls it left a
-    /// fallback interval ahead are pulled into the next interval (once per outage), and
-    /// payments are asked about every interval until a cycle works again.
-    fn on_feed_failure(&self) {
-        if self.feed_healthy() || self.feed_down.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let now = self.clock.now_ms();
-        match self
-            .state
-            .pull_in(now, self.cfg.interval.as_millis() as u64)
-        {
-            Ok(n) => tracing::warn!(
-                pulled_in = n,
-                "events feed down for two intervals: polling every interval until it answers again"
-            ),
-            Err(e) => tracing::error!(error = %e, "events feed down: polls not pulled in"),
         }
     }
 
@@ -391,400 +362,6 @@ impl Poller {
                 self.reschedule_after_failure(e, now, err.outcome(), None, cap)?;
             }
         }
-        Ok(())
-    }
-
-    /// `--cancel-abandoned-after`: the intent is still cancelable that long after the payment
-    /// was first seen, so it is canceled in Stripe (reason `abandoned`, one idempotent request
-    /// in the same budget). Only Stripe's `canceled` answer resolves the payment (`failed`,
-    /// reason `abandoned`); a cancel that fails or answers anything else is doubt: nothing is
-    /// written, and the payment is asked about again after a backoff.
-    async fn cancel_abandoned(
-        &self,
-        e: &Entry,
-        intent: &str,
-        stripe_status: &str,
-        now: u64,
-    ) -> Result<(), StateError> {
-        self.limiter.acquire().await;
-        let res = self
-            .api
-            .cancel_abandoned(intent, e.account.as_deref())
-            .await;
-        let row = Expected {
-            amount: &e.amount,
-            currency: &e.currency,
-        };
-        match res.map(|pi| stripe::classify(&pi, row)) {
-            Ok(Lookup::Final {
-                status: FinalStatus::Failed,
-                reason,
-                seen,
-            }) => {
-                emit(AbandonedCancel {
-                    payment: payment_ref(e),
-                    stripe_status,
-                    failure: None,
-                });
-                self.emit_final(e, FinalStatus::Failed, reason, seen, now, "poll")
-                    .await
-            }
-            other => {
-                let why = match &other {
-                    Err(LookupError::Rejected(s @ (401 | 403), m)) => format!(
-                        "Stripe refused the cancel ({s}: {m}): the key may not write PaymentIntents (a restricted key needs PaymentIntents write for --cancel-abandoned-after)"
-                    ),
-                    Err(err) => err.to_string(),
-                    Ok(l) => format!("Stripe answered {} to the cancel", l.stripe_status()),
-                };
-                emit(AbandonedCancel {
-                    payment: payment_ref(e),
-                    stripe_status,
-                    failure: Some(&why),
-                });
-                if matches!(other, Err(LookupError::RateLimited)) {
-                    self.limiter.on_rate_limited(self.cfg.rate_limit_cooldown);
-                }
-                self.reschedule_after_failure(
-                    e,
-                    now,
-                    "cancel_failed",
-                    Some(stripe_status),
-                    self.cfg.stale_interval,
-                )
-            }
-        }
-    }
-
-    /// Stripe still calls the payment pending: asked again after [`Self::pending_interval`].
-    /// A decline is recorded (counted once per attempt) and changes nothing else: the customer
-    /// may retry on the same intent, and the retry may succeed.
-    fn record_pending(
-        &self,
-        e: &Entry,
-        stripe_status: &str,
-        decline: Option<&Decline>,
-        now: u64,
-    ) -> Result<(), StateError> {
-        let outcome = if decline.is_some() {
-            "declined"
-        } else {
-            "still_pending"
-        };
-        let next = self.pending_interval(e, now).as_millis() as u64;
-        let mut new_decline = false;
-        self.state.update(&e.id, |x| {
-            x.failures = 0;
-            x.flag = None;
-            x.record_poll(now, outcome, Some(stripe_status));
-            if let Some(d) = decline {
-                new_decline = x.record_decline(now, &d.code, &d.attempt);
-            }
-            x.next_poll_ms = now + next;
-        })?;
-        emit(PollPending {
-            payment: payment_ref(e),
-            stripe_status,
-            new_decline: decline
-                .filter(|_| new_decline)
-                .map(|d| (d.code.as_str(), e.decline_count() + 1)),
-            outcome,
-        });
-        Ok(())
-    }
-
-    /// Stripe says `succeeded`, but not with the row's money (or twice): nothing is written.
-    /// The payment is flagged for a person (counted, logged with both sides, shown by `state`),
-    /// and asked about again at the stale cadence.
-    fn record_mismatch(
-        &self,
-        e: &Entry,
-        kind: MismatchKind,
-        detail: String,
-        seen: &Seen,
-        now: u64,
-        via: &'static str,
-    ) -> Result<(), StateError> {
-        emit(MoneyMismatch {
-            payment: PaymentRef {
-                intent_id: Some(&seen.intent_id),
-                ..payment_ref(e)
-            },
-            kind: kind.as_str(),
-            detail: &detail,
-            row_amount: &e.amount,
-            row_currency: &e.currency,
-            stripe_amount_received: seen.amount_received,
-            stripe_currency: seen.currency.as_deref(),
-            via,
-        });
-        let next = now + self.cfg.stale_interval.as_millis() as u64;
-        self.state.update(&e.id, |x| {
-            x.failures = 0;
-            if via == "poll" {
-                x.record_poll(now, kind.as_str(), Some(&seen.stripe_status));
-            }
-            let since_ms = match &x.flag {
-                Some(f) if f.kind == kind.as_str() => f.since_ms,
-                _ => now,
-            };
-            x.flag = Some(Flag {
-                kind: kind.as_str().into(),
-                detail: detail.clone(),
-                since_ms,
-            });
-            x.next_poll_ms = next;
-        })?;
-        Ok(())
-    }
-
-    /// One cycle of the events feed (see [`feed`]): lists the events since the cursor, each
-    /// page in the rate budget, resolves what they settle beyond doubt, makes the rest due for a
-    /// retrieve, and moves the cursor (durable with the next checkpoint, with those changes).
-    /// A page that fails ends the cycle with the cursor where it was.
-    pub async fn reconcile(&self) -> Result<(), feed::FeedError> {
-        let mut cursor = self.cursor.lock().await;
-        let now = self.clock.now_ms();
-        let now_s = (now / 1000) as i64;
-        let overlap_s = self.cfg.feed_overlap.as_secs() as i64;
-        let start = match *cursor {
-            Some(c) => c,
-            None => match self.state.stored(&Position::FeedCursor) {
-                Ok(Some(c)) => c,
-                // First start: everything Stripe still lists, so payments that resolved
-                // before paystream ever ran are found too (a one-time read of the retention).
-                _ => now_s - feed::RETENTION_S + overlap_s + 3600,
-            },
-        };
-        let since = (start - overlap_s).max(now_s - feed::RETENTION_S + 3600);
-        let mut matches = feed::Matches::default();
-        // The cursor this cycle may move to. Why the newest `created` seen in ONE complete
-        // listing cannot pass an event not yet read: Stripe lists newest first, so the first
-        // page holds the newest events visible when the listing began. An event this listing
-        // did not read is either (a) created after that first page was served, so its
-        // `created` is at or after every event the listing saw (the same second at least:
-        // `since` is inclusive, `gte`), or (b) created earlier but not yet visible (the list
-        // is eventually consistent), which the next cycle's re-read of the overlap before the
-        // cursor covers. Both need the three types in one listing (`types[]`): listed one
-        // after another, a later type's newer events moved the cursor past events of an
-        // earlier type created while the later one was listed. A listing that fails part way
-        // leaves the cursor where it was.
-        let mut newest = start;
-        let (mut pages, mut events) = (0u64, 0u64);
-        let mut after: Option<String> = None;
-        loop {
-            self.limiter.acquire().await;
-            let page = match self
-                .api
-                .list_events(&feed::EVENT_TYPES, since, feed::PAGE, after.as_deref())
-                .await
-            {
-                Ok(p) => p,
-                Err(err) => {
-                    METRICS.feed_pages.with_label_values(&[err.outcome()]).inc();
-                    if matches!(err, LookupError::RateLimited) {
-                        self.limiter.on_rate_limited(self.cfg.rate_limit_cooldown);
-                    }
-                    tracing::warn!(outcome = err.outcome(), error = %err, "events feed page failed; the cycle ends, the cursor stays");
-                    self.on_feed_failure();
-                    return Err(err.into());
-                }
-            };
-            pages += 1;
-            METRICS.feed_pages.with_label_values(&["ok"]).inc();
-            events += page.data.len() as u64;
-            for ev in page.data {
-                newest = newest.max(ev.created);
-                after = Some(ev.id.clone());
-                matches.add(ev);
-            }
-            if !page.has_more || after.is_none() {
-                break;
-            }
-        }
-        METRICS.feed_events.inc_by(events);
-        let (mut resolved, mut confirm) = (0u64, 0u64);
-        if !matches.is_empty() {
-            // One scan of state finds the payments the events are about (the feed's events are
-            // few beside the payments; an index by intent would cost every event a write).
-            let in_flight = self.in_flight.lock().expect("in-flight lock").clone();
-            let hits = crate::state::blocking(&self.state, move |s| {
-                let mut hits = Vec::new();
-                s.scan(|e| {
-                    if e.emitted.is_none() && !in_flight.contains(&e.id) {
-                        if let Some(v) = matches.verdict(&e) {
-                            hits.push((e, v));
-                        }
-                    }
-                    true
-                })
-                .map(|()| hits)
-            })
-            .await?;
-            let mut finals = Vec::new();
-            for (e, verdict) in hits {
-                match verdict {
-                    feed::Verdict::Resolve(Lookup::Final {
-                        status,
-                        reason,
-                        seen,
-                    }) => finals.push((e, status, reason, seen)),
-                    feed::Verdict::Resolve(Lookup::Pending { .. }) => {}
-                    feed::Verdict::Resolve(Lookup::Mismatch { kind, detail, seen }) => {
-                        if self.ownership.may_act(e.partition) {
-                            self.record_mismatch(&e, kind, detail, &seen, now, "feed")?;
-                        }
-                    }
-                    feed::Verdict::Confirm(why) => {
-                        if !self.ownership.may_act(e.partition) {
-                            continue;
-                        }
-                        confirm += 1;
-                        METRICS.feed_matches.with_label_values(&["confirm"]).inc();
-                        tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                            why, "events feed: doubt, retrieving the intent now");
-                        self.state.update(&e.id, |x| x.next_poll_ms = now)?;
-                    }
-                }
-            }
-            // The resolutions are written concurrently: one at a time, a cycle that found
-            // 20,000 took 32 s on this machine (each waits for the sink to store it).
-            let emits = futures::stream::iter(finals.into_iter().map(
-                |(e, status, reason, seen)| async move {
-                    // Owned partitions only, under the lease, as a poll (scale-out).
-                    let Some(guard) = self.ownership.begin_poll(e.partition) else {
-                        return Ok(false);
-                    };
-                    if !guard.may_finish() {
-                        return Ok(false);
-                    }
-                    // Held as in flight meanwhile, so a poll of it does not emit as well.
-                    self.in_flight
-                        .lock()
-                        .expect("in-flight lock")
-                        .insert(e.id.clone());
-                    let r = self.emit_final(&e, status, reason, seen, now, "feed").await;
-                    self.in_flight.lock().expect("in-flight lock").remove(&e.id);
-                    r.map(|()| true)
-                },
-            ))
-            .buffer_unordered(FEED_EMIT_CONCURRENCY)
-            .collect::<Vec<Result<bool, StateError>>>()
-            .await;
-            for r in emits {
-                if r? {
-                    resolved += 1;
-                    METRICS.feed_matches.with_label_values(&["resolved"]).inc();
-                }
-            }
-        }
-        self.state.advance(&Position::FeedCursor, newest);
-        *cursor = Some(newest);
-        self.feed_ok_ms
-            .store(self.clock.now_ms(), Ordering::Relaxed);
-        self.feed_down.store(false, Ordering::Relaxed);
-        tracing::info!(
-            pages,
-            events,
-            resolved,
-            confirm,
-            cursor = newest,
-            "events feed cycle"
-        );
-        Ok(())
-    }
-
-    /// Emits a final answer (from a poll or from the events feed, `via`) and marks the payment
-    /// emitted once the sink stored it; a failed store keeps it pending for another poll.
-    async fn emit_final(
-        &self,
-        e: &Entry,
-        status: FinalStatus,
-        reason: Option<String>,
-        seen: Seen,
-        now: u64,
-        via: &'static str,
-    ) -> Result<(), StateError> {
-        // A double charge stays flagged whatever one of its intents says later: only a person
-        // (who refunds one and writes the row) settles it.
-        if let Some(f) = e
-            .flag
-            .as_ref()
-            .filter(|f| f.kind == MismatchKind::DoubleCharge.as_str())
-        {
-            if status == FinalStatus::Succeeded {
-                let detail = f.detail.clone();
-                return self.record_mismatch(
-                    e,
-                    MismatchKind::DoubleCharge,
-                    detail,
-                    &seen,
-                    now,
-                    via,
-                );
-            }
-        }
-        let stripe_status = seen.stripe_status.clone();
-        // The CDC stream may have removed it while we asked (someone else finalized the
-        // row): then there is nothing to write back.
-        if self.state.get(&e.id)?.is_none() {
-            tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                        stripe_status, "poll: final answer for a payment no longer tracked; not emitted");
-            return Ok(());
-        }
-        let ev = StatusEvent::new(e, status.as_str(), reason, &seen, now);
-        match self.sink.send_status(&ev).await {
-            Ok(()) => {
-                METRICS
-                    .status_events
-                    .with_label_values(&[status.as_str()])
-                    .inc();
-                tracing::info!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = ev.stripe_payment_intent_id.as_deref(),
-                            status = status.as_str(), stripe_status, reason = ev.reason.as_deref(), event_id = %ev.event_id, via, "status event emitted");
-                self.state.update(&e.id, |x| {
-                    x.failures = 0;
-                    // A resolution from the feed made no call: the poll history stays.
-                    if via == "poll" {
-                        x.record_poll(now, status.as_str(), Some(&stripe_status));
-                    }
-                    x.emitted = Some(Emitted {
-                        status: status.as_str().into(),
-                        event_id: ev.event_id.clone(),
-                        at_ms: now,
-                        reason: ev.reason.clone(),
-                    });
-                })?;
-            }
-            Err(err) => {
-                tracing::warn!(payment_id = %e.id, idempotency_key = %e.idempotency_key, intent_id = e.stripe_payment_intent_id.as_deref(),
-                            error = %err, "status event not produced; will poll again");
-                self.reschedule_after_failure(
-                    e,
-                    now,
-                    "produce_failed",
-                    Some(&stripe_status),
-                    self.cfg.interval,
-                )?;
-            }
-        }
-        Ok(())
-    }
-
-    /// No answer: asked again after a jittered backoff that doubles per failure, up to `cap`.
-    fn reschedule_after_failure(
-        &self,
-        e: &Entry,
-        now: u64,
-        outcome: &str,
-        stripe_status: Option<&str>,
-        cap: Duration,
-    ) -> Result<(), StateError> {
-        self.state.update(&e.id, |x| {
-            x.failures += 1;
-            x.record_poll(now, outcome, stripe_status);
-            x.next_poll_ms =
-                now + backoff(self.cfg.retry_backoff, x.failures, cap).as_millis() as u64;
-        })?;
         Ok(())
     }
 }
