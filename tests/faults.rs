@@ -11,19 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Sets the emulator's faults (429s, 5xx, slow answers) for the requests that follow.
 fn inject(base: &str, faults: serde_json::Value) {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-X",
-            "POST",
-            &format!("{base}/_paystream/faults"),
-            "-d",
-            &faults.to_string(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    emulator_post(base, "/_paystream/faults", &faults);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,14 +102,6 @@ async fn stripe_errors_back_off_and_never_resolve() {
         .expect("still in state until CDC confirms");
     assert_eq!(e.polls, 6, "five unanswered polls, then the answer: {e:?}");
     assert!(e.emitted.is_some());
-}
-
-fn stripe_stats(base: &str, key: &str) -> serde_json::Value {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", &format!("{base}/_paystream/stats?key={key}")])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

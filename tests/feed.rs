@@ -243,14 +243,7 @@ async fn a_failing_feed_falls_back_to_the_poll_interval() {
             &["result=\"server_error\""]
         ) >= 1.0
     );
-    let _ = std::process::Command::new("curl")
-        .args([
-            "-sS",
-            "-X",
-            "DELETE",
-            &format!("{}/_paystream/faults", t.s.stripe),
-        ])
-        .output();
+    clear_faults(&t.s.stripe);
     t.finish(&mut run).await;
 }
 

@@ -62,23 +62,15 @@ fn pending_intent(base: &str, amount: &str) -> String {
 
 /// Every retrieve of an intent made with `key`: (emulator time, intent id).
 fn polls(base: &str, key: &str) -> Vec<(f64, String)> {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", &format!("{base}/_paystream/stats?key={key}")])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["log"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter(|r| r[1] == "GET")
-                .filter_map(|r| {
-                    let id = r[2].as_str()?.strip_prefix("/v1/payment_intents/")?;
-                    Some((r[0].as_f64()?, id.to_string()))
-                })
-                .collect()
+    requests(base, key)
+        .0
+        .into_iter()
+        .filter(|(_, method, _)| method == "GET")
+        .filter_map(|(at, _, path)| {
+            let id = path.strip_prefix("/v1/payment_intents/")?;
+            Some((at, id.to_string()))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// The emulator's clock now: one request under a key of its own, read back from its log.
@@ -88,12 +80,11 @@ fn emulator_now(base: &str, run: &str) -> f64 {
         .args(["-sS", "-H", &format!("Authorization: Bearer {key}")])
         .arg(format!("{base}/v1/payment_intents/pi_mark"))
         .output();
-    let out = std::process::Command::new("curl")
-        .args(["-sS", &format!("{base}/_paystream/stats?key={key}")])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["log"][0][0].as_f64().expect("the mark request is logged")
+    requests(base, &key)
+        .0
+        .first()
+        .expect("the mark request is logged")
+        .0
 }
 
 struct Instance {

@@ -12,7 +12,9 @@
 //! after the one that added it (measured with the embedded engine: a row inserted in the same
 //! transaction as `ALTER PUBLICATION … ADD TABLE` never arrived), so the ALTER commits first.
 
+use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use super::*;
 
