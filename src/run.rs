@@ -259,8 +259,13 @@ async fn supervise<S: Source>(
     // One internal stop signal: set by the caller's shutdown or by any part failing.
     let (stop, shutdown) = watch::channel(false);
     let src = Arc::new(src);
-    let ready_src = src.clone();
-    let _ = source_ready.set(Box::new(move || ready_src.ready()));
+    // Weak: the admin endpoint must not keep the source alive past the end of `supervise`,
+    // where dropping it leaves the consumer group (its partitions move at once).
+    let ready_src = Arc::downgrade(&src);
+    let _ = source_ready.set(Box::new(move || match ready_src.upgrade() {
+        Some(src) => src.ready(),
+        None => Err("source stopped".into()),
+    }));
     // The offset gauges start from what is durable; checkpoints update the partitions they move.
     // Only this source's: a `replay` into this data dir keeps its own position beside them.
     for (at, offset) in state
@@ -363,7 +368,6 @@ async fn supervise<S: Source>(
         let _ = s.shutdown().await;
     }
     // Dropping the consumer leaves the group; done off the runtime since librdkafka may block.
-    drop(source_ready);
     let _ = tokio::task::spawn_blocking(move || drop(src)).await;
     result?;
     poll_result?;
