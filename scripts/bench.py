@@ -44,6 +44,8 @@ SIZES = {
     # through real Debezium: (payments a minute, minutes) at the quoted load; then payments
     # inserted as fast as one connection does, 100 a statement
     "debezium": (((1_000, 1), 1_000), ((600, 0.1), 200)),
+    # payments (about 5 events each: 1M events), rounds of the Flink/paystream pair
+    "flink": ((200_000, 2), (4_000, 1)),
 }
 
 
@@ -197,8 +199,6 @@ def bench_replay(label, quick):
         "decode_only_lines_per_s": round(base["paystream_decode_lines_per_s"]),
         "ratio_to_value_parse": round(r["events_per_s"] / base["value_lines_per_s"], 2),
         "ratio_to_ignored_any_parse": round(r["events_per_s"] / base["ignored_any_lines_per_s"], 2),
-        "vs_flink_rocksdb_54k": round(r["events_per_s"] / 54_000, 1),
-        "vs_flink_heap_100k": round(r["events_per_s"] / 100_000, 1),
     }
 
 
@@ -775,6 +775,61 @@ def bench_debezium(quick):
     return results
 
 
+def run_measured(args):
+    """Runs `args` to its end through /usr/bin/time: (stdout, CPU seconds of the process and all
+    its threads, peak RSS in MiB), as the kernel accounts them."""
+    fmt = "PAYSTREAM_TIME %U %S %M"
+    p = subprocess.run(["/usr/bin/time", "-f", fmt, *args], capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{args[0]} exited {p.returncode}: {p.stderr[-2000:]}")
+    line = [l for l in p.stderr.splitlines() if l.startswith("PAYSTREAM_TIME")][-1].split()
+    return p.stdout, float(line[1]) + float(line[2]), int(line[3]) / 1024
+
+
+def bench_flink(quick):
+    """paystream replay next to the Flink job it replaces (benches/flink/PendingPayments.java,
+    Flink 2.3 with EmbeddedRocksDB, parallelism 1), on the same file, interleaved: CPU seconds,
+    wall seconds, peak RSS, events per CPU-second, and whether their results agree."""
+    payments, rounds = size("flink", quick)
+    # The shape users' Debezium writes with decimal.handling.mode=string: payload-only JSON,
+    # a 2.x source block with `sequence`.
+    path = gen("flink", payments, 0.02, ["--decimal", "string"])
+    env = dict(l.split("=", 1) for l in run([os.path.join(ROOT, "scripts/install-flink")]).stdout.splitlines())
+    java = ["java", *env["FLINK_JAVA_OPTS"].split(), "-Xmx1g", "-cp", env["FLINK_CP"], "PendingPayments"]
+    lines = sum(1 for _ in open(path, "rb"))
+    figures = {"events": lines}
+    runs = {"flink": [], "paystream": []}
+    for i in range(rounds):
+        cp = os.path.join(WORK, "flink-checkpoints")
+        shutil.rmtree(cp, ignore_errors=True)
+        t = time.monotonic()
+        out, cpu, rss = run_measured([*java, path, cp, "rocksdb"])
+        wall = time.monotonic() - t
+        f = json.loads(out.strip().splitlines()[-1])
+        runs["flink"].append((cpu, wall, rss, f))
+        d = os.path.join(WORK, "state-flink")
+        shutil.rmtree(d, ignore_errors=True)
+        t = time.monotonic()
+        out, cpu, rss = run_measured([BIN, "replay", "--no-poll", "--input", path, "--data-dir", d])
+        wall = time.monotonic() - t
+        r = json.loads(out.strip().splitlines()[-1])
+        runs["paystream"].append((cpu, wall, rss, r))
+    for name, rs in runs.items():
+        cpu = min(x[0] for x in rs)
+        figures[f"{name}_cpu_s"] = round(cpu, 2)
+        figures[f"{name}_wall_s"] = round(min(x[1] for x in rs), 2)
+        figures[f"{name}_peak_rss_mb"] = round(max(x[2] for x in rs), 1)
+        figures[f"{name}_events_per_cpu_s"] = round(lines / cpu)
+    f, r = runs["flink"][-1][3], runs["paystream"][-1][3]
+    figures["flink_resolved"], figures["flink_pending"] = f["resolved"], f["pending"]
+    figures["paystream_resolved"], figures["paystream_pending"] = r["resolved"], r["pending"]
+    figures["results_agree"] = (f["resolved"], f["pending"]) == (r["resolved"], r["pending"])
+    figures["cpu_ratio_flink_over_paystream"] = round(figures["flink_cpu_s"] / figures["paystream_cpu_s"], 1)
+    figures["wall_ratio"] = round(figures["flink_wall_s"] / figures["paystream_wall_s"], 1)
+    figures["rss_ratio"] = round(figures["flink_peak_rss_mb"] / figures["paystream_peak_rss_mb"], 1)
+    return figures
+
+
 BENCHES = {
     "replay_1m": lambda q: bench_replay("1m", q),
     "replay_5m": lambda q: bench_replay("5m", q),
@@ -786,6 +841,7 @@ BENCHES = {
     "restore": bench_restore,
     "feed": bench_feed,
     "debezium": bench_debezium,
+    "flink": bench_flink,
 }
 
 
