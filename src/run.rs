@@ -203,6 +203,7 @@ pub async fn run(cfg: RunConfig, external: watch::Receiver<bool>) -> Result<(), 
                 topic: cfg.cdc_topic.clone(),
                 changelog: cfg.changelog,
                 startup_timeout: cfg.kafka.kafka_startup_timeout,
+                renew_every: cfg.checkpoint_interval,
             };
             let src = KafkaSource::new(settings, state, clock)?;
             supervise(src, &cfg, parts, external).await
@@ -222,6 +223,12 @@ pub async fn run(cfg: RunConfig, external: watch::Receiver<bool>) -> Result<(), 
         }
     }
 }
+
+/// How long a checkpoint waits after the first change, so a burst becomes one batch.
+const CHECKPOINT_LINGER: Duration = Duration::from_millis(5);
+/// The least time between the starts of two checkpoints: at most 40 a second (each ends in an
+/// fsync), whatever the load.
+const CHECKPOINT_MIN_GAP: Duration = Duration::from_millis(25);
 
 /// A source's readiness, as the admin endpoint asks it.
 type Readiness = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -314,6 +321,10 @@ async fn supervise<S: Source>(
     let (cp_source, cp_pipeline) = (src.clone(), pipeline.clone());
     let mut cp_shutdown = shutdown.clone();
     let every = cfg.checkpoint_interval;
+    // With scale-out every checkpoint with changes also writes the state changelog (records
+    // and a marker per partition), which a takeover reads back: there, checkpoints keep the
+    // fixed interval, so the changelog does not grow with how often work arrives.
+    let on_work = !cfg.changelog;
     let checkpoints = tokio::spawn(async move {
         // First the recovery check (if still running): it holds the checkpoint lock, and no
         // checkpoint may write to a store before it passed. A failed check stops the daemon
@@ -323,13 +334,29 @@ async fn supervise<S: Source>(
             check.await.expect("recovery check task")?;
             cp_pipeline.health.checked.store(true, Ordering::Relaxed);
         }
+        // A checkpoint starts as soon as there is work (after a short linger that gathers a
+        // burst into one batch, and no sooner than `CHECKPOINT_MIN_GAP` after the last one
+        // started), and at least every `--checkpoint-interval` (readiness needs a recent one).
+        // Under load they run back to back, each taking what arrived during the last: the
+        // batch grows with the load, and a change waits about one checkpoint to be durable,
+        // not a fixed tick. The group's offsets are committed at most once an interval (see
+        // `source::kafka`), so the broker sees no more commits than before.
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let state = cp_pipeline.state.clone();
+        let mut last = tokio::time::Instant::now();
         loop {
             tokio::select! {
+                _ = state.changed(), if on_work => {
+                    tokio::time::sleep_until(
+                        (tokio::time::Instant::now() + CHECKPOINT_LINGER).max(last + CHECKPOINT_MIN_GAP),
+                    )
+                    .await
+                }
                 _ = tick.tick() => {}
                 _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
             }
+            last = tokio::time::Instant::now();
             match cp_source.checkpoint(&cp_pipeline).await {
                 Ok(()) => {}
                 // The changelog's broker (or the lease) failed: nothing was written; the
@@ -353,7 +380,7 @@ async fn supervise<S: Source>(
     }
     let poll_result = poller_task.await.expect("poller task");
     if result.is_ok() && poll_result.is_ok() {
-        match src.checkpoint(&pipeline).await {
+        match src.final_checkpoint(&pipeline).await {
             Ok(()) => tracing::info!("final checkpoint written"),
             // Not lost: the changes since the last checkpoint are read again from the source
             // (for Kafka by the partition's next owner, which may poll again and emit the same

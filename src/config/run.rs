@@ -27,7 +27,9 @@ pub struct RunConfig {
     /// Time between Stripe polls of one pending payment.
     #[arg(long, env = "PAYSTREAM_POLL_INTERVAL", default_value = DEFAULT_POLL_INTERVAL, value_parser = duration)]
     pub poll_interval: Duration,
-    /// Time between durable checkpoints of state and offsets.
+    /// Longest time between durable checkpoints of state and offsets. A checkpoint also starts
+    /// as soon as there are changes (after a 5 ms linger), so under load they run back to back;
+    /// with scale-out, the group lease is renewed once per this interval.
     #[arg(long, env = "PAYSTREAM_CHECKPOINT_INTERVAL", default_value = DEFAULT_CHECKPOINT_INTERVAL, value_parser = duration)]
     pub checkpoint_interval: Duration,
     /// Stripe API base URL (point it at an emulator in tests).

@@ -5,11 +5,11 @@
 //! 1. A message's state change and its partition's next offset enter the state overlay
 //!    together ([`crate::state::Store::apply_event`]); a dead-lettered message's offset only
 //!    advances after the dead-letter topic acked it, so nothing is skipped unseen.
-//! 2. Every `checkpoint_interval` the overlay and offsets are written in one atomic sled batch
-//!    and flushed ([`Pipeline::checkpoint`]).
+//! 2. As soon as there is work (and at least every `--checkpoint-interval`) the overlay and
+//!    offsets are written in one atomic sled batch and flushed ([`Pipeline::checkpoint`]).
 //! 3. Only then are those offsets committed to the consumer group, and only for partitions this
-//!    instance still owns. The group's offsets are for lag tooling; they never run ahead of
-//!    durable state.
+//!    instance still owns, at most once per `--checkpoint-interval` (and at a clean stop). The
+//!    group's offsets are for lag tooling; they never run ahead of durable state.
 //! 4. On assignment each partition starts at the offset stored in sled, not the group's; with
 //!    none stored it starts at the beginning, rebuilding state from the topic. With
 //!    `--changelog` the partition's state (and that offset) is first made current from the
@@ -30,7 +30,7 @@
 //! clean stop.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +61,9 @@ pub struct KafkaSettings {
     /// Scale-out: partitions move between instances with their state (the state changelog).
     pub changelog: bool,
     pub startup_timeout: Duration,
+    /// How often checkpoints renew the group lease (`--checkpoint-interval`): checkpoints run as
+    /// often as there is work, and a synchronous commit each would load the coordinator.
+    pub renew_every: Duration,
 }
 
 /// What the consumer's callbacks (statistics, rebalances) work with.
@@ -364,6 +367,13 @@ type CdcConsumer = StreamConsumer<SourceContext>;
 pub struct KafkaSource {
     consumer: Arc<CdcConsumer>,
     clock: Clock,
+    renew_every_ms: u64,
+    /// When the lease was last renewed (or tried), ms.
+    last_renewal_ms: AtomicU64,
+    /// When offsets were last committed to the group, ms.
+    last_commit_ms: AtomicU64,
+    /// Durable offsets not committed to the group yet (checkpoints between two commits).
+    uncommitted: Mutex<HashMap<i32, i64>>,
 }
 
 impl KafkaSource {
@@ -420,6 +430,10 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             clock,
+            renew_every_ms: s.renew_every.as_millis() as u64,
+            last_renewal_ms: AtomicU64::new(0),
+            last_commit_ms: AtomicU64::new(0),
+            uncommitted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -450,6 +464,63 @@ impl KafkaSource {
             }
             Err(e) => emit(LeaseRenewal { error: Some(&e) }),
         }
+    }
+
+    /// One checkpoint followed by the commit of its offsets for the partitions still owned.
+    ///
+    /// With a group lease (scale-out), the lease is renewed first, once per `renew_every`: a
+    /// synchronous commit of every owned partition's durable offset, which the coordinator
+    /// accepts only from a current member of the current generation. A lapsed lease makes the
+    /// changelog refuse the checkpoint (retried by the next one), so a zombie writes nothing.
+    async fn checkpoint_and_commit(
+        &self,
+        pipeline: &Pipeline,
+        force: bool,
+    ) -> Result<(), StateError> {
+        let ctx = self.context();
+        let now = self.clock.now_ms();
+        // Three quarters of the interval: a checkpoint on the interval's own tick always renews
+        // (clock truncation can make two ticks 999 ms apart), one triggered by work in between
+        // does not. Skipping a tick's renewal would leave the lease to the next, a second later.
+        let every = self.renew_every_ms - self.renew_every_ms / 4;
+        let due = now.saturating_sub(self.last_renewal_ms.load(Ordering::Relaxed)) >= every;
+        if ctx.ownership.is_leased() && ctx.ownership.owns_any() && due {
+            self.last_renewal_ms.store(now, Ordering::Relaxed);
+            self.renew_lease().await;
+        }
+        let log = ctx
+            .changelog
+            .clone()
+            .map(|l| l as Arc<dyn ChangeLog + Send + Sync>);
+        let cp = pipeline.checkpoint(log).await?;
+        // The group's offsets are for lag tooling (the resume point is sled's), so they are
+        // committed at most once per interval however often checkpoints run: the durable
+        // offsets gather here, and the next due commit carries the newest of each partition.
+        let batch: Vec<(Position, i64)> = {
+            let mut pending = self.uncommitted.lock().expect("uncommitted lock");
+            for (at, off) in &cp.positions {
+                if let Some(p) = at.kafka_partition_of(&ctx.cdc_topic) {
+                    pending.insert(p, *off);
+                }
+            }
+            let due =
+                force || now.saturating_sub(self.last_commit_ms.load(Ordering::Relaxed)) >= every;
+            if !due || pending.is_empty() {
+                return Ok(());
+            }
+            self.last_commit_ms.store(now, Ordering::Relaxed);
+            pending
+                .drain()
+                .map(|(p, off)| (Position::kafka(&ctx.cdc_topic, p), off))
+                .collect()
+        };
+        if let Ok(owned) = self.consumer.assignment() {
+            let tpl = owned_offsets(&batch, &owned);
+            // Drop librdkafka's list before any later use of the consumer (see notes on hangs).
+            drop(owned);
+            commit(self.consumer.as_ref(), &tpl, CommitMode::Async);
+        }
+        Ok(())
     }
 }
 
@@ -501,32 +572,14 @@ impl Source for KafkaSource {
         }
     }
 
-    /// One checkpoint followed by the commit of its offsets for the partitions still owned.
-    ///
-    /// With a group lease (scale-out), the lease is renewed first: a synchronous commit of
-    /// every owned partition's durable offset, which the coordinator accepts only from a
-    /// current member of the current generation. A lapsed lease makes the changelog refuse the
-    /// checkpoint (retried on the next tick), so a zombie writes nothing.
     async fn checkpoint(&self, pipeline: &Pipeline) -> Result<(), StateError> {
-        let ctx = self.context();
-        if ctx.ownership.is_leased() && ctx.ownership.owns_any() {
-            self.renew_lease().await;
-        }
-        let log = ctx
-            .changelog
-            .clone()
-            .map(|l| l as Arc<dyn ChangeLog + Send + Sync>);
-        let cp = pipeline.checkpoint(log).await?;
-        if !cp.positions.is_empty() {
-            if let Ok(owned) = self.consumer.assignment() {
-                let tpl = owned_offsets(&cp.positions, &owned);
-                // Drop librdkafka's list before any later use of the consumer (see notes on
-                // hangs).
-                drop(owned);
-                commit(self.consumer.as_ref(), &tpl, CommitMode::Async);
-            }
-        }
-        Ok(())
+        self.checkpoint_and_commit(pipeline, false).await
+    }
+
+    /// A clean stop commits what is durable at once (lag tooling then shows the group where
+    /// state is).
+    async fn final_checkpoint(&self, pipeline: &Pipeline) -> Result<(), StateError> {
+        self.checkpoint_and_commit(pipeline, true).await
     }
 
     fn ready(&self) -> Result<(), String> {

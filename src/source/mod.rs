@@ -59,6 +59,15 @@ pub trait Source: Send + Sync + 'static {
         pipeline: &Pipeline,
     ) -> impl Future<Output = Result<(), StateError>> + Send;
 
+    /// The last checkpoint, at a clean stop: everything read becomes durable and is handed
+    /// on, with nothing deferred to a next checkpoint.
+    fn final_checkpoint(
+        &self,
+        pipeline: &Pipeline,
+    ) -> impl Future<Output = Result<(), StateError>> + Send {
+        self.checkpoint(pipeline)
+    }
+
     /// Whether the source delivers now (readiness): the reason when it does not.
     fn ready(&self) -> Result<(), String>;
 

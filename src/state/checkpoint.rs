@@ -177,7 +177,7 @@ impl Store {
                 continue;
             }
             let new = new
-                .as_ref()
+                .as_deref()
                 .map(|e| (e, serde_json::to_vec(e).expect("entry serializes")));
             kept.push((id.as_str(), partition, new));
         }

@@ -157,6 +157,9 @@ pub struct Store {
     /// One checkpoint at a time (the checkpoint loop and a rebalance's revoke may race): the
     /// tree's entries change only under it, so a checkpoint reads them without the overlay lock.
     checkpointing: Mutex<()>,
+    /// Woken by every change to the overlay: the checkpoint loop starts a checkpoint as soon as
+    /// there is work, instead of waiting out a fixed tick (see [`Store::changed`]).
+    changed: tokio::sync::Notify,
 }
 
 fn p_key(id: &str) -> Vec<u8> {
@@ -301,6 +304,7 @@ impl Store {
             path,
             overlay: Mutex::new(Overlay::default()),
             checkpointing: Mutex::new(()),
+            changed: tokio::sync::Notify::new(),
         };
         // The count the last checkpoint left; the recovery check confirms it.
         let entries = store.meta_u64(META_ENTRIES)?.unwrap_or(0);
@@ -346,6 +350,17 @@ impl Store {
     }
 
     /// How many entries the last checkpoint left (changes since are not counted).
+    /// Returns once the overlay changed since the last call returned (or at once if it has):
+    /// Notify keeps one permit, so a change made while nobody waits is not missed, and a burst
+    /// of changes wakes the waiter once.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn touched(&self) {
+        self.changed.notify_one();
+    }
+
     pub fn entry_count(&self) -> u64 {
         self.overlay.lock().expect("state lock").durable_entries
     }

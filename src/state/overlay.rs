@@ -22,7 +22,10 @@ pub(super) fn forget_id(ids: &mut HashMap<u64, u32>, id: &str) {
     }
 }
 
-pub(super) type Changes = HashMap<String, Option<Entry>>;
+/// The overlay's changes by id (`None`: removed). Entries are boxed: a table slot then costs a
+/// pointer, not a whole entry, so the slack of a growing table (up to half its slots) is cheap
+/// (heaptrack: the unboxed table was the largest single consumer of a replay's peak heap).
+pub(super) type Changes = HashMap<String, Option<Box<Entry>>>;
 
 #[derive(Default)]
 pub(super) struct Overlay {
@@ -44,7 +47,7 @@ pub(super) struct Overlay {
 
 impl Overlay {
     /// The newest change for `id` not yet in the tree: `Some(None)` if removed.
-    pub(super) fn change(&self, id: &str) -> Option<&Option<Entry>> {
+    pub(super) fn change(&self, id: &str) -> Option<&Option<Box<Entry>>> {
         self.entries
             .get(id)
             .or_else(|| self.frozen.as_ref().and_then(|f| f.get(id)))
@@ -92,7 +95,7 @@ impl Store {
 
     pub(super) fn get_in(&self, ov: &Overlay, id: &str) -> Result<Option<Entry>, StateError> {
         match ov.change(id) {
-            Some(e) => Ok(e.clone()),
+            Some(e) => Ok(e.as_deref().cloned()),
             None if ov.maybe_durable(id) => self.read_durable(id),
             None => Ok(None),
         }
@@ -188,6 +191,8 @@ impl Store {
             _ => Applied::Ignored,
         };
         set_position(&mut ov.positions, at, next_offset);
+        drop(ov);
+        self.touched();
         Ok(applied)
     }
 
@@ -196,6 +201,8 @@ impl Store {
     pub fn advance(&self, at: &Position, next_offset: i64) {
         let mut ov = self.overlay.lock().expect("state lock");
         set_position(&mut ov.positions, at, next_offset);
+        drop(ov);
+        self.touched();
     }
 
     pub(super) fn upsert_pending(
@@ -239,7 +246,7 @@ impl Store {
                 flag: None,
                 account: None,
             });
-            ov.entries.insert(p.id.clone(), Some(e));
+            ov.entries.insert(p.id.clone(), Some(Box::new(e)));
             applied
         };
         let Some(Some(e)) = ov.entries.get_mut(&p.id) else {
@@ -296,13 +303,15 @@ impl Store {
         let mut ov = self.overlay.lock().expect("state lock");
         if let Some(Some(e)) = ov.entries.get_mut(id) {
             f(e);
-            return Ok(true);
+        } else {
+            let Some(mut e) = self.get_in(&ov, id)? else {
+                return Ok(false);
+            };
+            f(&mut e);
+            ov.entries.insert(id.to_string(), Some(Box::new(e)));
         }
-        let Some(mut e) = self.get_in(&ov, id)? else {
-            return Ok(false);
-        };
-        f(&mut e);
-        ov.entries.insert(id.to_string(), Some(e));
+        drop(ov);
+        self.touched();
         Ok(true)
     }
 }

@@ -130,9 +130,12 @@ impl Store {
             }
             let mut ov = self.overlay.lock().expect("state lock");
             if let std::collections::hash_map::Entry::Vacant(slot) = ov.entries.entry(id) {
-                slot.insert(Some(e));
+                slot.insert(Some(Box::new(e)));
                 n += 1;
             }
+        }
+        if n > 0 {
+            self.touched();
         }
         Ok(n)
     }

@@ -73,7 +73,7 @@ impl Store {
     /// stalls the pipeline; a checkpoint during the scan moves entries from the copy to the tree
     /// and the scan sees each once, as of the copy or newer.
     pub fn scan(&self, mut f: impl FnMut(Entry) -> bool) -> Result<(), StateError> {
-        let overlay: BTreeMap<String, Option<Entry>> = {
+        let overlay: BTreeMap<String, Option<Box<Entry>>> = {
             let ov = self.overlay.lock().expect("state lock");
             ov.frozen
                 .iter()
@@ -84,7 +84,7 @@ impl Store {
         };
         let mut newer = overlay
             .iter()
-            .filter_map(|(id, e)| e.as_ref().map(|e| (id, e)))
+            .filter_map(|(id, e)| e.as_deref().map(|e| (id, e)))
             .peekable();
         for kv in self.db.scan_prefix(P) {
             let (k, v) = kv.map_err(|e| self.io(e))?;

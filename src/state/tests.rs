@@ -565,3 +565,24 @@ fn adopting_a_partition_logs_all_its_entries_at_the_next_checkpoint() {
     assert!(ids.contains(&"b".to_string()) && ids.contains(&"c".to_string()));
     assert_eq!(s.log_position(1).unwrap(), Some(101));
 }
+
+#[tokio::test]
+async fn a_burst_of_changes_wakes_the_checkpoint_loop_once() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let quiet = Duration::from_millis(50);
+    // Opening changed nothing.
+    assert!(tokio::time::timeout(quiet, s.changed()).await.is_err());
+    apply(&s, &create("a", "pending"), None, 1, 1000, 600);
+    apply(&s, &create("b", "pending"), None, 2, 1000, 600);
+    s.update("a", |e| e.failures = 1).unwrap();
+    // Made while nobody waited: kept, and one wake for the burst.
+    tokio::time::timeout(quiet, s.changed())
+        .await
+        .expect("a change wakes the waiter");
+    assert!(tokio::time::timeout(quiet, s.changed()).await.is_err());
+    // An update of a payment state no longer holds changes nothing, and wakes nobody.
+    assert!(!s.update("gone", |e| e.failures = 1).unwrap());
+    assert!(tokio::time::timeout(quiet, s.changed()).await.is_err());
+}
