@@ -228,7 +228,8 @@ fn an_incomplete_sled_snapshot_left_by_a_crash_does_not_stop_the_store() {
     // As sled's write_snapshot leaves it when killed before its rename: a newer LSN, cut short.
     let partial = dir.path().join("snap.00000000FFFFFFFF.generating");
     std::fs::write(&partial, b"cut short").unwrap();
-    let alone = sled::Config::new().path(dir.path()).open();
+    // sled's pool may still hold the dropped store's lock for a moment; wait as Store::open does.
+    let alone = paystream::state::wait_for_lock(|| sled::Config::new().path(dir.path()).open());
     assert!(
         matches!(alone, Err(sled::Error::Corruption { .. })),
         "sled itself refuses the store: {alone:?}"

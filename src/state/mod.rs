@@ -190,6 +190,34 @@ fn incomplete_snapshots(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// How long an open waits for sled's file lock before it reports the store in use.
+///
+/// sled 0.34 releases its lock when the last handle on its log file closes, and its own thread
+/// pool holds one while it finishes a write or a segment truncation it started before the store
+/// was dropped. A store reopened in the same process right after a drop (a restart inside the
+/// daemon, a test) can meet that lock for a few milliseconds; under load CI saw it. Another
+/// process holding the store never lets go, so the wait is short and then the open fails.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// sled takes an exclusive file lock and reports a second opener only in the text of an
+/// `ErrorKind::Other` (sled 0.34, config.rs).
+pub fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Calls `open` until it does not fail on sled's lock, for at most [`LOCK_WAIT`].
+pub fn wait_for_lock<T>(mut open: impl FnMut() -> sled::Result<T>) -> sled::Result<T> {
+    let started = std::time::Instant::now();
+    loop {
+        match open() {
+            Err(e) if is_lock_error(&e) && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs `f` on the store on tokio's blocking pool: how async code calls anything that scans
 /// or writes the disk (see "Blocking" above).
 pub async fn blocking<T: Send + 'static>(
@@ -231,10 +259,12 @@ impl Store {
         };
         let started = std::time::Instant::now();
         let open = || {
-            sled::Config::new()
-                .path(dir)
-                .cache_capacity(SLED_CACHE_BYTES)
-                .open()
+            wait_for_lock(|| {
+                sled::Config::new()
+                    .path(dir)
+                    .cache_capacity(SLED_CACHE_BYTES)
+                    .open()
+            })
         };
         let opened = match open() {
             // sled 0.34.7 writes a snapshot to `snap.<lsn>.generating`, fsyncs it and renames
@@ -264,9 +294,7 @@ impl Store {
             Ok(db) => db,
             // sled takes an exclusive file lock and reports a second opener only in the text
             // of an `ErrorKind::Other` (sled 0.34, config.rs).
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                return Err(StateError::Locked { path })
-            }
+            Err(e) if is_lock_error(&e) => return Err(StateError::Locked { path }),
             Err(e) => return Err(io(e)),
         };
         let fresh = match db.get(META_FORMAT).map_err(io)? {

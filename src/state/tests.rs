@@ -140,35 +140,16 @@ fn overdue_polls_are_spread_not_fired_at_once() {
     assert_eq!(s.due(1999, 1000, |_| false, |_| true).unwrap().len(), 100);
 }
 
-/// Runs `open` until it stops failing on sled's file lock (at most 5 s). Within one process
-/// sled releases the lock from its flusher thread a moment after the last handle drops, so
-/// an immediate reopen can still see it held; a new process never does (the lock dies with
-/// the old one).
-fn retry_locked<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match open() {
-            Err(e)
-                if (e.to_string().contains("could not acquire lock")
-                    || e.to_string().contains("in use by another process"))
-                    && std::time::Instant::now() < end =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            other => return other,
-        }
-    }
-}
-
 /// Opens the store's sled tree directly, as a crash or a sled bug might have left it.
 fn raw(dir: &Path, f: impl FnOnce(&sled::Db)) {
-    let db = retry_locked(|| sled::Config::new().path(dir).open()).unwrap();
+    let db = super::wait_for_lock(|| sled::Config::new().path(dir).open()).unwrap();
     f(&db);
     db.flush().unwrap();
 }
 
+/// Store::open waits for the lock a just-dropped store's sled threads may still hold.
 fn reopen(dir: &Path) -> Result<Store, StateError> {
-    retry_locked(|| Store::open(dir))
+    Store::open(dir)
 }
 
 fn open_err(dir: &Path) -> String {
