@@ -447,8 +447,8 @@ fn write_stats(out: &mut impl Write, r: &StatsReport) -> std::io::Result<()> {
     match &r.oldest_pending {
         Some(o) => writeln!(
             out,
-            "oldest pending    {} (first seen {}, {} ago)",
-            o.id,
+            "oldest pending    {}first seen in the minute from {} ({} ago; `state list --limit 1` names it)",
+            o.id.as_ref().map(|id| format!("{id}, ")).unwrap_or_default(),
             o.first_seen,
             span((o.age_seconds * 1000.0) as i64)
         )?,

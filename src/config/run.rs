@@ -66,7 +66,7 @@ pub struct RunConfig {
     #[arg(long, env = "PAYSTREAM_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
     /// How often the state gauges (pending by age, polls due, oldest age) are recomputed, in
-    /// whole seconds; each time is one scan of state.
+    /// whole seconds; each time reads the counts kept at write time (no scan of state).
     #[arg(long, env = "PAYSTREAM_STATE_STATS_INTERVAL", default_value = DEFAULT_STATE_STATS_INTERVAL, value_parser = duration)]
     pub state_stats_interval: Duration,
     /// Format of the status events: json, or avro (Confluent wire format; the schema is

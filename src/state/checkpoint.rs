@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::overlay::{forget_id, id_hash, Changes};
+use super::tally::{Delta, Facts};
 use super::{
     c_key, changelog, d_key, p_key, Entry, Head, Position, StateError, Store, META_CHECKPOINT_MS,
     META_ENTRIES,
@@ -157,8 +158,8 @@ impl Store {
         in_tree: &std::collections::HashSet<&str>,
         log: Option<&dyn ChangeLog>,
     ) -> Result<Written<'a>, StateError> {
-        // What the tree holds of each changed id: (partition, due), due `None` once emitted.
-        let mut old: HashMap<&str, (i32, Option<u64>)> = HashMap::new();
+        // What the tree holds of each changed id: its partition and its facts for the tally.
+        let mut old: HashMap<&str, (i32, Facts)> = HashMap::new();
         for id in in_tree {
             if let Some(h) = self.read_head(id)? {
                 old.insert(id, h);
@@ -212,9 +213,11 @@ impl Store {
             }
         }
         let (mut added, mut removed) = (Vec::new(), Vec::new());
+        let mut delta = Delta::default();
         for (id, _, new) in kept {
-            let old = old.get(id).map(|(_, due)| *due);
-            if let Some(Some(due)) = old {
+            let old = old.get(id).map(|(_, facts)| *facts);
+            delta.change(old, new.as_ref().map(|(e, _)| Facts::from(*e)));
+            if let Some(Facts { due: Some(due), .. }) = old {
                 batch.remove(d_key(due, id));
             }
             match new {
@@ -238,8 +241,9 @@ impl Store {
             }
         }
         // The count travels in the same batch, so the recovery check can tell a whole
-        // checkpoint from a torn one.
+        // checkpoint from a torn one; the tally too, so it is always that of the entries.
         batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
+        let tally = self.next_tally(&delta, &mut batch)?;
         batch.insert(
             META_CHECKPOINT_MS,
             &crate::clock::wall_ms().to_be_bytes()[..],
@@ -248,6 +252,7 @@ impl Store {
             batch.insert(at.key(), &off.to_be_bytes()[..]);
         }
         self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+        *self.tally.lock().expect("tally lock") = Some(tally);
         Ok(Written {
             count,
             added,
@@ -256,9 +261,9 @@ impl Store {
         })
     }
 
-    /// Whether the tree holds `id`, and if so its partition and due time (`None` once its
-    /// status was emitted): all a checkpoint needs of the old entry, without parsing all of it.
-    pub(super) fn read_head(&self, id: &str) -> Result<Option<(i32, Option<u64>)>, StateError> {
+    /// Whether the tree holds `id`, and if so its partition and its facts for the tally (its
+    /// due time among them): all a checkpoint needs of the old entry, without parsing all of it.
+    pub(super) fn read_head(&self, id: &str) -> Result<Option<(i32, Facts)>, StateError> {
         let Some(bytes) = self.db.get(p_key(id)).map_err(|e| self.io(e))? else {
             return Ok(None);
         };
@@ -266,6 +271,27 @@ impl Store {
             key: id.to_string(),
             detail: e.to_string(),
         })?;
-        Ok(Some((h.partition, h.due())))
+        Ok(Some((h.partition, Facts::from(&h))))
+    }
+
+    /// The tally after `delta`, its changed keys added to `batch`. Call under the checkpoint
+    /// lock, and store the result once the batch is applied. A tally that disagrees with the
+    /// entries never fails the write (see `tally`).
+    pub(super) fn next_tally(
+        &self,
+        delta: &Delta,
+        batch: &mut sled::Batch,
+    ) -> Result<super::tally::Tally, StateError> {
+        let current = self.tally.lock().expect("tally lock").clone();
+        let Some(current) = current else {
+            return Err(StateError::Unchecked {
+                path: self.path.clone(),
+            });
+        };
+        let (next, problems) = current.apply(delta, batch);
+        for problem in problems {
+            tracing::error!(%problem, "state tally disagrees with the entries (repaired at the next recovery check)");
+        }
+        Ok(next)
     }
 }

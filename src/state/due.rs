@@ -40,9 +40,14 @@ impl Store {
         Ok(out)
     }
 
-    /// How many polls the due index holds at or before `now_ms` (as of the last checkpoint):
-    /// the overdue count when the poller is behind. Reads keys only.
+    /// How many polls fall due at or before `now_ms` (as of the last checkpoint): the overdue
+    /// count when the poller is behind. From the tally, plus a key-only range of the current
+    /// minute's index (see `tally`); a key-only range of all of them before the recovery check.
     pub fn count_due(&self, now_ms: u64) -> Result<u64, StateError> {
+        let _one = self.checkpointing.lock().expect("checkpoint lock");
+        if let Some(t) = self.tally.lock().expect("tally lock").clone() {
+            return self.due_between(&t, 0, now_ms.saturating_add(1));
+        }
         let end = d_key(now_ms.saturating_add(1), "");
         let mut n = 0;
         for kv in self.db.range(D.to_vec()..end) {

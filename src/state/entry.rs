@@ -188,6 +188,12 @@ pub(super) struct Head<'a> {
     pub(super) emitted: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     pub(super) partition: i32,
+    /// For the tally (`tally`): when it was first seen, and whether it is flagged or declined.
+    pub(super) first_seen_ms: u64,
+    #[serde(default)]
+    pub(super) flag: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub(super) declines: Option<serde::de::IgnoredAny>,
 }
 
 impl Head<'_> {

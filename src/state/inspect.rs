@@ -336,7 +336,11 @@ pub struct StatsReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Oldest {
-    pub id: String,
+    /// Which payment, when known: `state stats` counts without a scan, so it gives only the
+    /// minute (`state list --limit 1` names the payment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The start of the minute it was first seen in.
     pub first_seen: String,
     pub age_seconds: f64,
 }
@@ -384,8 +388,8 @@ pub fn stats(
         data_dir_bytes: dir_size(dir),
         pending: s.pending,
         awaiting_cdc: s.awaiting_confirmation,
-        oldest_pending: s.oldest_pending.map(|(id, t)| Oldest {
-            id,
+        oldest_pending: s.oldest_pending.map(|t| Oldest {
+            id: None,
             first_seen: rfc3339_ms(t),
             age_seconds: secs(t),
         }),

@@ -11,7 +11,11 @@
 //!   this store has seen (i64 BE): written with the entries it logged (scale-out only, see
 //!   [`changelog`]). Equal to the changelog's end: the local entries of that partition are
 //!   current. Absent: this store never logged that partition.
-//! - `m\0format` → the layout version.
+//! - `m\0tally`, `h\0f<minute>`, `h\0n<minute>` → counts of the pending entries (how many,
+//!   flagged, declined; by first-seen minute; by due minute), kept at write time in the same
+//!   batch as the entries (see the `tally` module).
+//! - `m\0format` → the layout version (2; a version-1 store gains its tally at its first
+//!   recovery check).
 //! - `m\0entries` → how many `p\0` entries the last checkpoint left (u64 BE), written in the
 //!   same batch as they are.
 //! - `m\0checkpoint_ms` → wall-clock time of the last checkpoint (u64 BE ms), for `state stats`.
@@ -25,7 +29,8 @@
 //! sled 0.34 has open reports of stores that come back corrupt after an abrupt stop (for example
 //! spacejam/sled#1533). [`Store::check`] checks every invariant the layout promises: each entry
 //! parses and sits under its own id, the due index and the entries match one to one, the entry
-//! count is the one the last checkpoint wrote, offsets are well formed. Any breach is a
+//! count is the one the last checkpoint wrote, offsets are well formed (and the tally is that of
+//! the entries: derived data, rewritten from the scan with an error logged if not). Any breach is a
 //! [`StateError::Inconsistent`] naming the problem, instead of running on state that may have
 //! lost a pending payment. [`Store::open`] runs it before returning; the daemon opens with
 //! [`Store::open_unchecked`] and runs it beside its start (seconds at a million entries), and
@@ -56,7 +61,8 @@
 //! - `checkpoint`: the one atomic write of overlay and positions, through the changelog;
 //! - `partitions`: scale-out's partition replace and adopt;
 //! - `recovery`: the recovery check;
-//! - `stats`: counts for `state stats` and the gauges;
+//! - `tally`: the counts kept at write time, with their deltas;
+//! - `stats`: counts for `state stats` and the gauges, read from the tally;
 //! - [`changelog`]: the state changelog's records; [`inspect`]: what `paystream state` prints.
 //!
 //! # Blocking
@@ -78,6 +84,7 @@ mod partitions;
 mod position;
 mod recovery;
 mod stats;
+mod tally;
 #[cfg(test)]
 mod tests;
 
@@ -92,7 +99,11 @@ use std::sync::Mutex;
 use entry::Head;
 use overlay::Overlay;
 
-const FORMAT: &[u8] = b"1";
+/// The layout version. 2 added the tally (`tally`); a version-1 store is upgraded in place by
+/// its first recovery check, which writes the tally and the new version in one batch. A build
+/// that reads only version 1 then refuses the store rather than leave its counts behind.
+const FORMAT: &[u8] = b"2";
+const FORMAT_V1: &[u8] = b"1";
 const P: &[u8] = b"p\0";
 const D: &[u8] = b"d\0";
 const O: &[u8] = b"o\0";
@@ -118,7 +129,7 @@ pub enum StateError {
     Missing { path: String },
     #[error("state store I/O failed at {path}: {source}")]
     Io { path: String, source: sled::Error },
-    #[error("state store at {path} has layout version {found:?}, this build reads {FORMAT:?}")]
+    #[error("state store at {path} has layout version {found:?}, this build reads \"1\" (upgrading it) and \"2\"")]
     Format { path: String, found: String },
     #[error("state entry {key:?} is unreadable: {detail}")]
     Corrupt { key: String, detail: String },
@@ -160,6 +171,9 @@ pub struct Store {
     /// Woken by every change to the overlay: the checkpoint loop starts a checkpoint as soon as
     /// there is work, instead of waiting out a fixed tick (see [`Store::changed`]).
     changed: tokio::sync::Notify,
+    /// The tally of the entries in the tree (`tally`), changed only by writes to the tree under
+    /// the checkpoint lock. `None` until known: a version-1 store gets it from its recovery check.
+    tally: Mutex<Option<tally::Tally>>,
 }
 
 fn p_key(id: &str) -> Vec<u8> {
@@ -205,7 +219,7 @@ pub fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
-/// Calls `open` until it does not fail on sled's lock, for at most [`LOCK_WAIT`].
+/// Calls `open` until it does not fail on sled's lock, for at most `LOCK_WAIT` (2 s).
 pub fn wait_for_lock<T>(mut open: impl FnMut() -> sled::Result<T>) -> sled::Result<T> {
     let started = std::time::Instant::now();
     loop {
@@ -298,7 +312,7 @@ impl Store {
             Err(e) => return Err(io(e)),
         };
         let fresh = match db.get(META_FORMAT).map_err(io)? {
-            Some(v) if v.as_ref() == FORMAT => false,
+            Some(v) if v.as_ref() == FORMAT || v.as_ref() == FORMAT_V1 => false,
             Some(v) => {
                 return Err(StateError::Format {
                     path,
@@ -324,15 +338,21 @@ impl Store {
             let mut b = sled::Batch::default();
             b.insert(META_FORMAT, FORMAT);
             b.insert(META_ENTRIES, &0u64.to_be_bytes()[..]);
+            tally::Tally::default().write_all(&db, &mut b).map_err(io)?;
             db.apply_batch(b).map_err(io)?;
             db.flush().map_err(io)?;
         }
+        let tally = match db.get(META_FORMAT).map_err(io)? {
+            Some(v) if v.as_ref() == FORMAT => tally::Tally::read(&db).map_err(io)?,
+            _ => None,
+        };
         let store = Store {
             db,
             path,
             overlay: Mutex::new(Overlay::default()),
             checkpointing: Mutex::new(()),
             changed: tokio::sync::Notify::new(),
+            tally: Mutex::new(tally),
         };
         // The count the last checkpoint left; the recovery check confirms it.
         let entries = store.meta_u64(META_ENTRIES)?.unwrap_or(0);

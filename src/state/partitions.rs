@@ -2,6 +2,7 @@
 //! restored, and adopting state that was never logged.
 
 use super::overlay::{forget_id, id_hash};
+use super::tally::{Delta, Facts};
 use super::{
     c_key, changelog, d_key, p_key, Entry, Head, Position, StateError, Store, META_ENTRIES, P,
 };
@@ -37,6 +38,7 @@ impl Store {
         let mut count = self.overlay.lock().expect("state lock").durable_entries;
         let (mut dropped, mut added) = (Vec::new(), Vec::new());
         let mut evicted = std::collections::HashSet::new();
+        let mut delta = Delta::default();
         for kv in self.db.scan_prefix(P) {
             let (k, v) = kv.map_err(|e| self.io(e))?;
             let h: Head = serde_json::from_slice(&v).map_err(|e| StateError::Corrupt {
@@ -50,6 +52,7 @@ impl Store {
             if let Some(due) = h.due() {
                 batch.remove(d_key(due, &h.id));
             }
+            delta.change(Some(Facts::from(&h)), None);
             count -= 1;
             evicted.insert(h.id.to_string());
         }
@@ -63,10 +66,11 @@ impl Store {
             } else {
                 // Held under another partition (its key moved): replaced, counted once.
                 match self.read_head(id)? {
-                    Some((_, old_due)) => {
-                        if let Some(due) = old_due {
+                    Some((_, old)) => {
+                        if let Some(due) = old.due {
                             batch.remove(d_key(due, id));
                         }
+                        delta.change(Some(old), None);
                     }
                     None => {
                         count += 1;
@@ -78,10 +82,12 @@ impl Store {
             if let Some(due) = h.due() {
                 batch.insert(d_key(due, id), &[][..]);
             }
+            delta.change(None, Some(Facts::from(&h)));
         }
         // Evicted ids that were restored again stayed in the tree: only the rest are gone.
         dropped.extend(evicted.iter().map(String::as_str));
         batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
+        let tally = self.next_tally(&delta, &mut batch)?;
         match restored.next_offset {
             Some(o) => batch.insert(at.key(), &o.to_be_bytes()[..]),
             None => batch.remove(at.key()),
@@ -91,6 +97,7 @@ impl Store {
             None => batch.remove(c_key(partition)),
         }
         self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+        *self.tally.lock().expect("tally lock") = Some(tally);
         self.db.flush().map_err(|e| self.io(e))?;
         let mut ov = self.overlay.lock().expect("state lock");
         if let Some(ids) = ov.durable_ids.as_mut() {

@@ -4,7 +4,13 @@
 use std::collections::HashMap;
 
 use super::overlay::{id_hash, stable_hash};
-use super::{Entry, Head, StateError, Store, D, META_ENTRIES, O, P, PROBLEMS_SHOWN};
+use super::tally::{Delta, Facts, Tally};
+use super::{
+    Entry, Head, StateError, Store, D, FORMAT, META_ENTRIES, META_FORMAT, O, P, PROBLEMS_SHOWN,
+};
+
+/// What a passing recovery check counted: entries, their id hashes, their tally.
+pub(super) type Counted = (u64, HashMap<u64, u32>, Tally);
 
 impl Store {
     /// The recovery check (see the module doc); on success it also counts the ids the tree
@@ -17,7 +23,29 @@ impl Store {
     pub fn check(&self) -> Result<(), StateError> {
         let _one = self.checkpointing.lock().expect("checkpoint lock");
         let started = std::time::Instant::now();
-        let (n, ids) = self.verify()?;
+        let (n, ids, tally) = self.verify()?;
+        let stored = self.tally.lock().expect("tally lock").clone();
+        let differences = stored.as_ref().map(|s| s.differences(&tally));
+        if differences.as_ref().is_none_or(|d| !d.is_empty()) {
+            // A version-1 store, or a tally that is not the entries' (see `tally`): the tally
+            // from this scan, and the current version, in one batch.
+            let mut b = sled::Batch::default();
+            tally.write_all(&self.db, &mut b).map_err(|e| self.io(e))?;
+            b.insert(META_FORMAT, FORMAT);
+            self.db.apply_batch(b).map_err(|e| self.io(e))?;
+            self.db.flush().map_err(|e| self.io(e))?;
+            match differences {
+                None => tracing::info!(
+                    pending = tally.pending,
+                    "state store upgraded to layout 2: counts kept at write time"
+                ),
+                Some(d) => tracing::error!(
+                    differences = d.join("; "),
+                    "state tally disagreed with the entries; rewritten from the recovery check's scan"
+                ),
+            }
+        }
+        *self.tally.lock().expect("tally lock") = Some(tally);
         let mut ov = self.overlay.lock().expect("state lock");
         ov.durable_entries = n;
         ov.durable_ids = Some(ids);
@@ -30,8 +58,8 @@ impl Store {
         Ok(())
     }
 
-    /// The recovery check (see the module doc). Returns the number of entries and their id
-    /// hashes.
+    /// The recovery check (see the module doc). Returns the number of entries, their id hashes
+    /// and their tally, which [`Store::check`] compares with the stored one.
     ///
     /// One streaming pass, in constant memory beyond the id hashes: the due index and the
     /// pending entries must hold the same (id, due) pairs, compared as a count and a sum of
@@ -39,7 +67,7 @@ impl Store {
     /// checkpoint's. Only when that fails does [`Store::verify_detailed`] run, to name the
     /// problems. Entries are parsed for the fields the layout's invariants name; a value of a
     /// wrong type elsewhere in an entry is found when the entry is read (a `Corrupt` error).
-    pub(super) fn verify(&self) -> Result<(u64, HashMap<u64, u32>), StateError> {
+    pub(super) fn verify(&self) -> Result<Counted, StateError> {
         let pair = |id: &[u8], due: u64| stable_hash((id, due));
         let (mut indexed, mut indexed_sum) = (0u64, 0u64);
         let mut ok = true;
@@ -55,6 +83,7 @@ impl Store {
         }
         let (mut entries, mut pending, mut pending_sum) = (0u64, 0u64, 0u64);
         let mut ids: HashMap<u64, u32> = HashMap::new();
+        let mut scanned = Delta::default();
         for kv in self.db.scan_prefix(P) {
             if !ok {
                 break;
@@ -69,6 +98,9 @@ impl Store {
                         pending_sum = pending_sum.wrapping_add(pair(id, due));
                     }
                     *ids.entry(id_hash(&h.id)).or_default() += 1;
+                    if h.due().is_some() {
+                        scanned.change(None, Some(Facts::from(&h)));
+                    }
                 }
                 _ => ok = false,
             }
@@ -81,14 +113,15 @@ impl Store {
             let (k, v) = kv.map_err(|e| self.io(e))?;
             ok = ok && v.len() == 8 && k.len() >= O.len() + 5;
         }
+        let tally = Tally::counted(&scanned);
         if ok {
-            return Ok((entries, ids));
+            return Ok((entries, ids, tally));
         }
         self.verify_detailed()
     }
 
     /// The recovery check entry by entry, naming each problem (see [`Store::verify`]).
-    pub(super) fn verify_detailed(&self) -> Result<(u64, HashMap<u64, u32>), StateError> {
+    pub(super) fn verify_detailed(&self) -> Result<Counted, StateError> {
         let mut problems = Vec::new();
         let mut indexed: HashMap<String, u64> = HashMap::new();
         for kv in self.db.scan_prefix(D) {
@@ -108,6 +141,7 @@ impl Store {
         }
         let mut entries = 0u64;
         let mut ids: HashMap<u64, u32> = HashMap::new();
+        let mut scanned = Delta::default();
         for kv in self.db.scan_prefix(P) {
             let (k, v) = kv.map_err(|e| self.io(e))?;
             entries += 1;
@@ -122,6 +156,9 @@ impl Store {
             };
             if e.id != id {
                 problems.push(format!("entry under {id} holds payment {}", e.id));
+            }
+            if e.emitted.is_none() {
+                scanned.change(None, Some(Facts::from(&e)));
             }
             match (e.emitted.is_none(), indexed.remove(&id)) {
                 (true, Some(due)) if due == e.next_poll_ms => {}
@@ -161,8 +198,9 @@ impl Store {
                 ));
             }
         }
+        let tally = Tally::counted(&scanned);
         if problems.is_empty() {
-            return Ok((entries, ids));
+            return Ok((entries, ids, tally));
         }
         let count = problems.len();
         problems.truncate(PROBLEMS_SHOWN);

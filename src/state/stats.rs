@@ -1,8 +1,9 @@
-//! Counts over state for `state stats` and the state gauges (a full scan; known gap of issue 23:
-//! counters kept at write time would make them O(1)).
+//! Counts over state for `state stats` and the state gauges, from the tally kept at write time
+//! (`tally`): the same cost at any number of pending payments, as of the last checkpoint.
 
 use std::collections::BTreeMap;
 
+use super::tally::MINUTE_MS;
 use super::{Entry, StateError, Store, P};
 use crate::metrics::METRICS;
 
@@ -25,8 +26,9 @@ pub struct Stats {
     pub due_now: u64,
     /// Pending and due after `now`, within one poll interval.
     pub due_next_interval: u64,
-    /// The pending payment first seen longest ago: (id, first_seen_ms).
-    pub oldest_pending: Option<(String, u64)>,
+    /// When the pending payment first seen longest ago was first seen, to the minute (the
+    /// minute's start). Which payment it is takes a scan: `state list --limit 1`.
+    pub oldest_pending: Option<u64>,
     /// Pending payments per [`AGE_BUCKETS`] entry.
     pub by_age: [u64; AGE_BUCKETS.len()],
     /// Pending payments first seen at least the stale age ago ([`Entry::is_stale`]).
@@ -52,7 +54,7 @@ pub fn set_gauges(s: &Stats, now_ms: u64) {
     let oldest = s
         .oldest_pending
         .as_ref()
-        .map_or(0, |(_, t)| now_ms.saturating_sub(*t));
+        .map_or(0, |t| now_ms.saturating_sub(*t));
     m.oldest_pending_age_seconds.set(oldest as f64 / 1000.0);
 }
 
@@ -129,8 +131,49 @@ impl Store {
     }
 
     /// Counts at `now_ms`, for a poll interval of `interval_ms` and a stale age of
-    /// `stale_after_ms` (one scan).
+    /// `stale_after_ms`, from the tally: no scan (see `tally` for the resolution). Under the
+    /// checkpoint lock, so the tally and the due index are of the same checkpoint.
     pub fn stats(
+        &self,
+        now_ms: u64,
+        interval_ms: u64,
+        stale_after_ms: u64,
+    ) -> Result<Stats, StateError> {
+        let _one = self.checkpointing.lock().expect("checkpoint lock");
+        let Some(t) = self.tally.lock().expect("tally lock").clone() else {
+            return Err(StateError::Unchecked {
+                path: self.path.clone(),
+            });
+        };
+        let entries = self.overlay.lock().expect("state lock").durable_entries;
+        let mut s = Stats {
+            pending: t.pending,
+            awaiting_confirmation: entries.saturating_sub(t.pending),
+            due_now: self.due_between(&t, 0, now_ms.saturating_add(1))?,
+            due_next_interval: self.due_between(
+                &t,
+                now_ms.saturating_add(1),
+                now_ms.saturating_add(interval_ms).saturating_add(1),
+            )?,
+            oldest_pending: t.first_seen.keys().next().map(|m| m * MINUTE_MS),
+            flagged: t.flagged,
+            declined: t.declined,
+            ..Stats::default()
+        };
+        for (&minute, &n) in &t.first_seen {
+            let age = now_ms.saturating_sub(minute * MINUTE_MS);
+            s.by_age[age_bucket(age)] += n;
+            if age >= stale_after_ms {
+                s.stale += n;
+            }
+        }
+        Ok(s)
+    }
+
+    /// [`Store::stats`] by a scan of every entry, at millisecond resolution: what the tally must
+    /// agree with (the tests compare them).
+    #[cfg(test)]
+    pub(super) fn stats_by_scan(
         &self,
         now_ms: u64,
         interval_ms: u64,
@@ -148,23 +191,23 @@ impl Store {
             } else if e.next_poll_ms <= now_ms.saturating_add(interval_ms) {
                 s.due_next_interval += 1;
             }
-            let age = now_ms.saturating_sub(e.first_seen_ms);
-            let bucket = AGE_BUCKETS
-                .iter()
-                .position(|(_, upper)| age < *upper)
-                .unwrap_or(AGE_BUCKETS.len() - 1);
-            s.by_age[bucket] += 1;
+            s.by_age[age_bucket(now_ms.saturating_sub(e.first_seen_ms))] += 1;
             s.stale += u64::from(e.is_stale(now_ms, stale_after_ms));
             s.flagged += u64::from(e.flag.is_some());
             s.declined += u64::from(e.declines.is_some());
-            if s.oldest_pending
-                .as_ref()
-                .is_none_or(|(_, t)| e.first_seen_ms < *t)
-            {
-                s.oldest_pending = Some((e.id, e.first_seen_ms));
+            if s.oldest_pending.is_none_or(|t| e.first_seen_ms < t) {
+                s.oldest_pending = Some(e.first_seen_ms);
             }
             true
         })?;
         Ok(s)
     }
+}
+
+/// The [`AGE_BUCKETS`] entry of an age.
+fn age_bucket(age_ms: u64) -> usize {
+    AGE_BUCKETS
+        .iter()
+        .position(|(_, upper)| age_ms < *upper)
+        .unwrap_or(AGE_BUCKETS.len() - 1)
 }

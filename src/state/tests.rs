@@ -319,7 +319,14 @@ fn stats_count_due_times_and_age_buckets() {
         })
     })
     .unwrap();
+    // The counts are the last checkpoint's (see state::tally).
+    s.checkpoint().unwrap();
     let st = s.stats(30 * h, 600_000, 24 * h).unwrap();
+    assert_eq!(
+        st,
+        s.stats_by_scan(30 * h, 600_000, 24 * h).unwrap(),
+        "the tally is the scan's"
+    );
     assert_eq!((st.pending, st.awaiting_confirmation), (4, 1));
     // p0, p2, p3 are overdue; p4 is due 10 min after it was seen, within the next interval.
     assert_eq!((st.due_now, st.due_next_interval), (3, 1));
@@ -328,7 +335,7 @@ fn stats_count_due_times_and_age_buckets() {
         [1, 0, 0, 1, 2],
         "<10m, 10m-1h, 1h-6h, 6h-24h, >=24h"
     );
-    assert_eq!(st.oldest_pending, Some(("p0".to_string(), 0)));
+    assert_eq!(st.oldest_pending, Some(0), "p0, first seen at 0");
     // Seen 24 h ago or more and still pending: p0 and p2 (p1 is emitted).
     assert_eq!(st.stale, 2);
     assert_eq!((st.flagged, st.declined), (0, 0));
@@ -566,4 +573,182 @@ async fn a_burst_of_changes_wakes_the_checkpoint_loop_once() {
     // An update of a payment state no longer holds changes nothing, and wakes nobody.
     assert!(!s.update("gone", |e| e.failures = 1).unwrap());
     assert!(tokio::time::timeout(quiet, s.changed()).await.is_err());
+}
+
+/// The tally (state::tally) against a scan, through every kind of write: new payments, polls
+/// that move due times, flags, declines, emitted statuses, removals, a partition replaced by a
+/// restore, a reopen. First-seen times are whole minutes (the tally's resolution for ages);
+/// due times are not (due counts are exact).
+#[test]
+fn the_tally_equals_a_scan_after_every_kind_of_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let minute = 60_000;
+    let check = |s: &Store, what: &str| {
+        for now in [
+            0,
+            7 * minute + 123,
+            45 * minute + 59_999,
+            400 * minute,
+            3_000 * minute,
+        ] {
+            for (interval, stale) in [(600_000, 24 * 3_600_000), (37_001, 5 * minute)] {
+                assert_eq!(
+                    s.stats(now, interval, stale).unwrap(),
+                    s.stats_by_scan(now, interval, stale).unwrap(),
+                    "{what}, at {now} ms, interval {interval}, stale {stale}"
+                );
+            }
+            let scanned = s.stats_by_scan(now, 1, u64::MAX).unwrap().due_now;
+            assert_eq!(
+                s.count_due(now).unwrap(),
+                scanned,
+                "{what}: count_due at {now}"
+            );
+        }
+    };
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..60u64 {
+            let at = t((i % 2) as i32);
+            s.apply_event(
+                &create(&format!("p{i:02}"), "pending"),
+                None,
+                (&at, i as i64 + 1),
+                (i * 37 % 200) * minute,
+                600_000 + i * 1_234,
+                "pending",
+            )
+            .unwrap();
+        }
+        s.checkpoint().unwrap();
+        check(&s, "sixty created");
+        for i in (0..60u64).step_by(3) {
+            s.update(&format!("p{i:02}"), |e| {
+                e.next_poll_ms += 17 * minute + 11;
+                if i % 2 == 0 {
+                    e.flag = Some(Flag {
+                        kind: "amount_mismatch".into(),
+                        detail: "x".into(),
+                        since_ms: 1,
+                    });
+                }
+                if i % 9 == 0 {
+                    e.declines = Some(Declines {
+                        count: 1,
+                        last_code: "card_declined".into(),
+                        last_at_ms: 1,
+                        last_attempt: "a".into(),
+                    });
+                }
+            })
+            .unwrap();
+        }
+        s.checkpoint().unwrap();
+        check(&s, "polled, flagged, declined");
+        for i in (1..60u64).step_by(4) {
+            s.update(&format!("p{i:02}"), |e| {
+                e.emitted = Some(Emitted {
+                    status: "succeeded".into(),
+                    event_id: "e".into(),
+                    at_ms: 1,
+                    reason: None,
+                })
+            })
+            .unwrap();
+        }
+        for i in (2..60u64).step_by(5) {
+            apply(
+                &s,
+                &create(&format!("p{i:02}"), "succeeded"),
+                None,
+                100,
+                0,
+                10,
+            );
+        }
+        s.checkpoint().unwrap();
+        check(&s, "emitted and removed");
+        // Partition 1 replaced by a restore holding two of its entries and one new one.
+        let mut restored = changelog::Restored::default();
+        for id in ["p01", "p03"] {
+            if let Some(e) = s.get(id).unwrap() {
+                restored
+                    .entries
+                    .insert(id.into(), serde_json::to_vec(&e).unwrap());
+            }
+        }
+        let mut e = s.get("p00").unwrap().unwrap();
+        e.id = "r99".into();
+        e.partition = 1;
+        restored
+            .entries
+            .insert("r99".into(), serde_json::to_vec(&e).unwrap());
+        s.replace_partition(&t(1), &restored).unwrap();
+        check(&s, "partition 1 replaced");
+    }
+    let s = reopen(dir.path()).unwrap();
+    check(&s, "reopened");
+}
+
+/// A stored tally that is not the entries' (a bug) is rewritten from the recovery check's scan:
+/// the counts are derived, so the store still opens, and they are right again.
+#[test]
+fn recovery_check_rewrites_a_tally_that_is_not_the_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for id in ["a", "b"] {
+            apply(&s, &create(id, "pending"), None, 1, 0, 10);
+        }
+        s.checkpoint().unwrap();
+    }
+    raw(dir.path(), |db| {
+        let mut head = db.get(tally::META_TALLY).unwrap().unwrap().to_vec();
+        head[..8].copy_from_slice(&3u64.to_be_bytes());
+        db.insert(tally::META_TALLY, head).unwrap();
+        db.insert(b"h\0f\0\0\0\0\0\0\0\x09", &5u64.to_be_bytes()[..])
+            .unwrap();
+    });
+    reopens_with_pending(dir.path(), 2);
+    raw(dir.path(), |db| {
+        let stored = tally::Tally::read(db).unwrap().unwrap();
+        assert_eq!(
+            (stored.pending, stored.first_seen.len()),
+            (2, 1),
+            "{stored:?}"
+        );
+    });
+}
+
+/// A store of layout 1 (no tally) is upgraded by its recovery check: the tally from the scan
+/// and version 2 in one batch, and the counts are right at once.
+#[test]
+fn a_layout_1_store_gains_its_tally_at_the_recovery_check() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            apply(&s, &create(id, "pending"), None, i as i64 + 1, 0, 10);
+        }
+        s.checkpoint().unwrap();
+    }
+    raw(dir.path(), |db| {
+        db.insert(META_FORMAT, FORMAT_V1).unwrap();
+        db.remove(tally::META_TALLY).unwrap();
+        for kv in db.scan_prefix(b"h\0") {
+            db.remove(kv.unwrap().0).unwrap();
+        }
+    });
+    reopens_with_pending(dir.path(), 3);
+    raw(dir.path(), |db| {
+        assert_eq!(db.get(META_FORMAT).unwrap().unwrap().as_ref(), FORMAT);
+    });
+}
+
+/// Reopens the store at `dir` and checks its counts: `pending`, and the same as a scan's.
+fn reopens_with_pending(dir: &Path, pending: u64) {
+    let s = reopen(dir).unwrap();
+    let st = s.stats(0, 10, u64::MAX).unwrap();
+    assert_eq!(st.pending, pending);
+    assert_eq!(st, s.stats_by_scan(0, 10, u64::MAX).unwrap());
 }
