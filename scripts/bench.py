@@ -35,6 +35,7 @@ SIZES = {
     # about 5M events, still 20,000 pending: memory must not grow with events seen.
     "5m": ((1_025_000, 0.0195), (8_000, 0.05)),
     "pending": (1_000_000, 5_000),
+    "scaling": ((10_000, 100_000, 1_000_000), (1_000, 5_000)),  # pending payments per row
     "spread": ((10_000, 200), (1_000, 200)),  # pending payments, --stripe-rps
     "kafka": ((10_000, 20), (500, 4)),  # events/s, seconds
     "updater": (200_000, 2_000),
@@ -225,6 +226,31 @@ def bench_state_stats(quick):
     out = run([BIN, "state", "--data-dir", d, "--metrics-addr", f"127.0.0.1:{free_port()}", "stats"])
     elapsed = time.monotonic() - t
     return {"pending": n, "seconds": round(elapsed, 2), "output_lines": len(out.stdout.splitlines())}
+
+
+def bench_scaling(quick):
+    """The costs that must not grow with pending payments, at each size: replay of the
+    payments' events into a fresh store (create + two pending updates each, none due), its peak
+    RSS, and `state stats` offline (open + the recovery check's scan + the counts). The counts
+    themselves are read from the tally; what still grows is the recovery check at open."""
+    rows = {}
+    for n in size("scaling", quick):
+        path = gen("pending", n, 1.0)
+        d = os.path.join(WORK, f"state-scaling-{n}")
+        r = replay(path, d, ["--poll-interval", "100h"])
+        t = time.monotonic()
+        out = run([BIN, "state", "--data-dir", d, "--metrics-addr", f"127.0.0.1:{free_port()}", "stats", "--format", "json"])
+        stats_s = time.monotonic() - t
+        pending = json.loads(out.stdout)["pending"]
+        if pending != n:
+            raise RuntimeError(f"state stats counted {pending} pending of {n}")
+        rows[f"{n}_pending"] = {
+            "replay_events_per_s": round(r["events_per_s"]),
+            "replay_peak_rss_mb": round(r["peak_rss_bytes"] / 2**20, 1),
+            "checkpoints": r["checkpoints"],
+            "state_stats_offline_s": round(stats_s, 2),
+        }
+    return rows
 
 
 def check_seconds(log_path):
@@ -834,6 +860,7 @@ BENCHES = {
     "replay_1m": lambda q: bench_replay("1m", q),
     "replay_5m": lambda q: bench_replay("5m", q),
     "state_stats": bench_state_stats,
+    "scaling": bench_scaling,
     "restart": bench_restart,
     "spread": bench_spread,
     "kafka_path": bench_kafka_path,

@@ -52,7 +52,8 @@ pub struct StateArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum StateCommand {
-    /// Counts, oldest pending payment, polls due, stored offsets, size, last checkpoint.
+    /// Counts (kept at write time), the oldest pending minute, polls due, stored offsets, size,
+    /// last checkpoint.
     Stats {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
