@@ -74,6 +74,12 @@ fn json<T: Serialize>(r: Result<T, StateError>) -> Response<Body> {
             "application/json",
             serde_json::to_vec(&v).expect("serializes"),
         ),
+        // The counts are known once the recovery check beside the start passed: ask again.
+        Err(e @ StateError::Unchecked { .. }) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("{e}\n"),
+        ),
         Err(e) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
