@@ -282,13 +282,14 @@ impl Store {
         delta: &Delta,
         batch: &mut sled::Batch,
     ) -> Result<super::tally::Tally, StateError> {
-        let current = self.tally.lock().expect("tally lock").clone();
-        let Some(current) = current else {
-            return Err(StateError::Unchecked {
-                path: self.path.clone(),
-            });
+        let (next, problems) = match &*self.tally.lock().expect("tally lock") {
+            Some(current) => current.apply(delta, batch),
+            None => {
+                return Err(StateError::Unchecked {
+                    path: self.path.clone(),
+                })
+            }
         };
-        let (next, problems) = current.apply(delta, batch);
         for problem in problems {
             tracing::error!(%problem, "state tally disagrees with the entries (repaired at the next recovery check)");
         }

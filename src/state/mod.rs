@@ -311,12 +311,13 @@ impl Store {
             Err(e) if is_lock_error(&e) => return Err(StateError::Locked { path }),
             Err(e) => return Err(io(e)),
         };
-        let fresh = match db.get(META_FORMAT).map_err(io)? {
+        let format = db.get(META_FORMAT).map_err(io)?;
+        let fresh = match &format {
             Some(v) if v.as_ref() == FORMAT || v.as_ref() == FORMAT_V1 => false,
             Some(v) => {
                 return Err(StateError::Format {
                     path,
-                    found: String::from_utf8_lossy(&v).into(),
+                    found: String::from_utf8_lossy(v).into(),
                 })
             }
             None => true,
@@ -342,9 +343,11 @@ impl Store {
             db.apply_batch(b).map_err(io)?;
             db.flush().map_err(io)?;
         }
-        let tally = match db.get(META_FORMAT).map_err(io)? {
-            Some(v) if v.as_ref() == FORMAT => tally::Tally::read(&db).map_err(io)?,
-            _ => None,
+        // A fresh store was just written at the current version; a version-1 store has no
+        // tally until its recovery check.
+        let tally = match &format {
+            Some(v) if v.as_ref() == FORMAT_V1 => None,
+            _ => tally::Tally::read(&db).map_err(io)?,
         };
         let store = Store {
             db,

@@ -98,9 +98,8 @@ impl Store {
                         pending_sum = pending_sum.wrapping_add(pair(id, due));
                     }
                     *ids.entry(id_hash(&h.id)).or_default() += 1;
-                    if h.due().is_some() {
-                        scanned.change(None, Some(Facts::from(&h)));
-                    }
+                    // Emitted entries count in no figure of the tally (Delta::change skips them).
+                    scanned.change(None, Some(Facts::from(&h)));
                 }
                 _ => ok = false,
             }
@@ -157,9 +156,7 @@ impl Store {
             if e.id != id {
                 problems.push(format!("entry under {id} holds payment {}", e.id));
             }
-            if e.emitted.is_none() {
-                scanned.change(None, Some(Facts::from(&e)));
-            }
+            scanned.change(None, Some(Facts::from(&e)));
             match (e.emitted.is_none(), indexed.remove(&id)) {
                 (true, Some(due)) if due == e.next_poll_ms => {}
                 (true, Some(due)) => problems.push(format!(

@@ -27,6 +27,8 @@ use std::collections::BTreeMap;
 use super::{d_key, Entry, Head, StateError, Store};
 
 pub(super) const META_TALLY: &[u8] = b"m\0tally";
+/// The histograms' keys, both of them.
+const H: &[u8] = b"h\0";
 const H_FIRST: &[u8] = b"h\0f";
 const H_DUE: &[u8] = b"h\0n";
 pub(super) const MINUTE_MS: u64 = 60_000;
@@ -163,7 +165,7 @@ impl Tally {
     /// Every key of this tally, for a store that had none or a wrong one (see [`Store::check`]):
     /// the histogram keys already in `db` are removed first.
     pub(super) fn write_all(&self, db: &sled::Db, batch: &mut sled::Batch) -> sled::Result<()> {
-        for kv in db.scan_prefix(b"h\0") {
+        for kv in db.scan_prefix(H) {
             batch.remove(kv?.0);
         }
         batch.insert(META_TALLY, self.head_bytes());
@@ -196,7 +198,7 @@ impl Tally {
                 let minute = k.get(prefix.len()..).and_then(|b| b.try_into().ok());
                 let count = v.as_ref().try_into().ok();
                 // A malformed key or value reads as a different histogram, which the recovery
-                // check then reports.
+                // check then finds and rewrites.
                 if let (Some(m), Some(c)) = (minute, count) {
                     hist.insert(u64::from_be_bytes(m), u64::from_be_bytes(c));
                 } else {
