@@ -25,11 +25,19 @@ use crate::change::{ChangeEvent, Col, Op};
 use crate::clock::{Backoff, Clock};
 use crate::decode::Decoder;
 use crate::metrics::events::{
-    emit, CdcEventApplied, DeadLetterRetry, DeadLettered, PaymentRef, Undecodable,
+    emit, Backpressured, CdcEventApplied, DeadLetterRetry, DeadLettered, PaymentRef, Undecodable,
 };
 use crate::metrics::METRICS;
 use crate::sink::{DeadLetter, DeadLetterError, DeadLetters};
 use crate::state::{Applied, ChangeLog, Checkpoint, Position, StateError, Store};
+
+/// How many payments may have changes in memory, not yet checkpointed, before a source stops
+/// reading until a checkpoint took them ([`Pipeline::room`]). It bounds the memory a reader
+/// faster than the disk can fill (each change an entry in the overlay and a record in the
+/// next checkpoint's journal, a few hundred bytes each), and so how long one checkpoint takes.
+/// Far above what arrives between two checkpoints at the platform's rates: only a backlog (a
+/// replay, a snapshot topic read from the start, a catch-up after downtime) meets it.
+pub const MAX_UNWRITTEN: usize = 20_000;
 
 /// What readiness needs of every source's checkpoints (each source adds its own facts through
 /// [`crate::source::Source::ready`]).
@@ -57,7 +65,8 @@ pub struct Pipeline {
 pub enum Handled {
     Applied(Applied),
     DeadLettered,
-    /// Shutdown came while the dead letter could not be stored: the position did not move.
+    /// Shutdown came while the message waited (for room in memory, or for its dead letter to
+    /// be stored): the position did not move.
     Interrupted,
 }
 
@@ -73,6 +82,9 @@ impl Pipeline {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Handled, StateError> {
         let next = offset + 1;
+        if !self.room(shutdown).await {
+            return Ok(Handled::Interrupted);
+        }
         match self.decoder.for_state(payload).await {
             Ok(ev) => {
                 // Only a tombstone needs the key: every other event carries the payment id.
@@ -103,6 +115,26 @@ impl Pipeline {
                 Ok(Handled::DeadLettered)
             }
         }
+    }
+
+    /// Waits while [`MAX_UNWRITTEN`] payments have changes not yet checkpointed (the checkpoint
+    /// loop is already woken by them): backpressure onto the source, which then reads no
+    /// further. False if shutdown came first.
+    pub async fn room(&self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let unwritten = self.state.unwritten();
+        if unwritten < MAX_UNWRITTEN {
+            return true;
+        }
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            _ = self.state.room(MAX_UNWRITTEN) => {}
+            _ = shutdown.changed() => return false,
+        }
+        emit(Backpressured {
+            unwritten,
+            waited: started.elapsed(),
+        });
+        true
     }
 
     /// Applies one decoded change event to state with the position it leaves behind
@@ -200,7 +232,7 @@ impl Pipeline {
     ) -> Result<Checkpoint, StateError> {
         let started = tokio::time::Instant::now();
         let cp = crate::state::blocking(&self.state, move |s| {
-            s.checkpoint_logged(log.as_deref().map(|l| l as &dyn ChangeLog), || {})
+            s.checkpoint_logged(log.as_deref().map(|l| l as &dyn ChangeLog), |_| {})
         })
         .await?;
         METRICS

@@ -354,6 +354,9 @@ async fn supervise<S: Source>(
                     .await
                 }
                 _ = tick.tick() => {}
+                // A reader waiting for room (see `pipeline::MAX_UNWRITTEN`): with `--changelog`
+                // too, since the wait would otherwise last the rest of the interval.
+                _ = state.full() => {}
                 _ = cp_shutdown.changed() => return Ok::<(), StateError>(()),
             }
             last = tokio::time::Instant::now();

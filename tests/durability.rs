@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use paystream::change::ChangeEvent;
 use paystream::decode::{decode_value, DecodeOptions};
-use paystream::state::Store;
+use paystream::state::{Stage, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -94,8 +94,10 @@ fn durability_child_writer() {
         .parse()
         .unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
-    // Some runs die inside a checkpoint, after the batch write and before the flush.
+    // Some runs die inside a checkpoint: after its commit is written and before the flush, or
+    // after a slice of its journal reached the tree.
     let abort_at_checkpoint: Option<u32> = rng.gen_bool(0.4).then(|| rng.gen_range(0..40));
+    let mut abort_at_slice: Option<u32> = rng.gen_bool(0.5).then(|| rng.gen_range(0..3));
     let store = Store::open(std::path::Path::new(&dir)).expect("open");
     let at = cdc();
     let mut next = store.stored(&at).unwrap().unwrap_or(0);
@@ -120,12 +122,25 @@ fn durability_child_writer() {
         writeln!(out, "checkpoint {next}").unwrap();
         out.flush().unwrap();
         store
-            .checkpoint_with(|| {
-                if abort_at_checkpoint == Some(n) {
-                    writeln!(out, "abort between write and flush").unwrap();
-                    out.flush().unwrap();
-                    std::process::abort();
+            .checkpoint_with(|stage| {
+                if abort_at_checkpoint != Some(n) {
+                    return;
                 }
+                match (stage, abort_at_slice) {
+                    (Stage::Committed, None) => {
+                        writeln!(out, "abort between write and flush").unwrap();
+                    }
+                    (Stage::Applying, Some(0)) => {
+                        writeln!(out, "abort while applying the journal").unwrap();
+                    }
+                    (Stage::Applying, Some(k)) => {
+                        abort_at_slice = Some(k - 1);
+                        return;
+                    }
+                    _ => return,
+                }
+                out.flush().unwrap();
+                std::process::abort();
             })
             .unwrap();
         writeln!(out, "acked {next}").unwrap();
@@ -140,7 +155,7 @@ fn kill_at_any_instant_loses_nothing_acknowledged() {
     eprintln!("durability: {rounds} rounds, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let (mut acked_total, mut in_checkpoint, mut aborted) = (0i64, 0, 0);
+    let (mut acked_total, mut in_checkpoint, mut aborted, mut in_journal) = (0i64, 0, 0, 0);
     let mut last_acked = 0i64;
     for round in 0..rounds {
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -184,6 +199,7 @@ fn kill_at_any_instant_loses_nothing_acknowledged() {
             .is_some_and(|l| !l.starts_with("acked"));
         in_checkpoint += usize::from(died_in_checkpoint);
         aborted += usize::from(lines.iter().any(|l| l.starts_with("abort")));
+        in_journal += usize::from(lines.iter().any(|l| l.starts_with("abort while applying")));
 
         let at = cdc();
         let store = Store::open(dir.path())
@@ -202,7 +218,7 @@ fn kill_at_any_instant_loses_nothing_acknowledged() {
         acked_total = stored;
     }
     eprintln!(
-        "durability: {rounds} kills ({aborted} aborts between the batch write and the flush, {in_checkpoint} deaths inside a checkpoint in all), {acked_total} events made durable, every reopen passed the recovery check"
+        "durability: {rounds} kills ({aborted} aborts inside a checkpoint, {in_journal} of them while its journal was applied; {in_checkpoint} deaths inside a checkpoint in all), {acked_total} events made durable, every reopen passed the recovery check"
     );
     assert!(acked_total > 0, "the writer made progress");
 }
@@ -223,7 +239,7 @@ fn an_incomplete_sled_snapshot_left_by_a_crash_does_not_stop_the_store() {
                 .apply_event(&ev, key.as_deref(), (&at, off + 1), 1_000, 50, "pending")
                 .unwrap();
         }
-        store.checkpoint_with(|| {}).unwrap();
+        store.checkpoint_with(|_| {}).unwrap();
     }
     // As sled's write_snapshot leaves it when killed before its rename: a newer LSN, cut short.
     let partial = dir.path().join("snap.00000000FFFFFFFF.generating");

@@ -102,6 +102,27 @@ impl InternalEvent for CheckpointDeferred<'_> {
 
 // ---- The pipeline ---------------------------------------------------------------------------
 
+/// A source stopped reading while too many payments had changes not yet checkpointed, until a
+/// checkpoint took them: a backlog read faster than the disk writes. Normal during a replay
+/// or a catch-up; a debug line, since it can happen many times a second.
+pub struct Backpressured {
+    pub unwritten: usize,
+    pub waited: std::time::Duration,
+}
+
+impl InternalEvent for Backpressured {
+    fn emit(self) {
+        METRICS
+            .backpressure_wait_seconds
+            .observe(self.waited.as_secs_f64());
+        tracing::debug!(
+            unwritten = self.unwritten,
+            waited_ms = self.waited.as_millis() as u64,
+            "source waited for a checkpoint"
+        );
+    }
+}
+
 /// A change event was applied to state.
 pub struct CdcEventApplied<'a> {
     pub op: &'a str,

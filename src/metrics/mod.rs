@@ -63,6 +63,9 @@ pub struct Metrics {
     pub replication_lag_bytes: IntGauge,
     /// Embedded mode: pending rows read by initial snapshots.
     pub snapshot_rows: IntCounter,
+    /// Waits of a source that stopped reading until a checkpoint took the changes in memory
+    /// (`pipeline::MAX_UNWRITTEN`): how many, how long.
+    pub backpressure_wait_seconds: Histogram,
     /// How far behind the most overdue due poll is (0 when none is due).
     pub poll_lag_seconds: Gauge,
     /// Events feed: pages listed, by result (ok, or the lookup outcome of a failure).
@@ -184,6 +187,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         replication_reconnects: int_counter(&r, "paystream_replication_reconnects_total", "Embedded mode: replication sessions that ended and were opened again"),
         replication_lag_bytes: int_gauge(&r, "paystream_replication_lag_bytes", "Embedded mode: WAL bytes between the server's last reported position and the position durable in state"),
         snapshot_rows: int_counter(&r, "paystream_snapshot_rows_total", "Embedded mode: pending rows read by initial snapshots"),
+        backpressure_wait_seconds: histogram(&r, "paystream_backpressure_wait_seconds", "Waits of a source for a checkpoint to take the changes in memory, when too many were unwritten", vec![0.001, 0.01, 0.1, 1.0, 10.0]),
         poll_lag_seconds: poll_lag,
         feed_pages: counter(&r, "paystream_feed_pages_total", "Events feed: pages of Stripe events listed, by result", &["result"]),
         feed_events: int_counter(&r, "paystream_feed_events_total", "Events feed: Stripe events read"),

@@ -199,8 +199,11 @@ pub async fn replay(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
+            // Every interval, and at once when the reader waits for room (a backlog read faster
+            // than the disk writes: see `pipeline::MAX_UNWRITTEN`).
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = cp_pipeline.state.full() => {}
                 _ = cp_stop.changed() => return Ok::<u64, StateError>(n),
             }
             cp_source.checkpoint(&cp_pipeline).await?;

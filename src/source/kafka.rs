@@ -129,7 +129,7 @@ impl SourceContext {
     fn checkpoint(&self) -> Result<Checkpoint, StateError> {
         self.state.checkpoint_logged(
             self.changelog.as_deref().map(|c| c as &dyn ChangeLog),
-            || {},
+            |_| {},
         )
     }
 

@@ -539,6 +539,10 @@ impl PgSource {
                 Ok(Some(ReplicationEvent::XLogData {
                     wal_start, data, ..
                 })) => {
+                    // Backpressure: a backlog read faster than checkpoints write waits here.
+                    if !pipeline.room(&mut shutdown).await {
+                        break;
+                    }
                     let position = (&self.at, applied.0 as i64);
                     match decoder.decode(&data) {
                         Ok(events) => {

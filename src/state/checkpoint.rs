@@ -4,12 +4,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use super::journal::{self, Journal, Record, META_JOURNAL};
 use super::overlay::{forget_id, id_hash, Changes};
 use super::tally::{Delta, Facts};
 use super::{
-    c_key, changelog, d_key, p_key, Entry, Head, Position, StateError, Store, META_CHECKPOINT_MS,
-    META_ENTRIES,
+    c_key, changelog, p_key, Entry, Head, Position, StateError, Store, FORMAT, META_CHECKPOINT_MS,
+    META_ENTRIES, META_FORMAT,
 };
+
+/// Where a checkpoint's write is, for a test to stop it there (see [`journal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The commit (journal, positions, counts) is written to sled, not yet flushed.
+    Committed,
+    /// The commit is durable, and one more slice of the journal is in the tree (not flushed).
+    Applying,
+}
 
 /// The result of one checkpoint: the positions now durable, for their sources to hand on
 /// (commit to the group, acknowledge to the slot).
@@ -54,17 +64,17 @@ impl Store {
     /// Writes the overlay and its offsets in one atomic batch, then flushes. Blocking (disk I/O):
     /// call it from a blocking context.
     pub fn checkpoint(&self) -> Result<Checkpoint, StateError> {
-        self.checkpoint_with(|| {})
+        self.checkpoint_with(|_| {})
     }
 
-    /// [`Store::checkpoint`], calling `before_flush` between the batch write and the flush: the
-    /// seam the durability test kills the process at.
+    /// [`Store::checkpoint`], calling `seam` at each [`Stage`] of the write: where the
+    /// durability test kills the process.
     ///
     /// Concurrency: the overlay's changes are frozen under the lock (a swap, no copy) and
     /// written without it, so the pipeline keeps applying events into a fresh overlay while
     /// the batch is built and applied. Readers see frozen changes until the tree has them.
-    pub fn checkpoint_with(&self, before_flush: impl FnOnce()) -> Result<Checkpoint, StateError> {
-        self.checkpoint_logged(None, before_flush)
+    pub fn checkpoint_with(&self, seam: impl FnMut(Stage)) -> Result<Checkpoint, StateError> {
+        self.checkpoint_logged(None, seam)
     }
 
     /// [`Store::checkpoint_with`], writing the changes to `log` (the state changelog, see
@@ -76,7 +86,18 @@ impl Store {
     pub fn checkpoint_logged(
         &self,
         log: Option<&dyn ChangeLog>,
-        before_flush: impl FnOnce(),
+        seam: impl FnMut(Stage),
+    ) -> Result<Checkpoint, StateError> {
+        let written = self.checkpoint_locked(log, seam);
+        // Also after a failed one, whose changes went back: a waiting reader looks again.
+        self.checkpointed.notify_waiters();
+        written
+    }
+
+    fn checkpoint_locked(
+        &self,
+        log: Option<&dyn ChangeLog>,
+        seam: impl FnMut(Stage),
     ) -> Result<Checkpoint, StateError> {
         let _one = self.checkpointing.lock().expect("checkpoint lock");
         let (changes, offsets, count) = {
@@ -99,6 +120,9 @@ impl Store {
                 ov.durable_entries,
             )
         };
+        // The overlay is empty again: a reader waiting for room reads on while this writes
+        // (what it then applies waits for the next checkpoint).
+        self.checkpointed.notify_waiters();
         // Which changed ids the tree may hold: only those need reading below. The id hashes
         // change only in checkpoints, which `_one` keeps to one at a time.
         let in_tree: std::collections::HashSet<&str> = {
@@ -109,8 +133,10 @@ impl Store {
                 .map(String::as_str)
                 .collect()
         };
-        match self.write_changes(&changes, &offsets, count, &in_tree, log) {
+        match self.write_changes(&changes, &offsets, count, &in_tree, log, seam) {
             Ok(written) => {
+                // Durable and in the tree (see `write_changes`): callers commit offsets to
+                // Kafka after this returns.
                 let mut ov = self.overlay.lock().expect("state lock");
                 if let Some(ids) = ov.durable_ids.as_mut() {
                     for id in &written.added {
@@ -122,18 +148,14 @@ impl Store {
                 }
                 ov.durable_entries = written.count;
                 ov.frozen = None;
-                drop(ov);
-                before_flush();
-                // Durable only from here: callers commit offsets to Kafka after this returns.
-                self.db.flush().map_err(|e| self.io(e))?;
                 Ok(Checkpoint {
                     positions: written.positions,
                 })
             }
             Err(e) => {
-                // Nothing was written to the tree: the frozen changes go back under the newer
-                // ones, so a later checkpoint (after the disk or the broker is back) still
-                // writes them.
+                // Nothing was committed (a failure after the commit poisons the store, see
+                // `write_changes`): the frozen changes go back under the newer ones, so a later
+                // checkpoint (after the broker is back) still writes them.
                 let mut ov = self.overlay.lock().expect("state lock");
                 ov.frozen = None;
                 for (id, c) in changes.iter() {
@@ -147,9 +169,14 @@ impl Store {
         }
     }
 
-    /// Applies `changes` and `offsets` to the tree in one batch, after writing them to `log`
-    /// if there is one. Returns the new entry count, the ids added to and removed from the
-    /// tree, and the offsets written.
+    /// Writes `changes` and `offsets` to the tree, after writing them to `log` if there is one:
+    /// one atomic commit of the journal with the offsets and counts, flushed; then the journal
+    /// applied in slices, flushed (see [`journal`]). Returns the new entry count, the ids added
+    /// to and removed from the tree, and the offsets written.
+    ///
+    /// An error after the commit (the disk failed) poisons the store: its in-memory counts may
+    /// no longer be the tree's, so every later checkpoint refuses ([`StateError::Unchecked`])
+    /// until it is opened again, and the open applies the journal.
     pub(super) fn write_changes<'a>(
         &self,
         changes: &'a Changes,
@@ -157,6 +184,7 @@ impl Store {
         mut count: u64,
         in_tree: &std::collections::HashSet<&str>,
         log: Option<&dyn ChangeLog>,
+        mut seam: impl FnMut(Stage),
     ) -> Result<Written<'a>, StateError> {
         // What the tree holds of each changed id: its partition and its facts for the tally.
         let mut old: HashMap<&str, (i32, Facts)> = HashMap::new();
@@ -214,34 +242,38 @@ impl Store {
         }
         let (mut added, mut removed) = (Vec::new(), Vec::new());
         let mut delta = Delta::default();
-        for (id, _, new) in kept {
+        let mut journal = Journal::default();
+        for (id, _, new) in &kept {
             let old = old.get(id).map(|(_, facts)| *facts);
             delta.change(old, new.as_ref().map(|(e, _)| Facts::from(*e)));
-            if let Some(Facts { due: Some(due), .. }) = old {
-                batch.remove(d_key(due, id));
-            }
-            match new {
-                Some((e, json)) => {
-                    batch.insert(p_key(id), json);
-                    if e.emitted.is_none() {
-                        batch.insert(d_key(e.next_poll_ms, id), &[][..]);
-                    }
-                    if old.is_none() {
-                        count += 1;
-                        added.push(id);
-                    }
+            journal.push(Record {
+                id,
+                old_due: old.and_then(|f| f.due),
+                new: new.as_ref().map(|(e, json)| {
+                    // Only entries still to be polled are in the due index.
+                    (
+                        json.as_slice(),
+                        e.emitted.is_none().then_some(e.next_poll_ms),
+                    )
+                }),
+            });
+            match (new, old) {
+                (Some(_), None) => {
+                    count += 1;
+                    added.push(*id);
                 }
-                None => {
-                    batch.remove(p_key(id));
-                    if old.is_some() {
-                        count -= 1;
-                        removed.push(id);
-                    }
+                (None, Some(_)) => {
+                    count -= 1;
+                    removed.push(*id);
                 }
+                _ => {}
             }
         }
-        // The count travels in the same batch, so the recovery check can tell a whole
-        // checkpoint from a torn one; the tally too, so it is always that of the entries.
+        // The commit: the journal, and beside it the count (so the recovery check can tell a
+        // whole checkpoint from a torn one), the tally (so it is always that of the entries)
+        // and the positions, in one batch of a few keys, however many changes it carries.
+        batch.insert(META_JOURNAL, journal.bytes());
+        batch.insert(META_FORMAT, FORMAT);
         batch.insert(META_ENTRIES, &count.to_be_bytes()[..]);
         let tally = self.next_tally(&delta, &mut batch)?;
         batch.insert(
@@ -253,6 +285,27 @@ impl Store {
         }
         self.db.apply_batch(batch).map_err(|e| self.io(e))?;
         *self.tally.lock().expect("tally lock") = Some(tally);
+        let applied = (|| {
+            seam(Stage::Committed);
+            // Durable from here. The application below may be cut short by a crash: the next
+            // open applies the journal again.
+            self.db.flush().map_err(|e| self.io(e))?;
+            journal::apply(
+                &self.db,
+                journal.bytes(),
+                || seam(Stage::Applying),
+                |e| self.io(e),
+            )?;
+            // The next checkpoint's commit replaces this journal: only once the tree holds all
+            // of it durably.
+            self.db.flush().map_err(|e| self.io(e))?;
+            Ok(())
+        })();
+        if let Err(e) = applied {
+            *self.tally.lock().expect("tally lock") = None;
+            self.overlay.lock().expect("state lock").durable_ids = None;
+            return Err(e);
+        }
         Ok(Written {
             count,
             added,

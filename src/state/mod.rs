@@ -14,8 +14,11 @@
 //! - `m\0tally`, `h\0f<minute>`, `h\0n<minute>` → counts of the pending entries (how many,
 //!   flagged, declined; by first-seen minute; by due minute), kept at write time in the same
 //!   batch as the entries (see the `tally` module).
-//! - `m\0format` → the layout version (2; a version-1 store gains its tally at its first
-//!   recovery check).
+//! - `m\0format` → the layout version (3; a version-1 store gains its tally at its first
+//!   recovery check, a version-2 store its journal at its first checkpoint).
+//! - `m\0journal` → the last checkpoint's changes, written in its atomic commit and applied to
+//!   the tree in small slices after it (see the `journal` module): what keeps a checkpoint's
+//!   memory from growing with the number of keys it writes.
 //! - `m\0entries` → how many `p\0` entries the last checkpoint left (u64 BE), written in the
 //!   same batch as they are.
 //! - `m\0checkpoint_ms` → wall-clock time of the last checkpoint (u64 BE ms), for `state stats`.
@@ -40,10 +43,12 @@
 //!
 //! # Why checkpoints are safe
 //! Every change (from the CDC stream or from a poll) goes into an in-memory overlay first.
-//! [`Store::checkpoint`] writes the whole overlay *and* the offsets of the messages that caused it
-//! in one `apply_batch` and then flushes. sled recovers a batch entirely or not at all, so after a
-//! crash the store holds some checkpoint's state together with exactly the offsets that produced
-//! it: replaying from those offsets rebuilds whatever came after. Offsets are committed to the
+//! [`Store::checkpoint`] writes the whole overlay (as one journal value) *and* the offsets of the
+//! messages that caused it in one `apply_batch` and then flushes. sled recovers a batch entirely
+//! or not at all, so after a crash the store holds some checkpoint's state together with exactly
+//! the offsets that produced it: replaying from those offsets rebuilds whatever came after. The
+//! journal then reaches the entries in slices; an open applies it again first, so no reader ever
+//! sees a checkpoint half applied. Offsets are committed to the
 //! Kafka group only after the flush returns, and on start the daemon resumes from sled's offsets,
 //! never the group's, so a commit can never run ahead of durable state.
 //!
@@ -59,6 +64,7 @@
 //! - `position`: each source's position ([`Position`]), stored beside the state it produced;
 //! - `due`: the due index (what to poll now, spreading and pulling in polls);
 //! - `checkpoint`: the one atomic write of overlay and positions, through the changelog;
+//! - `journal`: how that write is committed whole and applied in slices;
 //! - `partitions`: scale-out's partition replace and adopt;
 //! - `recovery`: the recovery check;
 //! - `tally`: the counts kept at write time, with their deltas;
@@ -79,6 +85,7 @@ mod checkpoint;
 mod due;
 mod entry;
 pub mod inspect;
+mod journal;
 mod overlay;
 mod partitions;
 mod position;
@@ -88,7 +95,7 @@ mod tally;
 #[cfg(test)]
 mod tests;
 
-pub use checkpoint::{ChangeLog, Checkpoint, LogBatch};
+pub use checkpoint::{ChangeLog, Checkpoint, LogBatch, Stage};
 pub use entry::{Applied, CdcSeen, Declines, Emitted, Entry, Flag, PollRecord};
 pub use position::Position;
 pub use stats::{init_series, set_gauges, Stats, AGE_BUCKETS};
@@ -102,7 +109,12 @@ use overlay::Overlay;
 /// The layout version. 2 added the tally (`tally`); a version-1 store is upgraded in place by
 /// its first recovery check, which writes the tally and the new version in one batch. A build
 /// that reads only version 1 then refuses the store rather than leave its counts behind.
-const FORMAT: &[u8] = b"2";
+///
+/// 3 added the checkpoint journal (`journal`): a version-2 store has none, so it is read as it
+/// is and marked 3 by its first checkpoint, whose journal a version-2 build would not apply
+/// (it refuses the store instead).
+const FORMAT: &[u8] = b"3";
+const FORMAT_V2: &[u8] = b"2";
 const FORMAT_V1: &[u8] = b"1";
 const P: &[u8] = b"p\0";
 const D: &[u8] = b"d\0";
@@ -171,6 +183,12 @@ pub struct Store {
     /// Woken by every change to the overlay: the checkpoint loop starts a checkpoint as soon as
     /// there is work, instead of waiting out a fixed tick (see [`Store::changed`]).
     changed: tokio::sync::Notify,
+    /// Woken when a checkpoint takes the overlay's changes, and when it ends (written or not):
+    /// a reader waiting for the overlay to shrink ([`Store::room`]) looks again.
+    checkpointed: tokio::sync::Notify,
+    /// Woken when a reader starts waiting for room: a checkpoint loop on a fixed interval
+    /// ([`Store::full`]) checkpoints now rather than at its next tick.
+    full: tokio::sync::Notify,
     /// The tally of the entries in the tree (`tally`), changed only by writes to the tree under
     /// the checkpoint lock. `None` until known: a version-1 store gets it from its recovery check.
     tally: Mutex<Option<tally::Tally>>,
@@ -313,7 +331,7 @@ impl Store {
         };
         let format = db.get(META_FORMAT).map_err(io)?;
         let fresh = match &format {
-            Some(v) if v.as_ref() == FORMAT || v.as_ref() == FORMAT_V1 => false,
+            Some(v) if [FORMAT, FORMAT_V2, FORMAT_V1].contains(&v.as_ref()) => false,
             Some(v) => {
                 return Err(StateError::Format {
                     path,
@@ -343,6 +361,9 @@ impl Store {
             db.apply_batch(b).map_err(io)?;
             db.flush().map_err(io)?;
         }
+        // Before anything reads the tree: the last checkpoint's journal, whose application a
+        // crash may have cut short (see `journal`).
+        let replayed = journal::replay(&db, io)?;
         // A fresh store was just written at the current version; a version-1 store has no
         // tally until its recovery check.
         let tally = match &format {
@@ -355,6 +376,8 @@ impl Store {
             overlay: Mutex::new(Overlay::default()),
             checkpointing: Mutex::new(()),
             changed: tokio::sync::Notify::new(),
+            checkpointed: tokio::sync::Notify::new(),
+            full: tokio::sync::Notify::new(),
             tally: Mutex::new(tally),
         };
         // The count the last checkpoint left; the recovery check confirms it.
@@ -362,6 +385,7 @@ impl Store {
         store.overlay.lock().expect("state lock").durable_entries = entries;
         tracing::debug!(
             entries,
+            journal_records = replayed,
             open_ms = started.elapsed().as_millis() as u64,
             "state store opened"
         );
@@ -410,6 +434,37 @@ impl Store {
 
     fn touched(&self) {
         self.changed.notify_one();
+    }
+
+    /// Returns once a reader waits for room ([`Store::room`]), or at once if one started
+    /// waiting since the last call returned (one permit, like [`Store::changed`]).
+    pub async fn full(&self) {
+        self.full.notified().await;
+    }
+
+    /// How many ids have changes not yet checkpointed (a checkpoint in progress has taken its
+    /// own out).
+    pub fn unwritten(&self) -> usize {
+        self.overlay.lock().expect("state lock").entries.len()
+    }
+
+    /// Returns once fewer than `bound` ids have changes not yet checkpointed: at once if so,
+    /// otherwise once a checkpoint took them (it then writes them while the reader goes on, so
+    /// memory holds at most twice `bound`). The bound on what a reader may put in memory
+    /// ahead of the disk, and so on what one checkpoint writes (see `crate::pipeline`).
+    pub async fn room(&self, bound: usize) {
+        loop {
+            // Registered before the look, so a checkpoint that ends between the two is not
+            // missed.
+            let woken = self.checkpointed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.unwritten() < bound {
+                return;
+            }
+            self.full.notify_one();
+            woken.await;
+        }
     }
 
     pub fn entry_count(&self) -> u64 {

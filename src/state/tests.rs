@@ -443,7 +443,7 @@ fn a_logged_checkpoint_logs_owned_partitions_and_drops_the_rest() {
     apply_on(&s, "a", "pending", 0, 1);
     apply_on(&s, "b", "pending", 1, 1);
     let l = log(&[0], false);
-    let cp = s.checkpoint_logged(Some(&l), || {}).unwrap();
+    let cp = s.checkpoint_logged(Some(&l), |_| {}).unwrap();
     assert_eq!(cp.positions, vec![(t(0), 1)]);
     assert_eq!(*l.records.lock().unwrap(), vec![(0, "a".to_string(), true)]);
     assert_eq!(*l.markers.lock().unwrap(), vec![(0, 1)]);
@@ -455,7 +455,7 @@ fn a_logged_checkpoint_logs_owned_partitions_and_drops_the_rest() {
 
     // A removal is logged on the partition the tree holds the entry under.
     apply_on(&s, "a", "succeeded", 0, 2);
-    s.checkpoint_logged(Some(&l), || {}).unwrap();
+    s.checkpoint_logged(Some(&l), |_| {}).unwrap();
     assert_eq!(l.records.lock().unwrap()[1], (0, "a".to_string(), false));
     drop(s);
     let s = reopen(dir.path()).unwrap();
@@ -469,14 +469,14 @@ fn a_failed_changelog_write_writes_nothing_and_keeps_the_changes() {
     let s = Store::open(dir.path()).unwrap();
     apply_on(&s, "a", "pending", 0, 1);
     let e = s
-        .checkpoint_logged(Some(&log(&[0], true)), || {})
+        .checkpoint_logged(Some(&log(&[0], true)), |_| {})
         .unwrap_err();
     assert!(e.retryable(), "{e}");
     assert_eq!(s.stored(&t(0)).unwrap(), None);
     assert_eq!(s.entry_count(), 0);
     // The next checkpoint, with the broker back, writes them.
     let l = log(&[0], false);
-    s.checkpoint_logged(Some(&l), || {}).unwrap();
+    s.checkpoint_logged(Some(&l), |_| {}).unwrap();
     assert_eq!(l.records.lock().unwrap().len(), 1);
     assert_eq!(s.stored(&t(0)).unwrap(), Some(1));
     assert_eq!(s.entry_count(), 1);
@@ -541,7 +541,7 @@ fn adopting_a_partition_logs_all_its_entries_at_the_next_checkpoint() {
     s.checkpoint().unwrap();
     assert_eq!(s.adopt_partition(1).unwrap(), 2);
     let l = log(&[1], false);
-    s.checkpoint_logged(Some(&l), || {}).unwrap();
+    s.checkpoint_logged(Some(&l), |_| {}).unwrap();
     let ids: Vec<String> = l
         .records
         .lock()
@@ -751,4 +751,92 @@ fn reopens_with_pending(dir: &Path, pending: u64) {
     let st = s.stats(0, 10, u64::MAX).unwrap();
     assert_eq!(st.pending, pending);
     assert_eq!(st, s.stats_by_scan(0, 10, u64::MAX).unwrap());
+}
+
+/// A checkpoint whose commit is durable but whose journal reached the tree only in part (a
+/// crash after its first slice): the reopen applies the journal again, and the store is that
+/// checkpoint's state, due index and counts included.
+#[test]
+fn a_checkpoint_cut_short_while_its_journal_is_applied_is_whole_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let expected: Vec<(String, u64)>;
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..600 {
+            apply(
+                &s,
+                &create(&format!("a{i:03}"), "pending"),
+                None,
+                i + 1,
+                1000,
+                600,
+            );
+        }
+        s.checkpoint().unwrap();
+        // Removals, new payments and moved due times: more than one slice of each.
+        for i in 0..300 {
+            apply(
+                &s,
+                &create(&format!("a{i:03}"), "succeeded"),
+                None,
+                601 + i,
+                1000,
+                600,
+            );
+        }
+        for i in 0..400 {
+            apply(
+                &s,
+                &create(&format!("b{i:03}"), "pending"),
+                None,
+                901 + i,
+                1000,
+                600,
+            );
+        }
+        for i in 300..600 {
+            s.update(&format!("a{i:03}"), |e| e.next_poll_ms = 5_000 + i as u64)
+                .unwrap();
+        }
+        expected = s
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.next_poll_ms))
+            .collect();
+        let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.checkpoint_with(|stage| {
+                if stage == Stage::Applying {
+                    panic!("crash after the first slice");
+                }
+            })
+        }));
+        assert!(cut.is_err());
+    }
+    // As the crash left it: the commit is there, the entries are part old, part new.
+    raw(dir.path(), |db| {
+        let held = db.scan_prefix(P).count();
+        assert_ne!(held, expected.len(), "the cut did not leave a partial tree");
+        assert_eq!(
+            db.get(META_ENTRIES).unwrap().unwrap().as_ref(),
+            (expected.len() as u64).to_be_bytes()
+        );
+    });
+    let s = reopen(dir.path()).unwrap();
+    let held: Vec<(String, u64)> = s
+        .entries()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.next_poll_ms))
+        .collect();
+    assert_eq!(held, expected);
+    assert_eq!(s.stored(&t(0)).unwrap(), Some(1300));
+    let stats = s.stats(u64::MAX / 2, 600, 10).unwrap();
+    assert_eq!((stats.pending, stats.due_now), (700, 700));
+    assert_eq!(
+        s.due(u64::MAX / 2, 10_000, |_| false, |_| true)
+            .unwrap()
+            .len(),
+        700
+    );
 }
