@@ -61,8 +61,8 @@ pub trait ChangeLog: Sync {
 }
 
 impl Store {
-    /// Writes the overlay and its offsets in one atomic batch, then flushes. Blocking (disk I/O):
-    /// call it from a blocking context.
+    /// Writes the overlay and its offsets in one atomic commit, flushed, then applies it to the
+    /// entries in slices (see [`journal`]). Blocking (disk I/O): call it from a blocking context.
     pub fn checkpoint(&self) -> Result<Checkpoint, StateError> {
         self.checkpoint_with(|_| {})
     }

@@ -161,7 +161,7 @@ pub(super) fn apply(
     io: impl Fn(sled::Error) -> StateError,
 ) -> Result<usize, StateError> {
     let mut batch = sled::Batch::default();
-    let (mut n, mut in_batch) = (0, 0);
+    let mut n = 0;
     for r in records(bytes) {
         let r = r.map_err(|detail| StateError::Corrupt {
             key: String::from_utf8_lossy(META_JOURNAL).into(),
@@ -182,14 +182,12 @@ pub(super) fn apply(
             None => batch.remove(p_key(r.id)),
         }
         n += 1;
-        in_batch += 1;
-        if in_batch == SLICE {
+        if n % SLICE == 0 {
             db.apply_batch(std::mem::take(&mut batch)).map_err(&io)?;
-            in_batch = 0;
             after_slice();
         }
     }
-    if in_batch > 0 {
+    if n % SLICE != 0 {
         db.apply_batch(batch).map_err(&io)?;
         after_slice();
     }

@@ -758,52 +758,41 @@ fn reopens_with_pending(dir: &Path, pending: u64) {
 /// checkpoint's state, due index and counts included.
 #[test]
 fn a_checkpoint_cut_short_while_its_journal_is_applied_is_whole_after_reopen() {
+    let ids_and_due = |s: &Store| -> Vec<(String, u64)> {
+        let entries = s.entries().unwrap().into_iter();
+        entries.map(|e| (e.id, e.next_poll_ms)).collect()
+    };
     let dir = tempfile::tempdir().unwrap();
     let expected: Vec<(String, u64)>;
     {
         let s = Store::open(dir.path()).unwrap();
-        for i in 0..600 {
+        // Payment `<prefix><i>` with `status`, read at `offset`.
+        let put = |prefix: &str, i: i64, status: &str, offset: i64| {
             apply(
                 &s,
-                &create(&format!("a{i:03}"), "pending"),
+                &create(&format!("{prefix}{i:03}"), status),
                 None,
-                i + 1,
+                offset,
                 1000,
                 600,
             );
+        };
+        for i in 0..600 {
+            put("a", i, "pending", i + 1);
         }
         s.checkpoint().unwrap();
         // Removals, new payments and moved due times: more than one slice of each.
         for i in 0..300 {
-            apply(
-                &s,
-                &create(&format!("a{i:03}"), "succeeded"),
-                None,
-                601 + i,
-                1000,
-                600,
-            );
+            put("a", i, "succeeded", 601 + i);
         }
         for i in 0..400 {
-            apply(
-                &s,
-                &create(&format!("b{i:03}"), "pending"),
-                None,
-                901 + i,
-                1000,
-                600,
-            );
+            put("b", i, "pending", 901 + i);
         }
         for i in 300..600 {
             s.update(&format!("a{i:03}"), |e| e.next_poll_ms = 5_000 + i as u64)
                 .unwrap();
         }
-        expected = s
-            .entries()
-            .unwrap()
-            .into_iter()
-            .map(|e| (e.id, e.next_poll_ms))
-            .collect();
+        expected = ids_and_due(&s);
         let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             s.checkpoint_with(|stage| {
                 if stage == Stage::Applying {
@@ -823,13 +812,7 @@ fn a_checkpoint_cut_short_while_its_journal_is_applied_is_whole_after_reopen() {
         );
     });
     let s = reopen(dir.path()).unwrap();
-    let held: Vec<(String, u64)> = s
-        .entries()
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.id, e.next_poll_ms))
-        .collect();
-    assert_eq!(held, expected);
+    assert_eq!(ids_and_due(&s), expected);
     assert_eq!(s.stored(&t(0)).unwrap(), Some(1300));
     let stats = s.stats(u64::MAX / 2, 600, 10).unwrap();
     assert_eq!((stats.pending, stats.due_now), (700, 700));
