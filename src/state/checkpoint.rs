@@ -31,6 +31,13 @@ pub struct Checkpoint {
 /// A change a checkpoint writes: id, partition, the new entry with its JSON (`None`: removed).
 pub(super) type Kept<'a> = (&'a str, i32, Option<(&'a Entry, Vec<u8>)>);
 
+/// What the tree holds of an id a checkpoint changes ([`Store::read_head`]).
+pub(super) struct Old {
+    pub(super) partition: i32,
+    pub(super) facts: Facts,
+    pub(super) lookups: [Option<String>; 2],
+}
+
 /// What [`Store::write_changes`] wrote.
 pub(super) struct Written<'a> {
     pub(super) count: u64,
@@ -187,7 +194,7 @@ impl Store {
         mut seam: impl FnMut(Stage),
     ) -> Result<Written<'a>, StateError> {
         // What the tree holds of each changed id: its partition and its facts for the tally.
-        let mut old: HashMap<&str, (i32, Facts)> = HashMap::new();
+        let mut old: HashMap<&str, Old> = HashMap::new();
         for id in in_tree {
             if let Some(h) = self.read_head(id)? {
                 old.insert(id, h);
@@ -199,7 +206,7 @@ impl Store {
         for (id, new) in changes {
             let partition = match (new, old.get(id.as_str())) {
                 (Some(e), _) => e.partition,
-                (None, Some((p, _))) => *p,
+                (None, Some(o)) => o.partition,
                 (None, None) => continue,
             };
             if log.is_some_and(|l| !l.logs(partition)) {
@@ -244,10 +251,17 @@ impl Store {
         let mut delta = Delta::default();
         let mut journal = Journal::default();
         for (id, _, new) in &kept {
-            let old = old.get(id).map(|(_, facts)| *facts);
+            let was = old.get(id);
+            let lookups = {
+                let before = was.map_or([None, None], |o| o.lookups.each_ref().map(Option::as_deref));
+                let after = new.as_ref().map_or([None, None], |(e, _)| e.lookups());
+                (before != after).then_some((before, after))
+            };
+            let old = was.map(|o| o.facts);
             delta.change(old, new.as_ref().map(|(e, _)| Facts::from(*e)));
             journal.push(Record {
                 id,
+                lookups,
                 old_due: old.and_then(|f| f.due),
                 new: new.as_ref().map(|(e, json)| {
                     // Only entries still to be polled are in the due index.
@@ -314,9 +328,10 @@ impl Store {
         })
     }
 
-    /// Whether the tree holds `id`, and if so its partition and its facts for the tally (its
-    /// due time among them): all a checkpoint needs of the old entry, without parsing all of it.
-    pub(super) fn read_head(&self, id: &str) -> Result<Option<(i32, Facts)>, StateError> {
+    /// Whether the tree holds `id`, and if so what a checkpoint needs of the old entry, without
+    /// parsing all of it: its partition, its facts for the tally (its due time among them) and
+    /// the values the lookup index finds it by.
+    pub(super) fn read_head(&self, id: &str) -> Result<Option<Old>, StateError> {
         let Some(bytes) = self.db.get(p_key(id)).map_err(|e| self.io(e))? else {
             return Ok(None);
         };
@@ -324,7 +339,11 @@ impl Store {
             key: id.to_string(),
             detail: e.to_string(),
         })?;
-        Ok(Some((h.partition, Facts::from(&h))))
+        Ok(Some(Old {
+            partition: h.partition,
+            facts: Facts::from(&h),
+            lookups: h.lookups().map(|v| v.map(str::to_string)),
+        }))
     }
 
     /// The tally after `delta`, its changed keys added to `batch`. Call under the checkpoint

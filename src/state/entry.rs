@@ -105,6 +105,14 @@ pub struct Flag {
 }
 
 impl Entry {
+    /// The values the lookup index finds it by (`lookup`).
+    pub(super) fn lookups(&self) -> super::lookup::Values<'_> {
+        super::lookup::values(
+            &self.idempotency_key,
+            self.stripe_payment_intent_id.as_deref(),
+        )
+    }
+
     /// Records one poll: counts it and keeps the newest [`HISTORY_LEN`] in the history.
     pub fn record_poll(&mut self, at_ms: u64, outcome: &str, stripe_status: Option<&str>) {
         self.polls += 1;
@@ -194,9 +202,22 @@ pub(super) struct Head<'a> {
     pub(super) flag: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     pub(super) declines: Option<serde::de::IgnoredAny>,
+    /// For the lookup index (`lookup`).
+    #[serde(borrow)]
+    pub(super) idempotency_key: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub(super) stripe_payment_intent_id: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl Head<'_> {
+    /// The values the lookup index finds it by.
+    pub(super) fn lookups(&self) -> super::lookup::Values<'_> {
+        super::lookup::values(
+            &self.idempotency_key,
+            self.stripe_payment_intent_id.as_deref(),
+        )
+    }
+
     /// Its place in the due index: `None` once its status was emitted.
     pub(super) fn due(&self) -> Option<u64> {
         self.emitted.is_none().then_some(self.next_poll_ms)

@@ -290,19 +290,16 @@ pub fn list(
 }
 
 /// `state get`: the payment with this id, or else those with this idempotency key or
-/// PaymentIntent id (a scan: there is no index by those, and `get` is a rare, human request).
+/// PaymentIntent id (from the lookup index: it reads what it returns, not every entry).
 pub fn find(store: &Store, q: &str, pending_status: &str) -> Result<Vec<PaymentView>, StateError> {
     if let Some(e) = store.get(q)? {
         return Ok(vec![PaymentView::new(&e, pending_status)]);
     }
-    let mut out = Vec::new();
-    store.scan(|e| {
-        if e.idempotency_key == q || e.stripe_payment_intent_id.as_deref() == Some(q) {
-            out.push(PaymentView::new(&e, pending_status));
-        }
-        true
-    })?;
-    Ok(out)
+    Ok(store
+        .find_by_value(q)?
+        .iter()
+        .map(|e| PaymentView::new(e, pending_status))
+        .collect())
 }
 
 /// `state stats`.

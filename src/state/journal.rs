@@ -27,6 +27,7 @@
 //! its own batch, under the checkpoint lock, so a reopen never applies an older checkpoint over
 //! it.
 
+use super::lookup::{x_key, Values};
 use super::{d_key, p_key, StateError};
 
 /// The key of the last checkpoint's journal.
@@ -39,28 +40,35 @@ const SLICE: usize = 256;
 
 /// One change to the tree: the id, the due-index time it had before the checkpoint (`None`:
 /// not in the tree, or not indexed), and its new JSON with its new due time (`None` for the
-/// JSON: removed; `None` for the time: not indexed, its status was emitted).
+/// JSON: removed; `None` for the time: not indexed, its status was emitted). `lookups`: the
+/// values the lookup index found it by before and finds it by after (`lookup`), only when they
+/// changed (most changes are polls, which change neither its key nor its intent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Record<'a> {
     pub(super) id: &'a str,
     pub(super) old_due: Option<u64>,
     pub(super) new: Option<(&'a [u8], Option<u64>)>,
+    pub(super) lookups: Option<(Values<'a>, Values<'a>)>,
 }
 
 /// A journal being written: the records, encoded as they come.
 ///
-/// Encoding (all integers big-endian): a version byte (1), then per record: the id's length
+/// Encoding (all integers big-endian): a version byte (2), then per record: the id's length
 /// (u32) and bytes; a flags byte (1: old due present, 2: new entry present, 4: new due
-/// present); the old due (u64) if present; the JSON's length (u32) and bytes, and the new due
-/// (u64), if present.
+/// present, 8: lookups present); the old due (u64) if present; the JSON's length (u32) and
+/// bytes, and the new due (u64), if present; the old and then the new lookup values, each as a
+/// count (u8) and per value its length (u32) and bytes, if present. Version 1 (written before
+/// the lookup index) is the same without flag 8, and is read as such.
 pub(super) struct Journal {
     buf: Vec<u8>,
 }
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+const VERSION_1: u8 = 1;
 const OLD_DUE: u8 = 1;
 const NEW: u8 = 2;
 const NEW_DUE: u8 = 4;
+const LOOKUPS: u8 = 8;
 
 impl Default for Journal {
     fn default() -> Self {
@@ -83,6 +91,9 @@ impl Journal {
                 flags |= NEW_DUE;
             }
         }
+        if r.lookups.is_some() {
+            flags |= LOOKUPS;
+        }
         b.push(flags);
         if let Some(due) = r.old_due {
             b.extend_from_slice(&due.to_be_bytes());
@@ -92,6 +103,15 @@ impl Journal {
             b.extend_from_slice(json);
             if let Some(due) = due {
                 b.extend_from_slice(&due.to_be_bytes());
+            }
+        }
+        if let Some((old, new)) = r.lookups {
+            for values in [old, new] {
+                b.push(values.iter().flatten().count() as u8);
+                for v in values.iter().flatten() {
+                    b.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                    b.extend_from_slice(v.as_bytes());
+                }
             }
         }
     }
@@ -110,7 +130,7 @@ pub(super) fn records(bytes: &[u8]) -> impl Iterator<Item = Result<Record<'_>, S
         if failed || at >= bytes.len() {
             return None;
         }
-        if version != Some(VERSION) {
+        if version != Some(VERSION) && version != Some(VERSION_1) {
             failed = true;
             return Some(Err(format!("unknown journal version {version:?}")));
         }
@@ -136,8 +156,22 @@ fn read<'a>(b: &'a [u8], at: &mut usize) -> Result<Record<'a>, String> {
             take(b, at, 8)?.try_into().expect("8 bytes"),
         ))
     }
-    let n = u32_at(b, at)?;
-    let id = std::str::from_utf8(take(b, at, n)?).map_err(|e| format!("journal id: {e}"))?;
+    fn str_at<'a>(b: &'a [u8], at: &mut usize, what: &str) -> Result<&'a str, String> {
+        let n = u32_at(b, at)?;
+        std::str::from_utf8(take(b, at, n)?).map_err(|e| format!("journal {what}: {e}"))
+    }
+    fn values_at<'a>(b: &'a [u8], at: &mut usize) -> Result<Values<'a>, String> {
+        let n = take(b, at, 1)?[0];
+        if n > 2 {
+            return Err(format!("journal lookup count {n} at byte {at}"));
+        }
+        let mut vs = [None, None];
+        for v in vs.iter_mut().take(n as usize) {
+            *v = Some(str_at(b, at, "lookup value")?);
+        }
+        Ok(vs)
+    }
+    let id = str_at(b, at, "id")?;
     let flags = take(b, at, 1)?[0];
     let old_due = (flags & OLD_DUE != 0).then(|| u64_at(b, at)).transpose()?;
     let new = if flags & NEW != 0 {
@@ -148,7 +182,17 @@ fn read<'a>(b: &'a [u8], at: &mut usize) -> Result<Record<'a>, String> {
     } else {
         None
     };
-    Ok(Record { id, old_due, new })
+    let lookups = if flags & LOOKUPS != 0 {
+        Some((values_at(b, at)?, values_at(b, at)?))
+    } else {
+        None
+    };
+    Ok(Record {
+        id,
+        old_due,
+        new,
+        lookups,
+    })
 }
 
 /// Applies an encoded journal to the tree in slices of [`SLICE`] ids, calling `after_slice`
@@ -169,8 +213,17 @@ pub(super) fn apply(
         })?;
         // Removal first: when the due time did not change (or the journal is applied a second
         // time) the insert below replaces it in the batch, which keeps the last write of a key.
+        // The same for the lookup rows.
         if let Some(due) = r.old_due {
             batch.remove(d_key(due, r.id));
+        }
+        if let Some((old, new)) = r.lookups {
+            for v in old.iter().flatten() {
+                batch.remove(x_key(v, r.id));
+            }
+            for v in new.iter().flatten() {
+                batch.insert(x_key(v, r.id), &[][..]);
+            }
         }
         match r.new {
             Some((json, due)) => {
@@ -220,16 +273,19 @@ mod tests {
                 id: "a",
                 old_due: None,
                 new: Some((b"{\"x\":1}", Some(7))),
+                lookups: Some(([None, None], [Some("k"), Some("pi_1")])),
             },
             Record {
                 id: "bé",
                 old_due: Some(u64::MAX),
                 new: None,
+                lookups: Some(([Some("ключ"), None], [None, None])),
             },
             Record {
                 id: "",
                 old_due: Some(3),
                 new: Some((b"", None)),
+                lookups: None,
             },
         ];
         let mut j = Journal::default();
@@ -248,6 +304,7 @@ mod tests {
             id: "abc",
             old_due: Some(1),
             new: Some((b"{}", Some(2))),
+            lookups: Some(([Some("k"), None], [Some("k2"), Some("pi")])),
         });
         let bytes = j.bytes();
         for cut in 2..bytes.len() {
@@ -257,5 +314,23 @@ mod tests {
         let mut other = bytes.to_vec();
         other[0] = 9;
         assert!(records(&other).next().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_journal_written_before_the_lookup_index_still_reads() {
+        // Version 1, as the build before the lookup index wrote it: one record, id "a", flags
+        // 2|4 (new entry, new due), JSON "{}", due 9.
+        let mut v1 = vec![1, 0, 0, 0, 1, b'a', 6, 0, 0, 0, 2, b'{', b'}'];
+        v1.extend_from_slice(&9u64.to_be_bytes());
+        let read: Vec<_> = records(&v1).collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            read,
+            [Record {
+                id: "a",
+                old_due: None,
+                new: Some((b"{}", Some(9))),
+                lookups: None,
+            }]
+        );
     }
 }

@@ -14,8 +14,11 @@
 //! - `m\0tally`, `h\0f<minute>`, `h\0n<minute>` → counts of the pending entries (how many,
 //!   flagged, declined; by first-seen minute; by due minute), kept at write time in the same
 //!   batch as the entries (see the `tally` module).
-//! - `m\0format` → the layout version (3; a version-1 store gains its tally at its first
-//!   recovery check, a version-2 store its journal at its first checkpoint).
+//! - `x\0<value>\0<id>` → empty: the lookup index, the ids an idempotency key or an intent id
+//!   names, for `state get` (see the `lookup` module).
+//! - `m\0format` → the layout version (4; a version-1 store gains its tally at its first
+//!   recovery check, a version-2 store its journal at its first checkpoint, a version-3 store
+//!   its lookup index at its first recovery check).
 //! - `m\0journal` → the last checkpoint's changes, written in its atomic commit and applied to
 //!   the tree in small slices after it (see the `journal` module): what keeps a checkpoint's
 //!   memory from growing with the number of keys it writes.
@@ -31,7 +34,8 @@
 //! # Recovery check
 //! sled 0.34 has open reports of stores that come back corrupt after an abrupt stop (for example
 //! spacejam/sled#1533). [`Store::check`] checks every invariant the layout promises: each entry
-//! parses and sits under its own id, the due index and the entries match one to one, the entry
+//! parses and sits under its own id, the due index and the entries match one to one (and so do
+//! the lookup index and the entries' keys and intents), the entry
 //! count is the one the last checkpoint wrote, offsets are well formed (and the tally is that of
 //! the entries: derived data, rewritten from the scan with an error logged if not). Any breach is a
 //! [`StateError::Inconsistent`] naming the problem, instead of running on state that may have
@@ -65,6 +69,7 @@
 //! - `due`: the due index (what to poll now, spreading and pulling in polls);
 //! - `checkpoint`: the one atomic write of overlay and positions, through the changelog;
 //! - `journal`: how that write is committed whole and applied in slices;
+//! - `lookup`: the index of ids by idempotency key and intent id;
 //! - `partitions`: scale-out's partition replace and adopt;
 //! - `recovery`: the recovery check;
 //! - `tally`: the counts kept at write time, with their deltas;
@@ -86,6 +91,7 @@ mod due;
 mod entry;
 pub mod inspect;
 mod journal;
+mod lookup;
 mod overlay;
 mod partitions;
 mod position;
@@ -113,7 +119,12 @@ use overlay::Overlay;
 /// 3 added the checkpoint journal (`journal`): a version-2 store has none, so it is read as it
 /// is and marked 3 by its first checkpoint, whose journal a version-2 build would not apply
 /// (it refuses the store instead).
-const FORMAT: &[u8] = b"3";
+///
+/// 4 added the lookup index (`lookup`): a store of version 3 or older has none, and its first
+/// recovery check builds it and writes the new version (a crash midway: the next check builds
+/// it again). A version-3 build refuses a version-4 store, whose index it would not keep.
+const FORMAT: &[u8] = b"4";
+const FORMAT_V3: &[u8] = b"3";
 const FORMAT_V2: &[u8] = b"2";
 const FORMAT_V1: &[u8] = b"1";
 const P: &[u8] = b"p\0";
@@ -141,7 +152,7 @@ pub enum StateError {
     Missing { path: String },
     #[error("state store I/O failed at {path}: {source}")]
     Io { path: String, source: sled::Error },
-    #[error("state store at {path} has layout version {found:?}, this build reads \"1\" (upgrading it) and \"2\"")]
+    #[error("state store at {path} has layout version {found:?}, this build reads \"1\" to \"4\" (upgrading older ones to \"4\")")]
     Format { path: String, found: String },
     #[error("state entry {key:?} is unreadable: {detail}")]
     Corrupt { key: String, detail: String },
@@ -192,6 +203,9 @@ pub struct Store {
     /// The tally of the entries in the tree (`tally`), changed only by writes to the tree under
     /// the checkpoint lock. `None` until known: a version-1 store gets it from its recovery check.
     tally: Mutex<Option<tally::Tally>>,
+    /// Whether the tree lacks the lookup index (a store of layout 3 or older, until its
+    /// recovery check builds it).
+    lookups_missing: std::sync::atomic::AtomicBool,
 }
 
 fn p_key(id: &str) -> Vec<u8> {
@@ -331,7 +345,7 @@ impl Store {
         };
         let format = db.get(META_FORMAT).map_err(io)?;
         let fresh = match &format {
-            Some(v) if [FORMAT, FORMAT_V2, FORMAT_V1].contains(&v.as_ref()) => false,
+            Some(v) if [FORMAT, FORMAT_V3, FORMAT_V2, FORMAT_V1].contains(&v.as_ref()) => false,
             Some(v) => {
                 return Err(StateError::Format {
                     path,
@@ -379,6 +393,7 @@ impl Store {
             checkpointed: tokio::sync::Notify::new(),
             full: tokio::sync::Notify::new(),
             tally: Mutex::new(tally),
+            lookups_missing: (!fresh && format.as_deref() != Some(FORMAT)).into(),
         };
         // The count the last checkpoint left; the recovery check confirms it.
         let entries = store.meta_u64(META_ENTRIES)?.unwrap_or(0);

@@ -1,6 +1,7 @@
 //! Scale-out's partition moves: replacing a CDC partition's state with what its changelog
 //! restored, and adopting state that was never logged.
 
+use super::lookup::x_key;
 use super::overlay::{forget_id, id_hash};
 use super::tally::{Delta, Facts};
 use super::{
@@ -52,6 +53,9 @@ impl Store {
             if let Some(due) = h.due() {
                 batch.remove(d_key(due, &h.id));
             }
+            for v in h.lookups().into_iter().flatten() {
+                batch.remove(x_key(v, &h.id));
+            }
             delta.change(Some(Facts::from(&h)), None);
             count -= 1;
             evicted.insert(h.id.to_string());
@@ -66,11 +70,14 @@ impl Store {
             } else {
                 // Held under another partition (its key moved): replaced, counted once.
                 match self.read_head(id)? {
-                    Some((_, old)) => {
-                        if let Some(due) = old.due {
+                    Some(old) => {
+                        if let Some(due) = old.facts.due {
                             batch.remove(d_key(due, id));
                         }
-                        delta.change(Some(old), None);
+                        for v in old.lookups.iter().flatten() {
+                            batch.remove(x_key(v, id));
+                        }
+                        delta.change(Some(old.facts), None);
                     }
                     None => {
                         count += 1;
@@ -78,9 +85,13 @@ impl Store {
                     }
                 }
             }
+            // Inserts after the removals above, so a row both removed and written stays.
             batch.insert(p_key(id), json.as_slice());
             if let Some(due) = h.due() {
                 batch.insert(d_key(due, id), &[][..]);
+            }
+            for v in h.lookups().into_iter().flatten() {
+                batch.insert(x_key(v, id), &[][..]);
             }
             delta.change(None, Some(Facts::from(&h)));
         }

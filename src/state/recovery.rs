@@ -1,8 +1,10 @@
 //! The recovery check: every invariant the layout promises, checked before a checkpoint may
 //! write (see the module doc of [`crate::state`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
 
+use super::lookup::{self, X};
 use super::overlay::{id_hash, stable_hash};
 use super::tally::{Delta, Facts, Tally};
 use super::{
@@ -24,6 +26,14 @@ impl Store {
         let _one = self.checkpointing.lock().expect("checkpoint lock");
         let started = std::time::Instant::now();
         let (n, ids, tally) = self.verify()?;
+        if self.lookups_missing.load(Relaxed) {
+            // Layout 3 or older: the index is built, then the version says it is there.
+            let rows = self.build_lookups()?;
+            self.db.insert(META_FORMAT, FORMAT).map_err(|e| self.io(e))?;
+            self.db.flush().map_err(|e| self.io(e))?;
+            self.lookups_missing.store(false, Relaxed);
+            tracing::info!(rows, "state store upgraded to layout 4: a lookup index by idempotency key and intent id");
+        }
         let stored = self.tally.lock().expect("tally lock").clone();
         let differences = stored.as_ref().map(|s| s.differences(&tally));
         if differences.as_ref().is_none_or(|d| !d.is_empty()) {
@@ -81,6 +91,18 @@ impl Store {
             indexed += 1;
             indexed_sum = indexed_sum.wrapping_add(pair(&k[D.len() + 8..], due));
         }
+        // The lookup index against the entries' values, the same way (unless there is none yet).
+        let (mut rows, mut rows_sum) = (0u64, 0u64);
+        for kv in self.db.scan_prefix(X) {
+            let (k, _) = kv.map_err(|e| self.io(e))?;
+            let Some((value, id)) = lookup::split(&k) else {
+                ok = false;
+                break;
+            };
+            rows += 1;
+            rows_sum = rows_sum.wrapping_add(lookup::row_hash(value, id));
+        }
+        let (mut values, mut values_sum) = (0u64, 0u64);
         let (mut entries, mut pending, mut pending_sum) = (0u64, 0u64, 0u64);
         let mut ids: HashMap<u64, u32> = HashMap::new();
         let mut scanned = Delta::default();
@@ -97,6 +119,10 @@ impl Store {
                         pending += 1;
                         pending_sum = pending_sum.wrapping_add(pair(id, due));
                     }
+                    for v in h.lookups().into_iter().flatten() {
+                        values += 1;
+                        values_sum = values_sum.wrapping_add(lookup::row_hash(v.as_bytes(), id));
+                    }
                     *ids.entry(id_hash(&h.id)).or_default() += 1;
                     // Emitted entries count in no figure of the tally (Delta::change skips them).
                     scanned.change(None, Some(Facts::from(&h)));
@@ -107,6 +133,7 @@ impl Store {
         ok = ok
             && indexed == pending
             && indexed_sum == pending_sum
+            && (self.lookups_missing.load(Relaxed) || (rows, rows_sum) == (values, values_sum))
             && self.meta_u64(META_ENTRIES)? == Some(entries);
         for kv in self.db.scan_prefix(O) {
             let (k, v) = kv.map_err(|e| self.io(e))?;
@@ -138,6 +165,21 @@ impl Store {
                 problems.push(format!("payment {id} is in the due index twice"));
             }
         }
+        let check_lookups = !self.lookups_missing.load(Relaxed);
+        let mut rows: HashSet<(String, String)> = HashSet::new();
+        for kv in self.db.scan_prefix(X).filter(|_| check_lookups) {
+            let (k, _) = kv.map_err(|e| self.io(e))?;
+            match lookup::split(&k) {
+                Some((value, id)) => {
+                    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                    rows.insert((s(value), s(id)));
+                }
+                None => problems.push(format!(
+                    "malformed lookup-index key {:?}",
+                    String::from_utf8_lossy(&k)
+                )),
+            }
+        }
         let mut entries = 0u64;
         let mut ids: HashMap<u64, u32> = HashMap::new();
         let mut scanned = Delta::default();
@@ -157,6 +199,13 @@ impl Store {
                 problems.push(format!("entry under {id} holds payment {}", e.id));
             }
             scanned.change(None, Some(Facts::from(&e)));
+            for value in e.lookups().into_iter().flatten().filter(|_| check_lookups) {
+                if !rows.remove(&(value.to_string(), id.clone())) {
+                    problems.push(format!(
+                        "payment {id} is not in the lookup index under {value:?}"
+                    ));
+                }
+            }
             match (e.emitted.is_none(), indexed.remove(&id)) {
                 (true, Some(due)) if due == e.next_poll_ms => {}
                 (true, Some(due)) => problems.push(format!(
@@ -174,6 +223,11 @@ impl Store {
         }
         for id in indexed.keys() {
             problems.push(format!("due index names payment {id}, which has no entry"));
+        }
+        for (value, id) in &rows {
+            problems.push(format!(
+                "lookup index finds payment {id} under {value:?}, which the entry does not hold"
+            ));
         }
         match self.db.get(META_ENTRIES).map_err(|e| self.io(e))? {
             Some(v) if v.len() == 8 => {

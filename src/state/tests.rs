@@ -214,6 +214,127 @@ fn recovery_check_refuses_a_store_that_broke_its_invariants() {
     let e = open_err(dir.path());
     assert!(e.contains("entry c does not parse"), "{e}");
     assert!(e.contains("ghost, which has no entry"), "{e}");
+    raw(dir.path(), |db| {
+        let mut c: Entry = serde_json::from_slice(&db.get(p_key("a")).unwrap().unwrap()).unwrap();
+        (c.id, c.idempotency_key, c.stripe_payment_intent_id) =
+            ("c".into(), "k-c".into(), Some("pi_c".into()));
+        db.insert(p_key("c"), serde_json::to_vec(&c).unwrap())
+            .unwrap();
+        db.remove(d_key(5, "ghost")).unwrap();
+    });
+    assert_eq!(reopen(dir.path()).unwrap().entries().unwrap().len(), 2);
+
+    // A lost lookup row, and one naming a value the entry does not hold.
+    raw(dir.path(), |db| {
+        db.remove(lookup::x_key("pi_a", "a")).unwrap();
+        db.insert(lookup::x_key("k-zz", "c"), &[][..]).unwrap();
+    });
+    let e = open_err(dir.path());
+    assert!(
+        e.contains(r#"payment a is not in the lookup index under "pi_a""#),
+        "{e}"
+    );
+    assert!(
+        e.contains(r#"lookup index finds payment c under "k-zz", which the entry does not hold"#),
+        "{e}"
+    );
+}
+
+fn ids_found(s: &Store, q: &str) -> Vec<String> {
+    s.find_by_value(q).unwrap().into_iter().map(|e| e.id).collect()
+}
+
+/// The rows `x\0…` the tree holds for `id`, as (value) strings.
+fn lookup_rows(dir: &Path, id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    raw(dir, |db| {
+        for kv in db.scan_prefix(lookup::X) {
+            let k = kv.unwrap().0;
+            let (v, i) = lookup::split(&k).unwrap();
+            if i == id.as_bytes() {
+                out.push(String::from_utf8(v.to_vec()).unwrap());
+            }
+        }
+    });
+    out
+}
+
+/// `state get` by idempotency key or intent id reads the lookup index: the overlay's changes
+/// stand over the tree's, a changed intent moves the row, a shared intent finds both payments,
+/// a removal drops the rows, and the reopened store's recovery check agrees.
+#[test]
+fn lookups_by_key_and_intent_follow_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for id in ["a", "b"] {
+            apply(&s, &create(id, "pending"), None, 1, 0, 10);
+        }
+        // Not checkpointed yet: found in the overlay.
+        assert_eq!(ids_found(&s, "k-a"), ["a"]);
+        assert_eq!(ids_found(&s, "pi_b"), ["b"]);
+        s.checkpoint().unwrap();
+        assert_eq!(ids_found(&s, "k-a"), ["a"]);
+        assert_eq!(ids_found(&s, "pi_a"), ["a"]);
+        assert!(ids_found(&s, "k-").is_empty(), "a prefix of a key finds nothing");
+
+        // A new intent on the same payment, and two payments sharing one.
+        let moved = |id: &str, pi: &str| {
+            ev(&format!(
+                r#"{{"op":"u","after":{{"id":"{id}","idempotency_key":"k-{id}","amount":"10.00","currency":"usd","status":"pending","stripe_payment_intent_id":"{pi}"}}}}"#
+            ))
+        };
+        apply(&s, &moved("a", "pi_shared"), None, 2, 0, 10);
+        apply(&s, &moved("c", "pi_shared"), None, 3, 0, 10);
+        assert!(ids_found(&s, "pi_a").is_empty(), "the overlay's change stands");
+        assert_eq!(ids_found(&s, "pi_shared"), ["a", "c"]);
+        s.checkpoint().unwrap();
+        assert!(ids_found(&s, "pi_a").is_empty());
+        assert_eq!(ids_found(&s, "pi_shared"), ["a", "c"]);
+        assert_eq!(ids_found(&s, "k-a"), ["a"]);
+
+        // Final: gone from the index (in the overlay at once, in the tree after the checkpoint).
+        apply(&s, &create("b", "succeeded"), None, 4, 0, 10);
+        assert!(ids_found(&s, "k-b").is_empty());
+        s.checkpoint().unwrap();
+        assert!(ids_found(&s, "pi_b").is_empty());
+    }
+    assert!(lookup_rows(dir.path(), "b").is_empty());
+    let mut rows = lookup_rows(dir.path(), "a");
+    rows.sort();
+    assert_eq!(rows, ["k-a", "pi_shared"]);
+    let s = reopen(dir.path()).unwrap();
+    assert_eq!(ids_found(&s, "pi_shared"), ["a", "c"]);
+    assert_eq!(inspect::find(&s, "k-c", "pending").unwrap()[0].id, "c");
+}
+
+/// A store of layout 3 (no lookup index) gains it at its recovery check, then says version 4.
+#[test]
+fn a_layout_3_store_gains_its_lookup_index_at_the_recovery_check() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+            apply(&s, &create(id, "pending"), None, i as i64 + 1, 0, 10);
+        }
+        s.checkpoint().unwrap();
+    }
+    raw(dir.path(), |db| {
+        db.insert(META_FORMAT, FORMAT_V3).unwrap();
+        for kv in db.scan_prefix(lookup::X) {
+            db.remove(kv.unwrap().0).unwrap();
+        }
+    });
+    assert!(lookup_rows(dir.path(), "a").is_empty());
+    let s = reopen(dir.path()).unwrap();
+    assert_eq!(ids_found(&s, "pi_b"), ["b"]);
+    assert_eq!(ids_found(&s, "k-c"), ["c"]);
+    drop(s);
+    raw(dir.path(), |db| {
+        assert_eq!(db.get(META_FORMAT).unwrap().unwrap().as_ref(), FORMAT);
+    });
+    // And it opens as version 4, its index checked.
+    reopens_with_pending(dir.path(), 3);
 }
 
 #[test]
@@ -521,9 +642,13 @@ fn replacing_a_partition_swaps_its_entries_offsets_and_position_only() {
         .map(|e| e.id)
         .collect();
     assert_eq!(due, ["c", "e"]);
+    // The restored entries are found by their values (copies of b: its key and intent).
+    assert_eq!(ids_found(&s, "k-b"), ["c", "e"]);
+    assert_eq!(ids_found(&s, "pi_a"), ["a"]);
     // Evicting leaves nothing of the partition; the recovery check agrees with the counts.
     s.replace_partition(&t(1), &changelog::Restored::default())
         .unwrap();
+    assert!(ids_found(&s, "k-b").is_empty());
     assert_eq!(s.local_partitions("t").unwrap(), vec![0]);
     drop(s);
     let s = reopen(dir.path()).unwrap();
