@@ -263,6 +263,21 @@ def check_seconds(log_path):
     return round(int(m.group(1)) / 1000, 2) if m else None
 
 
+def last_row_of_first_payment(path, events=3):
+    """The row as the last of the first payment's `events` events shows it (create and two
+    pending updates: its intent id is set by an update)."""
+    row = None
+    with open(path) as f:
+        for line in f:
+            v = json.loads(line)
+            after = v.get("payload", v)["after"]
+            if row is None or after["id"] == row["id"]:
+                row, events = after, events - 1
+                if events == 0:
+                    break
+    return row
+
+
 def bench_restart(quick):
     d, n = pending_state(quick)
     daemon = Daemon(d)
@@ -271,6 +286,18 @@ def bench_restart(quick):
         # join (seconds on the dev broker, whatever the state) and a partition.
         to_serving = daemon.wait_ready(until=lambda port: answers(port, "/healthz"))
         to_ready = daemon.wait_ready()
+        # Asked of the running daemon (its admin endpoint): `state get` by idempotency key and
+        # by intent id read the lookup index, `state stats` the tally; none scans state.
+        row = last_row_of_first_payment(gen("pending", n, 1.0))
+        asked = {}
+        for name, args in (("state_get_by_key_s", ["get", row["idempotency_key"]]),
+                           ("state_get_by_intent_s", ["get", row["stripe_payment_intent_id"]]),
+                           ("state_stats_live_s", ["stats"])):
+            t = time.monotonic()
+            out = run([BIN, "state", "--data-dir", d, "--metrics-addr", f"127.0.0.1:{daemon.port}", *args, "--format", "json"])
+            asked[name] = round(time.monotonic() - t, 3)
+            if args[0] == "get" and str(row["id"]) not in out.stdout:
+                raise RuntimeError(f"state {' '.join(args)} did not find payment {row['id']}: {out.stdout[:500]}")
         # Idle: nothing is due for ten minutes. CPU over 30 s covers two state-gauge scans.
         time.sleep(2)
         c0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
@@ -280,7 +307,7 @@ def bench_restart(quick):
     finally:
         daemon.stop()
     return {"pending": n, "start_to_state_open_s": round(to_serving, 2), "start_to_ready_s": round(to_ready, 2),
-            "recovery_check_s": check_seconds(daemon.log.name),
+            "recovery_check_s": check_seconds(daemon.log.name), **asked,
             "idle_cpu_cores": round(idle, 3), "rss_mb": round(rss / 2**20, 1)}
 
 
