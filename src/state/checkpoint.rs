@@ -253,7 +253,8 @@ impl Store {
         for (id, _, new) in &kept {
             let was = old.get(id);
             let lookups = {
-                let before = was.map_or([None, None], |o| o.lookups.each_ref().map(Option::as_deref));
+                let before =
+                    was.map_or([None, None], |o| o.lookups.each_ref().map(Option::as_deref));
                 let after = new.as_ref().map_or([None, None], |(e, _)| e.lookups());
                 (before != after).then_some((before, after))
             };

@@ -48,7 +48,7 @@ pub(super) fn row_hash(value: &[u8], id: &[u8]) -> u64 {
 }
 
 fn matches(e: &Entry, q: &str) -> bool {
-    e.idempotency_key == q || e.stripe_payment_intent_id.as_deref() == Some(q)
+    e.lookups().contains(&Some(q))
 }
 
 impl Store {
@@ -62,7 +62,8 @@ impl Store {
     /// between would hide it). It waits for a running checkpoint to end.
     pub fn find_by_value(&self, q: &str) -> Result<Vec<Entry>, StateError> {
         let _one = self.checkpointing.lock().expect("checkpoint lock");
-        let prefix = [X, q.as_bytes(), b"\0"].concat();
+        // The rows of `q` and no other value: `x\0<q>\0`.
+        let prefix = x_key(q, "");
         let mut ids = Vec::new();
         for kv in self.db.scan_prefix(&prefix) {
             let (k, _) = kv.map_err(|e| self.io(e))?;

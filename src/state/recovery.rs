@@ -29,10 +29,15 @@ impl Store {
         if self.lookups_missing.load(Relaxed) {
             // Layout 3 or older: the index is built, then the version says it is there.
             let rows = self.build_lookups()?;
-            self.db.insert(META_FORMAT, FORMAT).map_err(|e| self.io(e))?;
+            self.db
+                .insert(META_FORMAT, FORMAT)
+                .map_err(|e| self.io(e))?;
             self.db.flush().map_err(|e| self.io(e))?;
             self.lookups_missing.store(false, Relaxed);
-            tracing::info!(rows, "state store upgraded to layout 4: a lookup index by idempotency key and intent id");
+            tracing::info!(
+                rows,
+                "state store upgraded to layout 4: a lookup index by idempotency key and intent id"
+            );
         }
         let stored = self.tally.lock().expect("tally lock").clone();
         let differences = stored.as_ref().map(|s| s.differences(&tally));
@@ -167,17 +172,19 @@ impl Store {
         }
         let check_lookups = !self.lookups_missing.load(Relaxed);
         let mut rows: HashSet<(String, String)> = HashSet::new();
-        for kv in self.db.scan_prefix(X).filter(|_| check_lookups) {
-            let (k, _) = kv.map_err(|e| self.io(e))?;
-            match lookup::split(&k) {
-                Some((value, id)) => {
-                    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                    rows.insert((s(value), s(id)));
+        if check_lookups {
+            for kv in self.db.scan_prefix(X) {
+                let (k, _) = kv.map_err(|e| self.io(e))?;
+                match lookup::split(&k) {
+                    Some((value, id)) => {
+                        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                        rows.insert((s(value), s(id)));
+                    }
+                    None => problems.push(format!(
+                        "malformed lookup-index key {:?}",
+                        String::from_utf8_lossy(&k)
+                    )),
                 }
-                None => problems.push(format!(
-                    "malformed lookup-index key {:?}",
-                    String::from_utf8_lossy(&k)
-                )),
             }
         }
         let mut entries = 0u64;

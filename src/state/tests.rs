@@ -241,7 +241,11 @@ fn recovery_check_refuses_a_store_that_broke_its_invariants() {
 }
 
 fn ids_found(s: &Store, q: &str) -> Vec<String> {
-    s.find_by_value(q).unwrap().into_iter().map(|e| e.id).collect()
+    s.find_by_value(q)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
 }
 
 /// The rows `x\0…` the tree holds for `id`, as (value) strings.
@@ -276,7 +280,10 @@ fn lookups_by_key_and_intent_follow_every_write() {
         s.checkpoint().unwrap();
         assert_eq!(ids_found(&s, "k-a"), ["a"]);
         assert_eq!(ids_found(&s, "pi_a"), ["a"]);
-        assert!(ids_found(&s, "k-").is_empty(), "a prefix of a key finds nothing");
+        assert!(
+            ids_found(&s, "k-").is_empty(),
+            "a prefix of a key finds nothing"
+        );
 
         // A new intent on the same payment, and two payments sharing one.
         let moved = |id: &str, pi: &str| {
@@ -286,7 +293,10 @@ fn lookups_by_key_and_intent_follow_every_write() {
         };
         apply(&s, &moved("a", "pi_shared"), None, 2, 0, 10);
         apply(&s, &moved("c", "pi_shared"), None, 3, 0, 10);
-        assert!(ids_found(&s, "pi_a").is_empty(), "the overlay's change stands");
+        assert!(
+            ids_found(&s, "pi_a").is_empty(),
+            "the overlay's change stands"
+        );
         assert_eq!(ids_found(&s, "pi_shared"), ["a", "c"]);
         s.checkpoint().unwrap();
         assert!(ids_found(&s, "pi_a").is_empty());
@@ -311,14 +321,7 @@ fn lookups_by_key_and_intent_follow_every_write() {
 /// A store of layout 3 (no lookup index) gains it at its recovery check, then says version 4.
 #[test]
 fn a_layout_3_store_gains_its_lookup_index_at_the_recovery_check() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let s = Store::open(dir.path()).unwrap();
-        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
-            apply(&s, &create(id, "pending"), None, i as i64 + 1, 0, 10);
-        }
-        s.checkpoint().unwrap();
-    }
+    let dir = checkpointed_abc();
     raw(dir.path(), |db| {
         db.insert(META_FORMAT, FORMAT_V3).unwrap();
         for kv in db.scan_prefix(lookup::X) {
@@ -845,18 +848,22 @@ fn recovery_check_rewrites_a_tally_that_is_not_the_entries() {
     });
 }
 
+/// A store holding pending payments a, b and c (offsets 1 to 3), checkpointed and closed.
+fn checkpointed_abc() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
+        apply(&s, &create(id, "pending"), None, i as i64 + 1, 0, 10);
+    }
+    s.checkpoint().unwrap();
+    dir
+}
+
 /// A store of layout 1 (no tally) is upgraded by its recovery check: the tally from the scan
 /// and version 2 in one batch, and the counts are right at once.
 #[test]
 fn a_layout_1_store_gains_its_tally_at_the_recovery_check() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let s = Store::open(dir.path()).unwrap();
-        for (i, id) in ["a", "b", "c"].into_iter().enumerate() {
-            apply(&s, &create(id, "pending"), None, i as i64 + 1, 0, 10);
-        }
-        s.checkpoint().unwrap();
-    }
+    let dir = checkpointed_abc();
     raw(dir.path(), |db| {
         db.insert(META_FORMAT, FORMAT_V1).unwrap();
         db.remove(tally::META_TALLY).unwrap();
